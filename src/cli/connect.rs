@@ -1,0 +1,73 @@
+use std::io::IsTerminal;
+use std::os::unix::process::CommandExt;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+
+use super::Context;
+use crate::ssh::Session;
+use crate::vm::{self, Resources};
+use crate::shell;
+
+/// Open a shell (or run a command) in the VM
+///
+/// Starts (or creates) the VM first if needed. With BRANCH, works in that
+/// branch's workspace. With `-- CMD…`, runs CMD instead of a shell and exits
+/// with its status; CMD's words are passed exactly as given (no shell
+/// parsing): write `-- bash -c 'make && make test'` for shell syntax.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  agent-vm connect                      # login shell in the VM\n  \
+agent-vm connect feature-x            # shell in the feature-x workspace\n  \
+agent-vm connect -- uname -a          # run a command, exit with its status")]
+pub struct Args {
+    /// Branch whose workspace to open
+    branch: Option<String>,
+    /// Fail instead of starting the VM when it is not running
+    #[arg(long)]
+    no_start: bool,
+    /// Command to run instead of an interactive shell
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    if args.branch.is_some() {
+        return super::not_yet("connect BRANCH");
+    }
+    let backend = ctx.backend()?;
+    if args.no_start {
+        vm::running(backend.as_ref())?;
+    } else {
+        vm::ensure_running(backend.as_ref(), &Resources::default(), &ctx.ui)?;
+    }
+    let endpoint = backend.ssh_endpoint()?;
+    let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    if args.command.is_empty() || interactive {
+        // A terminal session: OpenSSH handles the tty, window size and
+        // signals natively, so hand the process over to it.
+        let mut ssh = std::process::Command::new("ssh");
+        ssh.arg("-F").arg(&endpoint.config_file);
+        ssh.arg(if interactive { "-t" } else { "-T" });
+        ssh.arg(&endpoint.alias);
+        if !args.command.is_empty() {
+            ssh.arg("--").arg(shell::login_command(None, &args.command)?);
+        }
+        let err = ssh.exec();
+        return Err(err).context("cannot run ssh (install OpenSSH; `agent-vm doctor` checks)");
+    }
+    // Scripts and pipes: run over russh with exact stdin/stdout/stderr and
+    // exit status, and no ssh process.
+    let session = Session::connect(&endpoint, Duration::from_secs(30)).await?;
+    let line = shell::login_command(None, &args.command)?;
+    let status = session
+        .exec_io(&line, tokio::io::stdin(), &mut tokio::io::stdout(), &mut tokio::io::stderr())
+        .await?;
+    session.close().await;
+    Ok(exit_code(status))
+}
+
+fn exit_code(status: u32) -> ExitCode {
+    ExitCode::from(u8::try_from(status).unwrap_or(255))
+}
+

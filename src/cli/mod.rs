@@ -1,0 +1,133 @@
+//! The command line: one file per subcommand, each a thin layer over the
+//! library modules.
+
+mod clean;
+mod clean_all;
+mod connect;
+mod destroy;
+mod doctor;
+mod fetch;
+mod push;
+mod start;
+mod status;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::Ui;
+use crate::vm::{Backend, Lima};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agent-vm",
+    version,
+    about = "Give AI coding agents a real VM to work in, one git clone per branch",
+    long_about = "agent-vm runs AI coding agents (Claude Code, Gemini CLI, opencode, Copilot) in a Lima VM \
+instead of on your machine. Each branch gets its own clone in the VM at ~/workspace/<repo>-<branch>; \
+you push work in, the agent commits there, and you fetch its commits back. The VM is treated as hostile: \
+nothing it writes runs on your machine.",
+    after_help = "Typical session:\n  agent-vm connect feature-x     # VM + workspace + shell, in one go\n  \
+agent-vm fetch feature-x       # bring the agent's commits back\n  agent-vm status                # VM and workspaces\n\n\
+Environment: AGENT_VM_INSTANCE (VM name), AGENT_VM_LIMACTL (limactl path), LIMA_HOME, RUST_LOG (log filter)."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct Global {
+    /// Name of the VM (Lima instance) to use
+    #[arg(long, global = true, env = "AGENT_VM_INSTANCE", default_value = "agent-vm", value_name = "NAME")]
+    instance: String,
+    /// More detail on stderr (-v: debug logs, -vv: trace)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors on stderr
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Start(start::Args),
+    Status(status::Args),
+    Connect(connect::Args),
+    Push(push::Args),
+    Fetch(fetch::Args),
+    Clean(clean::Args),
+    CleanAll(clean_all::Args),
+    Destroy(destroy::Args),
+    Doctor(doctor::Args),
+}
+
+/// What every subcommand gets: the global options, resolved.
+pub struct Context {
+    instance: String,
+    ui: Ui,
+}
+
+impl Context {
+    /// The VM backend. Fails (with what to install) when limactl is missing,
+    /// so commands that do not need it never ask for it.
+    fn backend(&self) -> Result<Box<dyn Backend>> {
+        Ok(Box::new(Lima::new(&self.instance, !self.ui.quiet)?))
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    let ctx = Context { instance: cli.global.instance.clone(), ui: Ui { quiet: cli.global.quiet } };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Start(args) => start::run(&ctx, args).await,
+            Command::Status(args) => status::run(&ctx, args).await,
+            Command::Connect(args) => connect::run(&ctx, args).await,
+            Command::Push(args) => push::run(&ctx, args).await,
+            Command::Fetch(args) => fetch::run(&ctx, args).await,
+            Command::Clean(args) => clean::run(&ctx, args).await,
+            Command::CleanAll(args) => clean_all::run(&ctx, args).await,
+            Command::Destroy(args) => destroy::run(&ctx, args).await,
+            Command::Doctor(args) => doctor::run(&ctx, args).await,
+        }
+    });
+    // Do not wait for stray tasks (an SSH input pump blocked on our stdin).
+    runtime.shutdown_background();
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(global: &Global) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (global.quiet, global.verbose) {
+        (true, _) => "error",
+        (_, 0) => "warn",
+        (_, 1) => "agent_vm=debug",
+        _ => "agent_vm=trace,russh=debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().init();
+}
+
+/// Fails with a pointer to the issue-sized gap, for commands whose
+/// implementation has not landed yet.
+fn not_yet(what: &str) -> Result<ExitCode> {
+    anyhow::bail!("`agent-vm {what}` is not implemented yet in this version")
+}

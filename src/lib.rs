@@ -1,0 +1,37 @@
+//! agent-vm: a Lima VM for AI coding agents, with one git clone per branch.
+//!
+//! The CLI (`cli`) is a thin layer over these modules: `vm` (the VM
+//! lifecycle), `ssh` (russh sessions), `shell` (remote command lines) and
+//! `provision` (the template and what goes into the VM).
+
+pub mod cli;
+pub mod provision;
+pub mod shell;
+pub mod ssh;
+pub mod vm;
+
+use std::path::PathBuf;
+
+use anyhow::{Result, anyhow};
+
+/// The user's home directory, from $HOME.
+pub fn home_dir() -> Result<PathBuf> {
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow!("HOME is not set"))
+}
+
+/// Human-facing progress messages on stderr, silenced by `--quiet`.
+#[derive(Debug, Clone, Copy)]
+pub struct Ui {
+    pub quiet: bool,
+}
+
+impl Ui {
+    pub fn say(&self, msg: &str) {
+        if !self.quiet {
+            eprintln!("{msg}");
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Remote shell command lines. Every string that reaches a remote shell is
+//! built here, and every word in it goes through [`quote`].
+
+use anyhow::{Result, anyhow};
+
+/// Quotes `words` for a POSIX shell so that each arrives as exactly one
+/// argument, whatever it contains. The only quoting function in agent-vm.
+pub fn quote<S: AsRef<str>>(words: &[S]) -> Result<String> {
+    shlex::try_join(words.iter().map(|w| w.as_ref()))
+        .map_err(|e| anyhow!("cannot pass {:?} to a shell: {e}", first_bad(words)))
+}
+
+fn first_bad<S: AsRef<str>>(words: &[S]) -> &str {
+    words.iter().map(|w| w.as_ref()).find(|w| w.contains('\0')).unwrap_or("")
+}
+
+/// A command line that runs `argv` in a login shell (so /etc/profile.d is
+/// read, as in an interactive session), in `cwd` when given (relative paths
+/// are relative to the remote home directory).
+pub fn login_command<S: AsRef<str>>(cwd: Option<&str>, argv: &[S]) -> Result<String> {
+    let inner = match cwd {
+        Some(dir) => format!("cd {} && exec {}", quote(&[dir])?, quote(argv)?),
+        None => format!("exec {}", quote(argv)?),
+    };
+    quote(&["bash", "--login", "-c", inner.as_str()])
+}
+
+/// A command line that runs a fixed `script` with `args` as its positional
+/// parameters ($1, $2, …): the script text is ours, the arguments may be
+/// anything and are never parsed as shell syntax.
+pub fn script<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String> {
+    let mut words: Vec<&str> = vec!["sh", "-c", script, "agent-vm"];
+    words.extend(args.iter().map(|a| a.as_ref()));
+    quote(&words)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn sh_words(line: &str) -> Vec<String> {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("for w in {line}; do printf '%s\\0' \"$w\"; done"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split_terminator('\0')
+            .map(str::to_owned)
+            .collect()
+    }
+
+    const HOSTILE: &[&str] = &[
+        "plain", "with space", "it's", "\"dq\"", "$(touch /tmp/x)", "`id`", "a;b", "a&&b", "-rf",
+        "*", "~", "back\\slash", "new\nline", "ünïcødé ✓", "", "$HOME", "!bang", "{a,b}", "#hash",
+    ];
+
+    #[test]
+    fn quote_round_trips_through_a_real_shell() {
+        assert_eq!(sh_words(&quote(HOSTILE).unwrap()), HOSTILE);
+    }
+
+    #[test]
+    fn quote_rejects_nul() {
+        assert!(quote(&["a\0b"]).is_err());
+    }
+
+    #[test]
+    fn script_passes_arguments_verbatim() {
+        let line = script("printf '%s\\0' \"$@\"", HOSTILE).unwrap();
+        let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
+        let got: Vec<String> =
+            String::from_utf8(out.stdout).unwrap().split_terminator('\0').map(str::to_owned).collect();
+        assert_eq!(got, HOSTILE);
+    }
+
+    #[test]
+    fn login_command_runs_in_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let weird = dir.path().join("a dir; $(x)");
+        std::fs::create_dir(&weird).unwrap();
+        let line = login_command(Some(weird.to_str().unwrap()), &["pwd"]).unwrap();
+        let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end(), weird.to_str().unwrap());
+    }
+}

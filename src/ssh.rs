@@ -1,0 +1,312 @@
+//! SSH to the VM with russh, configured from the ssh.config file Lima writes
+//! for the instance. One [`Session`] carries many channels for one command.
+
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use russh::client::{self, Handle};
+use russh::keys::{PrivateKeyWithHashAlg, load_secret_key};
+use russh::{ChannelMsg, Disconnect};
+use ssh2_config::{ParseRule, SshConfig};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// Where and as whom to connect, as resolved from an ssh.config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    /// The Host alias in the config (`lima-<instance>` for Lima).
+    pub alias: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub identity_files: Vec<PathBuf>,
+    /// The file the endpoint was read from: system `ssh`/`sshfs` get it with `-F`.
+    pub config_file: PathBuf,
+}
+
+impl Endpoint {
+    /// Reads `alias` from an OpenSSH config file such as Lima's ssh.config.
+    pub fn from_config_file(path: &Path, alias: &str) -> Result<Self> {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot read the VM's SSH config {}", path.display()))?;
+        let config = SshConfig::default()
+            .parse(
+                &mut BufReader::new(file),
+                ParseRule::ALLOW_UNKNOWN_FIELDS | ParseRule::ALLOW_UNSUPPORTED_FIELDS,
+            )
+            .with_context(|| format!("malformed SSH config {}", path.display()))?;
+        if !config.get_hosts().iter().any(|h| h.intersects(alias)) {
+            bail!("SSH config {} has no `Host {alias}` entry", path.display());
+        }
+        let params = config.query(alias);
+        let missing = |what: &str| {
+            anyhow::anyhow!("SSH config {} sets no {what} for {alias}", path.display())
+        };
+        Ok(Endpoint {
+            alias: alias.to_owned(),
+            host: params.host_name.ok_or_else(|| missing("HostName"))?,
+            port: params.port.ok_or_else(|| missing("Port"))?,
+            user: params.user.ok_or_else(|| missing("User"))?,
+            identity_files: params.identity_file.filter(|f| !f.is_empty()).ok_or_else(|| missing("IdentityFile"))?,
+            config_file: path.to_owned(),
+        })
+    }
+}
+
+/// The result of a command run to completion.
+#[derive(Debug)]
+pub struct Output {
+    /// The remote exit status; 255 when the command died of a signal or the
+    /// channel closed without a status (as OpenSSH reports it).
+    pub status: u32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Fails with the remote stderr unless the command succeeded.
+    pub fn check(self, what: &str) -> Result<Self> {
+        if self.status != 0 {
+            bail!(
+                "{what} failed in the VM (exit status {}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.stderr).trim()
+            );
+        }
+        Ok(self)
+    }
+}
+
+struct Client;
+
+impl client::Handler for Client {
+    type Error = russh::Error;
+
+    // Lima's ssh.config says `StrictHostKeyChecking no` with
+    // `UserKnownHostsFile /dev/null`: the endpoint is a port forward on the
+    // host's loopback, and the guest (root in it included) could change its
+    // host key at will, so pinning it would not protect anything.
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+pub struct Session {
+    handle: Handle<Client>,
+    endpoint: Endpoint,
+}
+
+impl Session {
+    /// Connects and authenticates with the endpoint's identity files.
+    pub async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Session> {
+        let keys = load_keys(endpoint)?;
+        let config = Arc::new(client::Config {
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_max: 4,
+            nodelay: true,
+            ..Default::default()
+        });
+        let addr = (endpoint.host.as_str(), endpoint.port);
+        let mut handle = match tokio::time::timeout(timeout, client::connect(config, addr, Client)).await {
+            Err(_) => bail!(
+                "timed out after {} s connecting to the VM at {}:{}; check `agent-vm status`",
+                timeout.as_secs(),
+                endpoint.host,
+                endpoint.port
+            ),
+            Ok(Err(russh::Error::IO(e))) => bail!(
+                "cannot reach the VM's SSH server at {}:{} ({e}): the VM is not running. Start it with `agent-vm start`",
+                endpoint.host,
+                endpoint.port
+            ),
+            Ok(Err(e)) => {
+                return Err(e).with_context(|| {
+                    format!("SSH handshake with the VM at {}:{} failed", endpoint.host, endpoint.port)
+                });
+            }
+            Ok(Ok(h)) => h,
+        };
+        for (path, key) in keys {
+            let hash = handle.best_supported_rsa_hash().await?.flatten();
+            let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
+            if handle.authenticate_publickey(&endpoint.user, key).await?.success() {
+                tracing::debug!(key = %path.display(), user = %endpoint.user, "authenticated");
+                return Ok(Session { handle, endpoint: endpoint.clone() });
+            }
+        }
+        bail!(
+            "authentication failed: the VM did not accept key {} for user {}",
+            endpoint.identity_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            endpoint.user
+        )
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Opens a channel running `command` (built with [`crate::shell`]).
+    pub async fn open_exec(&self, command: &str) -> Result<russh::Channel<client::Msg>> {
+        tracing::debug!(command, "exec");
+        let channel = self.handle.channel_open_session().await.context("cannot open an SSH channel to the VM")?;
+        channel.exec(true, command).await.context("the VM refused to run a command")?;
+        Ok(channel)
+    }
+
+    /// Runs `command` with no input and collects its output.
+    pub async fn exec(&self, command: &str) -> Result<Output> {
+        self.exec_with_input(command, &[][..]).await
+    }
+
+    /// Runs `command` with `input` as its stdin and collects its output.
+    pub async fn exec_with_input(&self, command: &str, input: &[u8]) -> Result<Output> {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let status = self.exec_io(command, std::io::Cursor::new(input.to_vec()), &mut stdout, &mut stderr).await?;
+        Ok(Output { status, stdout, stderr })
+    }
+
+    /// Runs `command`, streaming `stdin` to it and its output to `stdout` and
+    /// `stderr` as it comes. Returns the exit status (255 for a signal).
+    pub async fn exec_io<R, W, E>(&self, command: &str, stdin: R, stdout: &mut W, stderr: &mut E) -> Result<u32>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
+        let channel = self.open_exec(command).await?;
+        let (mut read, write) = channel.split();
+        // Input is pumped by its own task so a command that produces output
+        // before reading all its input cannot deadlock us.
+        let pump = tokio::spawn(async move {
+            let result = write.data(stdin).await;
+            let _ = write.eof().await;
+            result
+        });
+        let mut status = None;
+        while let Some(msg) = read.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => {
+                    stdout.write_all(&data).await?;
+                    stdout.flush().await?;
+                }
+                ChannelMsg::ExtendedData { data, ext: 1 } => {
+                    stderr.write_all(&data).await?;
+                    stderr.flush().await?;
+                }
+                ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                ChannelMsg::ExitSignal { signal_name, .. } => {
+                    tracing::debug!(?signal_name, "remote command killed by signal");
+                    status = Some(255);
+                }
+                _ => {}
+            }
+        }
+        pump.abort();
+        Ok(status.unwrap_or(255))
+    }
+
+    /// Writes `data` to `path` in the VM (relative to the home directory)
+    /// with `mode`, atomically: a reader never sees a half-written file.
+    pub async fn upload(&self, path: &str, data: &[u8], mode: u32) -> Result<()> {
+        let script = r#"umask 077; tmp="$1.agent-vm-tmp.$$"; cat > "$tmp" && chmod "$2" "$tmp" && mv -f "$tmp" "$1""#;
+        let mode = format!("{mode:o}");
+        let command = crate::shell::script(script, &[path, mode.as_str()])?;
+        self.exec_with_input(&command, data).await?.check(&format!("writing {path}"))?;
+        Ok(())
+    }
+
+    pub async fn close(self) {
+        let _ = self.handle.disconnect(Disconnect::ByApplication, "", "en").await;
+    }
+}
+
+fn load_keys(endpoint: &Endpoint) -> Result<Vec<(PathBuf, russh::keys::PrivateKey)>> {
+    let mut keys = Vec::new();
+    for path in &endpoint.identity_files {
+        if !path.exists() {
+            continue;
+        }
+        let key = load_secret_key(path, None)
+            .with_context(|| format!("cannot load SSH key {} (IdentityFile in {})", path.display(), endpoint.config_file.display()))?;
+        keys.push((path.clone(), key));
+    }
+    if keys.is_empty() {
+        bail!(
+            "SSH key {} is missing (IdentityFile in {}). Lima creates it with the first instance; \
+             if it was deleted, recreate the VM (`agent-vm destroy`, then `agent-vm start`)",
+            endpoint.identity_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            endpoint.config_file.display()
+        );
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMA_CONFIG: &str = r#"# This SSH config file can be passed to 'ssh -F'.
+Host lima-agent-vm
+  IdentityFile "/home/u/.lima/_config/user"
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  NoHostAuthenticationForLocalhost yes
+  PreferredAuthentications publickey
+  Compression no
+  BatchMode yes
+  IdentitiesOnly yes
+  Ciphers "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+  User alice
+  ControlMaster auto
+  ControlPath "/home/u/.lima/agent-vm/ssh.sock"
+  ControlPersist yes
+  Hostname 127.0.0.1
+  Port 60022
+"#;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn reads_lima_ssh_config() {
+        let f = write(LIMA_CONFIG);
+        let ep = Endpoint::from_config_file(f.path(), "lima-agent-vm").unwrap();
+        assert_eq!(ep.host, "127.0.0.1");
+        assert_eq!(ep.port, 60022);
+        assert_eq!(ep.user, "alice");
+        assert_eq!(ep.identity_files, vec![PathBuf::from("/home/u/.lima/_config/user")]);
+    }
+
+    #[test]
+    fn wrong_alias_is_an_error() {
+        let f = write(LIMA_CONFIG);
+        let err = Endpoint::from_config_file(f.path(), "lima-other").unwrap_err();
+        assert!(format!("{err:#}").contains("no `Host lima-other` entry"), "{err:#}");
+    }
+
+    #[test]
+    fn missing_port_is_an_error() {
+        let f = write(&LIMA_CONFIG.replace("  Port 60022\n", ""));
+        let err = Endpoint::from_config_file(f.path(), "lima-agent-vm").unwrap_err();
+        assert!(format!("{err:#}").contains("sets no Port"), "{err:#}");
+    }
+
+    #[test]
+    fn garbage_port_is_an_error() {
+        let f = write(&LIMA_CONFIG.replace("Port 60022", "Port sixty"));
+        assert!(Endpoint::from_config_file(f.path(), "lima-agent-vm").is_err());
+    }
+}
