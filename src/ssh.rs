@@ -37,7 +37,10 @@ impl Endpoint {
                 ParseRule::ALLOW_UNKNOWN_FIELDS | ParseRule::ALLOW_UNSUPPORTED_FIELDS,
             )
             .with_context(|| format!("malformed SSH config {}", path.display()))?;
-        if !config.get_hosts().iter().any(|h| h.intersects(alias)) {
+        // Only a Host line naming the alias counts: the implicit `Host *`
+        // matches anything and would hide a config for another instance.
+        let named = |h: &ssh2_config::Host| h.pattern.iter().any(|c| c.pattern == alias && !c.negated);
+        if !config.get_hosts().iter().any(named) {
             bail!("SSH config {} has no `Host {alias}` entry", path.display());
         }
         let params = config.query(alias);

@@ -1,0 +1,97 @@
+//! CLI behaviour that needs no VM: help, bad input, missing tools.
+
+mod common;
+
+use common::{BIN, Run, World};
+use std::process::{Command, Stdio};
+
+fn bare(args: &[&str], envs: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).stdin(Stdio::null()).env_remove("AGENT_VM_LIMACTL").env_remove("AGENT_VM_INSTANCE");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    Run::from(cmd.output().unwrap(), args)
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let r = bare(&["--help"], &[]);
+    r.ok();
+    for sub in ["start", "status", "connect", "push", "fetch", "clean", "clean-all", "destroy", "doctor"] {
+        assert!(r.stdout.contains(&format!("\n  {sub} ")), "--help lacks {sub}:\n{}", r.stdout);
+    }
+}
+
+#[test]
+fn limactl_missing_is_a_clear_error() {
+    let empty = tempfile::tempdir().unwrap();
+    let path = empty.path().to_str().unwrap();
+    for args in [&["status"][..], &["start"], &["destroy", "--yes"], &["connect", "--", "true"]] {
+        bare(args, &[("PATH", path)]).fails_with("limactl not found on PATH");
+    }
+    bare(&["status"], &[("AGENT_VM_LIMACTL", "/nonexistent/limactl")]).fails_with("AGENT_VM_LIMACTL points to");
+}
+
+#[test]
+fn doctor_reports_missing_tools_and_fails() {
+    let empty = tempfile::tempdir().unwrap();
+    let r = bare(&["doctor", "--json"], &[("PATH", empty.path().to_str().unwrap())]);
+    assert_eq!(r.code, Some(1));
+    let checks = r.json();
+    let lima = checks.as_array().unwrap().iter().find(|c| c["name"] == "limactl").unwrap();
+    assert_eq!(lima["ok"], false);
+    assert!(lima["fix"].as_str().unwrap().contains("lima"));
+}
+
+#[test]
+fn doctor_passes_with_everything_present() {
+    // The stand-in plays limactl; ssh, sshfs and FUSE are installed by .ci/run.
+    let w = World::new("doc");
+    let r = w.run(&["doctor"]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("ok       limactl"), "{}", r.stdout);
+}
+
+#[test]
+fn unknown_instance_is_a_clear_error() {
+    let w = World::new("nope");
+    w.run(&["status"]).fails_with("VM 'nope' does not exist");
+    w.run(&["status", "--json"]).fails_with("does not exist");
+    w.run(&["destroy", "--yes"]).fails_with("VM 'nope' does not exist");
+    w.run(&["connect", "--no-start", "--", "true"]).fails_with("does not exist");
+}
+
+#[test]
+fn invalid_instance_names_are_refused() {
+    let w = World::new("x");
+    for bad in ["../etc", "a b", "-rf", "a;b"] {
+        w.run(&[&format!("--instance={bad}"), "status"]).fails_with("invalid instance name");
+    }
+}
+
+#[test]
+fn garbage_from_limactl_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("limactl");
+    std::fs::write(&fake, "#!/bin/sh\necho '{not json'\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    bare(&["status"], &[("AGENT_VM_LIMACTL", fake.to_str().unwrap())])
+        .fails_with("unexpected output from `limactl list --json`");
+    std::fs::write(&fake, "#!/bin/sh\necho 'lima exploded' >&2\nexit 3\n").unwrap();
+    bare(&["status"], &[("AGENT_VM_LIMACTL", fake.to_str().unwrap())]).fails_with("lima exploded");
+}
+
+#[test]
+fn bad_resource_values_are_refused_before_anything_runs() {
+    let w = World::new("res");
+    w.run(&["start", "--memory", "0"]).fails_with("--memory");
+    w.run(&["start", "--vcpu", "lots"]).fails_with("--vcpu");
+    assert!(w.lima_list().is_empty());
+}
+
+#[test]
+fn unimplemented_commands_fail_honestly() {
+    let w = World::new("todo");
+    w.run(&["clean-all"]).fails_with("not implemented yet");
+}

@@ -1,0 +1,176 @@
+//! Test harness: runs the real agent-vm binary against a real Debian 13
+//! guest, booted by the limactl stand-in in tests/support/.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_agent-vm");
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn support_dir() -> PathBuf {
+    repo().join("tests/support")
+}
+
+/// The cached guest image, built on first use. A test that needs the VM
+/// fails (never skips) when it cannot be built.
+pub fn image() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("AGENT_VM_TEST_IMAGE") {
+            return PathBuf::from(dir);
+        }
+        let out = Command::new(repo().join("scripts/build-test-image"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("cannot run scripts/build-test-image");
+        assert!(out.status.success(), "scripts/build-test-image failed: the VM tests cannot run");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim())
+    })
+}
+
+/// An isolated world for one test: its own HOME and LIMA_HOME, and a VM
+/// instance that is force-deleted when the test ends, pass or fail.
+pub struct World {
+    pub home: tempfile::TempDir,
+    pub lima_home: PathBuf,
+    pub instance: String,
+    image: Option<PathBuf>,
+}
+
+impl World {
+    /// A world whose VM can be started (the guest image is built if needed).
+    pub fn with_vm(instance: &str) -> World {
+        let mut w = World::new(instance);
+        w.image = Some(image().to_owned());
+        w
+    }
+
+    /// A world with no guest image: for tests that must not boot anything.
+    pub fn new(instance: &str) -> World {
+        let home = tempfile::Builder::new().prefix("agent-vm-test-").tempdir().unwrap();
+        let lima_home = home.path().join(".lima");
+        std::fs::create_dir_all(&lima_home).unwrap();
+        World { home, lima_home, instance: instance.to_owned(), image: None }
+    }
+
+    /// The path the user's commands see: the stand-in first.
+    pub fn path_var(&self) -> std::ffi::OsString {
+        let mut paths = vec![support_dir()];
+        paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+        std::env::join_paths(paths).unwrap()
+    }
+
+    fn env(&self, cmd: &mut Command) {
+        cmd.env("HOME", self.home.path())
+            .env("LIMA_HOME", &self.lima_home)
+            .env("PATH", self.path_var())
+            .env("AGENT_VM_INSTANCE", &self.instance)
+            .env_remove("AGENT_VM_LIMACTL")
+            .env_remove("RUST_LOG");
+        match &self.image {
+            Some(image) => cmd.env("AGENT_VM_TEST_IMAGE", image),
+            // The stand-in would build the image itself: make that fail loudly.
+            None => cmd.env("AGENT_VM_TEST_IMAGE", "/nonexistent-test-image"),
+        };
+    }
+
+    /// `agent-vm ARGS` as the user would run it, stdin closed.
+    pub fn agent_vm(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        self.env(&mut cmd);
+        cmd.args(args).stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(self.agent_vm(args).output().unwrap(), args)
+    }
+
+    /// `limactl ARGS` (the stand-in), as the user might run it by hand.
+    pub fn limactl(&self, args: &[&str]) -> Run {
+        let mut cmd = Command::new(support_dir().join("limactl"));
+        self.env(&mut cmd);
+        Run::from(cmd.args(args).stdin(Stdio::null()).output().unwrap(), args)
+    }
+
+    pub fn instance_dir(&self) -> PathBuf {
+        self.lima_home.join(&self.instance)
+    }
+
+    /// Runs a shell command in the guest through system OpenSSH and Lima's
+    /// ssh.config: an independent path to check what agent-vm did.
+    pub fn guest(&self, script: &str) -> Run {
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(self.instance_dir().join("ssh.config"))
+            .args(["-o", "ControlMaster=no", "-o", "ControlPath=none"])
+            .arg(format!("lima-{}", self.instance))
+            .arg(script)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        Run::from(out, &[script])
+    }
+
+    /// The stand-in's own view of the instance (`limactl list --json`).
+    pub fn lima_list(&self) -> Vec<serde_json::Value> {
+        let r = self.limactl(&["list", "--json"]);
+        r.ok();
+        r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if self.instance_dir().exists() {
+            let _ = self.limactl(&["delete", "--force", &self.instance.clone()]);
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Run {
+    pub what: String,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn from(out: Output, args: &[&str]) -> Run {
+        Run {
+            what: args.join(" "),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    pub fn ok(&self) -> &Run {
+        assert_eq!(self.code, Some(0), "`{}` failed:\n{}\n{}", self.what, self.stdout, self.stderr);
+        self
+    }
+
+    /// Asserts a failure whose stderr says `needle`.
+    #[track_caller]
+    pub fn fails_with(&self, needle: &str) -> &Run {
+        assert_ne!(self.code, Some(0), "`{}` should fail:\n{}\n{}", self.what, self.stdout, self.stderr);
+        assert!(
+            self.stderr.contains(needle),
+            "`{}` stderr should say {needle:?}:\n{}",
+            self.what,
+            self.stderr
+        );
+        self
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("`{}`: not JSON ({e}): {}", self.what, self.stdout))
+    }
+}
