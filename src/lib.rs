@@ -8,7 +8,9 @@ pub mod cli;
 pub mod provision;
 pub mod shell;
 pub mod ssh;
+pub mod transport;
 pub mod vm;
+pub mod workspace;
 
 use std::path::PathBuf;
 

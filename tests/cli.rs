@@ -91,7 +91,19 @@ fn bad_resource_values_are_refused_before_anything_runs() {
 }
 
 #[test]
-fn unimplemented_commands_fail_honestly() {
-    let w = World::new("todo");
-    w.run(&["clean-all"]).fails_with("not implemented yet");
+fn workspace_commands_outside_a_repository_say_so() {
+    let w = World::new("norepo");
+    for args in [&["push", "main"][..], &["fetch", "main"], &["clean", "main", "--yes"], &["clean-all", "--yes"]] {
+        let r = Run::from(w.agent_vm(args).current_dir(w.home.path()).output().unwrap(), args);
+        r.fails_with("not in a git repository");
+    }
+}
+
+#[test]
+fn invalid_branch_names_are_refused_before_anything_runs() {
+    let w = World::new("badbranch");
+    for bad in ["with space", "a..b", "x.lock", "HEAD", "a:b"] {
+        w.run(&["push", bad]).fails_with("is not a valid branch name");
+    }
+    assert!(w.lima_list().is_empty());
 }

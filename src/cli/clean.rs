@@ -1,16 +1,68 @@
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use super::Context;
+use super::destroy::confirm;
+use crate::workspace::{self, HostRepo, Probe, Vm, Workspace};
 
 /// Delete a branch's workspace in the VM
+///
+/// Refuses (unless --force) when the workspace holds commits the host has
+/// not fetched or uncommitted changes. The host branch is not touched.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Branch (its name on the host)
     branch: String,
+    /// Do not ask for confirmation (required when stdin is not a terminal)
+    #[arg(short, long)]
+    yes: bool,
+    /// Delete even if the workspace has unfetched commits or uncommitted changes
+    #[arg(long)]
+    force: bool,
 }
 
-pub async fn run(_ctx: &Context, _args: Args) -> Result<ExitCode> {
-    super::not_yet("clean")
+pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    let branch = args.branch.as_str();
+    workspace::validate_branch(branch)?;
+    let host = HostRepo::discover()?;
+    let _lock = host.lock_branch(branch, &ctx.ui)?;
+    let (_backend, session) = super::session(ctx, false).await?;
+    let vm = Vm::new(session)?;
+    let ws = Workspace::new(&host, branch);
+    let probe = vm.probe(&ws).await?;
+    if probe == Probe::Absent {
+        bail!("there is no workspace for {branch:?} in the VM");
+    }
+    let losses = losses(&host, &ws, &probe)?;
+    if !losses.is_empty() && !args.force {
+        bail!("~/{} has {}; fetch first, or pass --force to delete anyway", ws.dir, losses.join(" and "));
+    }
+    for loss in &losses {
+        ctx.ui.say(&format!("warning: deleting {loss}"));
+    }
+    if !args.yes && !confirm(&format!("Delete workspace ~/{} ({branch:?})?", ws.dir))? {
+        bail!("not confirmed; nothing was deleted");
+    }
+    vm.remove(&ws).await?;
+    ctx.ui.say(&format!("Deleted workspace ~/{}.", ws.dir));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What deleting the workspace would lose, in words.
+pub(super) fn losses(host: &HostRepo, ws: &Workspace, probe: &Probe) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    if let Probe::Present { tip, changes } = probe {
+        if let Some(tip) = tip {
+            match workspace::unfetched(host, &ws.branch, *tip)? {
+                None => out.push("commits the host has not fetched".to_owned()),
+                Some(0) => {}
+                Some(n) => out.push(format!("{n} commit(s) the host has not fetched")),
+            }
+        }
+        if *changes > 0 {
+            out.push(format!("{changes} uncommitted change(s)"));
+        }
+    }
+    Ok(out)
 }

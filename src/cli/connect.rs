@@ -12,8 +12,9 @@ use crate::shell;
 
 /// Open a shell (or run a command) in the VM
 ///
-/// Starts (or creates) the VM first if needed. With BRANCH, works in that
-/// branch's workspace. With `-- CMD…`, runs CMD instead of a shell and exits
+/// Starts (or creates) the VM first if needed. With BRANCH, pushes the
+/// branch into its workspace first (as `agent-vm push` does, creating the
+/// branch from HEAD if the host lacks it) and works in that workspace. With `-- CMD…`, runs CMD instead of a shell and exits
 /// with its status; CMD's words are passed exactly as given (no shell
 /// parsing): write `-- bash -c 'make && make test'` for shell syntax.
 #[derive(Debug, clap::Args)]
@@ -24,7 +25,7 @@ pub struct Args {
     /// Branch whose workspace to open
     branch: Option<String>,
     /// Fail instead of starting the VM when it is not running
-    #[arg(long)]
+    #[arg(long, conflicts_with = "branch")]
     no_start: bool,
     /// Command to run instead of an interactive shell
     #[arg(last = true, value_name = "CMD")]
@@ -32,15 +33,21 @@ pub struct Args {
 }
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    if args.branch.is_some() {
-        return super::not_yet("connect BRANCH");
-    }
-    let backend = ctx.backend()?;
-    if args.no_start {
-        vm::running(backend.as_ref())?;
-    } else {
-        vm::ensure_running(backend.as_ref(), &Resources::default(), &ctx.ui)?;
-    }
+    let (backend, cwd) = match &args.branch {
+        Some(branch) => {
+            let (backend, _vm, ws) = super::push::push(ctx, branch).await?;
+            (backend, Some(ws.dir))
+        }
+        None => {
+            let backend = ctx.backend()?;
+            if args.no_start {
+                vm::running(backend.as_ref())?;
+            } else {
+                vm::ensure_running(backend.as_ref(), &Resources::default(), &ctx.ui)?;
+            }
+            (backend, None)
+        }
+    };
     let endpoint = backend.ssh_endpoint()?;
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     if args.command.is_empty() || interactive {
@@ -51,7 +58,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         ssh.arg(if interactive { "-t" } else { "-T" });
         ssh.arg(&endpoint.alias);
         if !args.command.is_empty() {
-            ssh.arg("--").arg(shell::login_command(None, &args.command)?);
+            ssh.arg("--").arg(shell::login_command(cwd.as_deref(), &args.command)?);
+        } else if let Some(dir) = &cwd {
+            ssh.arg("--").arg(shell::login_command(Some(dir), &["bash", "--login"])?);
         }
         let err = ssh.exec();
         return Err(err).context("cannot run ssh (install OpenSSH; `agent-vm doctor` checks)");
@@ -59,7 +68,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     // Scripts and pipes: run over russh with exact stdin/stdout/stderr and
     // exit status, and no ssh process.
     let session = Session::connect(&endpoint, Duration::from_secs(30)).await?;
-    let line = shell::login_command(None, &args.command)?;
+    let line = shell::login_command(cwd.as_deref(), &args.command)?;
     let status = session
         .exec_io(&line, tokio::io::stdin(), &mut tokio::io::stdout(), &mut tokio::io::stderr())
         .await?;
@@ -70,4 +79,3 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
 fn exit_code(status: u32) -> ExitCode {
     ExitCode::from(u8::try_from(status).unwrap_or(255))
 }
-

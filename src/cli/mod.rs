@@ -126,8 +126,16 @@ fn init_logging(global: &Global) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().init();
 }
 
-/// Fails with a pointer to the issue-sized gap, for commands whose
-/// implementation has not landed yet.
-fn not_yet(what: &str) -> Result<ExitCode> {
-    anyhow::bail!("`agent-vm {what}` is not implemented yet in this version")
+/// The VM backend and an SSH session to the running VM. With `start`, the
+/// VM is created or booted as needed; without, a stopped VM is an error.
+async fn session(ctx: &Context, start: bool) -> Result<(Box<dyn Backend>, crate::ssh::Session)> {
+    let backend = ctx.backend()?;
+    if start {
+        crate::vm::ensure_running(backend.as_ref(), &crate::vm::Resources::default(), &ctx.ui)?;
+    } else {
+        crate::vm::running(backend.as_ref())?;
+    }
+    let endpoint = backend.ssh_endpoint()?;
+    let session = crate::ssh::Session::connect(&endpoint, std::time::Duration::from_secs(30)).await?;
+    Ok((backend, session))
 }

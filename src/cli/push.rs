@@ -3,14 +3,43 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use super::Context;
+use crate::workspace::{self, HostRepo, Progress, Pushed, Vm, Workspace};
 
 /// Push a host branch into its workspace in the VM (never forced)
+///
+/// Creates the branch from HEAD if it does not exist on the host, and the
+/// workspace if it does not exist in the VM; starts the VM if needed. Only
+/// the branch's history is sent. Refuses when the VM's branch has commits
+/// the host lacks (run `agent-vm fetch` first) and, when the branch is
+/// checked out in the VM, when the agent has uncommitted changes there.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Branch (its name on the host)
     branch: String,
 }
 
-pub async fn run(_ctx: &Context, _args: Args) -> Result<ExitCode> {
-    super::not_yet("push")
+pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    push(ctx, &args.branch).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Shared by `push` and `connect BRANCH`.
+pub(super) async fn push(ctx: &Context, branch: &str) -> Result<(Box<dyn crate::vm::Backend>, Vm, Workspace)> {
+    workspace::validate_branch(branch)?;
+    let host = HostRepo::discover()?;
+    let _lock = host.lock_branch(branch, &ctx.ui)?;
+    let (tip, created) = host.ensure_branch(branch)?;
+    if created {
+        ctx.ui.say(&format!("Created branch {branch:?} on the host from HEAD ({:.10}).", tip.to_string()));
+    }
+    let (backend, session) = super::session(ctx, true).await?;
+    let vm = Vm::new(session)?;
+    let ws = Workspace::new(&host, branch);
+    let outcome = vm.push(&host, &ws, &Progress::new(&ctx.ui)).await?;
+    ctx.ui.say(&match outcome {
+        Pushed::Created => format!("Created workspace ~/{} for {branch:?} at {:.10}.", ws.dir, tip.to_string()),
+        Pushed::Updated => format!("Pushed {branch:?} ({:.10}) to ~/{}.", tip.to_string(), ws.dir),
+        Pushed::UpToDate => format!("~/{} is up to date with {branch:?}.", ws.dir),
+    });
+    Ok((backend, vm, ws))
 }

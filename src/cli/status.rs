@@ -4,7 +4,9 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::Context;
+use crate::ssh::Session;
 use crate::vm::{self, State};
+use crate::workspace::{self, HostRepo, Listed, Vm, Workspace, printable};
 
 /// Show the VM's state, resources and SSH endpoint
 #[derive(Debug, clap::Args)]
@@ -23,6 +25,20 @@ struct Status {
     memory_bytes: Option<u64>,
     disk_bytes: Option<u64>,
     ssh: Option<Ssh>,
+    /// Workspaces in the VM (empty when it is not running).
+    workspaces: Vec<WorkspaceStatus>,
+}
+
+#[derive(Serialize)]
+struct WorkspaceStatus {
+    #[serde(flatten)]
+    listed: Listed,
+    /// Whether the workspace belongs to the repository status runs in.
+    this_repo: bool,
+    /// Commits the VM branch has that the host branch lacks, and the reverse
+    /// (this repository only, when the host has the VM's commits).
+    ahead: Option<usize>,
+    behind: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -38,8 +54,19 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let backend = ctx.backend()?;
     let instance = vm::existing(backend.as_ref())?;
     let running = instance.state == State::Running;
+    let mut workspaces = Vec::new();
     let ssh = if running {
         let ep = backend.ssh_endpoint()?;
+        let vm = Vm::new(Session::connect(&ep, std::time::Duration::from_secs(30)).await?)?;
+        let host = HostRepo::discover().ok();
+        for listed in vm.list().await? {
+            let this_repo = host.as_ref().is_some_and(|h| Workspace::new(h, &listed.branch).dir == listed.dir);
+            let (ahead, behind) = match (&host, listed.tip) {
+                (Some(h), Some(tip)) if this_repo => workspace::ahead_behind(h, &listed.branch, tip).unzip(),
+                _ => (None, None),
+            };
+            workspaces.push(WorkspaceStatus { listed, this_repo, ahead, behind });
+        }
         Some(Ssh {
             host: ep.host,
             port: ep.port,
@@ -58,6 +85,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         memory_bytes: instance.memory_bytes,
         disk_bytes: instance.disk_bytes,
         ssh,
+        workspaces,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -74,6 +102,24 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     match &status.ssh {
         Some(s) => println!("SSH:       {}@{}:{} (ssh -F {} {})", s.user, s.host, s.port, s.config_file, s.host_alias),
         None => println!("SSH:       - (start the VM with `agent-vm start`)"),
+    }
+    if running {
+        println!("Workspaces:{}", if status.workspaces.is_empty() { " none" } else { "" });
+    }
+    for w in &status.workspaces {
+        let sync = match (w.ahead, w.behind) {
+            (Some(0), Some(0)) => "in sync with host".to_owned(),
+            (Some(a), Some(b)) => format!("{a} ahead, {b} behind host"),
+            _ if w.this_repo => "has commits the host lacks".to_owned(),
+            _ => format!("repo {}", printable(&w.listed.host_repo)),
+        };
+        let dirty = if w.listed.changes > 0 { format!(", {} uncommitted", w.listed.changes) } else { String::new() };
+        println!(
+            "  ~/{}  {}  {}  {sync}{dirty}",
+            printable(&w.listed.dir),
+            printable(&w.listed.branch),
+            w.listed.tip.map_or("-".to_owned(), |t| format!("{:.10}", t.to_string())),
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

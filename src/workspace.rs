@@ -1,0 +1,607 @@
+//! Workspaces: one independent clone per (host repository, branch) in the
+//! VM at `~/workspace/<repo>-<branch>-<hash>`, and the push / fetch / clean
+//! logic that moves commits between it and the host with git2.
+//!
+//! The VM is hostile: everything read from it (ref tips, names, exit
+//! statuses) is treated as untrusted input, host refs other than
+//! `refs/remotes/agent-vm/*` and a fast-forward of the fetched branch are
+//! never touched, and only the pushed branch's history leaves the host.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use git2::{Oid, Repository};
+use serde::Serialize;
+
+use crate::shell;
+use crate::ssh::Session;
+use crate::transport;
+
+/// Where the workspaces live in the VM, relative to the user's home.
+pub const WORKSPACE_ROOT: &str = "workspace";
+/// Per-repository object caches in the VM (bare repositories).
+const CACHE_ROOT: &str = ".agent-vm/cache";
+/// Host refs that fetch may update at will.
+pub const TRACKING_PREFIX: &str = "refs/remotes/agent-vm/";
+
+/// The host repository agent-vm works for.
+pub struct HostRepo {
+    pub repo: Repository,
+    /// The repository's common git dir, canonical: its identity.
+    pub git_dir: PathBuf,
+    /// A short readable name (the work tree's directory name).
+    pub name: String,
+}
+
+impl HostRepo {
+    /// The repository containing the current directory.
+    pub fn discover() -> Result<HostRepo> {
+        let repo = Repository::discover(".").map_err(|e| {
+            anyhow!("not in a git repository ({}): run agent-vm inside the repository whose branch you want", e.message())
+        })?;
+        let git_dir = repo.commondir().canonicalize().context("cannot resolve the repository's git dir")?;
+        let base = match repo.workdir() {
+            Some(w) => w.to_path_buf(),
+            None => git_dir.clone(),
+        };
+        let base = base.canonicalize().unwrap_or(base);
+        let name = base.file_name().map(|n| n.to_string_lossy().trim_end_matches(".git").to_owned()).unwrap_or_default();
+        Ok(HostRepo { repo, git_dir, name })
+    }
+
+    /// The tip of host branch `branch`, if it exists.
+    pub fn branch_tip(&self, branch: &str) -> Result<Option<Oid>> {
+        match self.repo.find_reference(&format!("refs/heads/{branch}")) {
+            Ok(r) => Ok(Some(r.peel_to_commit()?.id())),
+            Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The branch's tip, creating the branch from HEAD when it does not exist.
+    /// Returns the tip and whether the branch was created.
+    pub fn ensure_branch(&self, branch: &str) -> Result<(Oid, bool)> {
+        if let Some(tip) = self.branch_tip(branch)? {
+            return Ok((tip, false));
+        }
+        let head = self
+            .repo
+            .head()
+            .and_then(|h| h.peel_to_commit())
+            .map_err(|_| anyhow!("branch {branch:?} does not exist and HEAD has no commit to create it from"))?;
+        self.repo.branch(branch, &head, false).with_context(|| format!("cannot create branch {branch:?}"))?;
+        Ok((head.id(), true))
+    }
+
+    /// Serialises agent-vm commands on one branch of this repository: a
+    /// second one waits rather than interleaving ref updates.
+    pub fn lock_branch(&self, branch: &str, ui: &crate::Ui) -> Result<std::fs::File> {
+        let dir = self.git_dir.join("agent-vm").join("locks");
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("{}.lock", short_hash(branch.as_bytes())));
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        if file.try_lock().is_err() {
+            ui.say(&format!("Waiting for another agent-vm command on branch {branch:?}…"));
+            file.lock()?;
+        }
+        Ok(file)
+    }
+
+    fn tracking_ref(branch: &str) -> String {
+        format!("{TRACKING_PREFIX}{branch}")
+    }
+}
+
+/// Checks that `branch` is a name git accepts for a branch.
+pub fn validate_branch(branch: &str) -> Result<()> {
+    if branch.is_empty() || branch == "HEAD" || !git2::Reference::is_valid_name(&format!("refs/heads/{branch}")) {
+        bail!("{branch:?} is not a valid branch name");
+    }
+    Ok(())
+}
+
+/// The paths of one branch's workspace and its repository's object cache
+/// in the VM, relative to the VM home.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workspace {
+    pub branch: String,
+    pub dir: String,
+    pub cache: String,
+}
+
+impl Workspace {
+    /// Names are derived, never taken from the VM: a readable part and a hash
+    /// of the exact (repository, branch) pair, so `feature/x`, `feature-x`
+    /// and `Feature-X` never share a directory, and any branch git accepts
+    /// makes a safe path.
+    pub fn new(host: &HostRepo, branch: &str) -> Workspace {
+        let repo_id = host.git_dir.to_string_lossy();
+        let repo = readable(&host.name, 24);
+        let key = format!("{repo_id}\n{branch}");
+        Workspace {
+            branch: branch.to_owned(),
+            dir: format!("{WORKSPACE_ROOT}/{repo}-{}-{}", readable(branch, 40), short_hash(key.as_bytes())),
+            cache: format!("{CACHE_ROOT}/{repo}-{}.git", short_hash(repo_id.as_bytes())),
+        }
+    }
+}
+
+/// The first 10 hex digits of the SHA-1 of `data`.
+fn short_hash(data: &[u8]) -> String {
+    let oid = Oid::hash_object(git2::ObjectType::Blob, data).expect("hashing memory cannot fail");
+    oid.to_string()[..10].to_owned()
+}
+
+/// `text` reduced to `[A-Za-z0-9._-]`, other runs turned into one `-`, at
+/// most `max` characters, never starting with `.` or `-`.
+fn readable(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        let c = if c.is_ascii_alphanumeric() || c == '.' || c == '_' { c } else { '-' };
+        if !(c == '-' && out.ends_with('-')) {
+            out.push(c);
+        }
+    }
+    let out: String = out.trim_start_matches(['-', '.']).chars().take(max).collect();
+    let out = out.trim_end_matches('-').to_owned();
+    if out.is_empty() { "x".to_owned() } else { out }
+}
+
+/// Removes control characters from text that came from the VM before it
+/// reaches the terminal (no escape-sequence games).
+pub fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
+// VM-side scripts. Fixed text; every variable part is a positional argument.
+
+/// $1 cache, $2 branch: make sure the bare cache exists, with HEAD on the branch.
+const PREPARE_CACHE: &str = r#"set -e
+[ -d "$1" ] || { mkdir -p "$1"; git init -q --bare "$1"; }
+git --git-dir="$1" config gc.auto 0"#;
+
+/// $1 cache, $2 workspace, $3 branch, $4 host repo (for display): clone the
+/// cache locally (hard links, no copy) into a new workspace on the branch.
+const CREATE_WORKSPACE: &str = r#"set -e
+tmp="$2.agent-vm-new"
+rm -rf -- "$tmp"
+mkdir -p -- "${2%/*}"
+tip=$(git --git-dir="$1" rev-parse --verify -q "refs/heads/$3^{commit}")
+git clone -q --no-checkout --local "$1" "$tmp" 2>/dev/null
+cd "$tmp"
+git remote remove origin
+git update-ref "refs/heads/$3" "$tip"
+git symbolic-ref HEAD "refs/heads/$3"
+git reset -q --hard
+git config receive.denyCurrentBranch updateInstead
+git config agent-vm.branch "$3"
+git config agent-vm.hostRepo "$4"
+cd
+mv -T -- "$tmp" "$2""#;
+
+/// $1 workspace, $2 branch: "absent", or "present", the branch tip (or
+/// "-") and the number of uncommitted changes, one per line.
+const PROBE: &str = r#"if [ ! -d "$1/.git" ]; then echo absent; exit 0; fi
+echo present
+git -C "$1" rev-parse --verify -q "refs/heads/$2^{commit}" || echo -
+git -C "$1" status --porcelain 2>/dev/null | wc -l"#;
+
+/// $1 workspace: delete it.
+const REMOVE: &str = r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
+
+/// Every workspace: path, branch, host repo, tip, changes; NUL-separated.
+const LIST: &str = r#"for d in workspace/*; do
+  [ -d "$d/.git" ] || continue
+  b=$(git -C "$d" config agent-vm.branch) || continue
+  r=$(git -C "$d" config agent-vm.hostRepo || true)
+  h=$(git -C "$d" rev-parse --verify -q "refs/heads/$b^{commit}" || echo -)
+  n=$(git -C "$d" status --porcelain 2>/dev/null | wc -l)
+  printf '%s\0%s\0%s\0%s\0%s\0' "$d" "$b" "$r" "$h" "$n"
+done"#;
+
+/// What the VM says about one workspace (untrusted).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Probe {
+    Absent,
+    Present { tip: Option<Oid>, changes: u64 },
+}
+
+/// Talks to one VM for workspace operations.
+pub struct Vm {
+    session: Arc<Session>,
+    remote: transport::Remote,
+}
+
+/// How a push ended.
+#[derive(Debug, PartialEq)]
+pub enum Pushed {
+    Created,
+    Updated,
+    UpToDate,
+}
+
+impl Vm {
+    pub fn new(session: Session) -> Result<Vm> {
+        let session = Arc::new(session);
+        let remote = transport::Remote::new(session.clone())?;
+        Ok(Vm { session, remote })
+    }
+
+    async fn script(&self, script: &str, args: &[&str], what: &str) -> Result<String> {
+        let out = self.session.exec(&shell::script(script, args)?).await?.check(what)?;
+        Ok(out.stdout_str())
+    }
+
+    pub async fn probe(&self, ws: &Workspace) -> Result<Probe> {
+        let out = self.script(PROBE, &[&ws.dir, &ws.branch], "inspecting the workspace").await?;
+        let mut lines = out.lines();
+        match lines.next() {
+            Some("absent") => Ok(Probe::Absent),
+            Some("present") => {
+                let tip = lines.next().filter(|t| *t != "-").map(parse_oid).transpose()?;
+                let changes = lines.next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+                Ok(Probe::Present { tip, changes })
+            }
+            _ => bail!("unexpected answer from the VM while inspecting {}", ws.dir),
+        }
+    }
+
+    /// Pushes the host branch into its workspace, creating the workspace
+    /// (seeded through the repository's cache) when needed. Never forced:
+    /// refuses when the VM branch has commits the host lacks.
+    pub async fn push(&self, host: &HostRepo, ws: &Workspace, progress: &Progress) -> Result<Pushed> {
+        let tip = host.branch_tip(&ws.branch)?.ok_or_else(|| anyhow!("host branch {:?} does not exist", ws.branch))?;
+        match self.probe(ws).await? {
+            Probe::Absent => {
+                self.script(PREPARE_CACHE, &[&ws.cache], "preparing the object cache").await?;
+                // The cache is agent-vm's own: overwrite its ref freely.
+                let spec = format!("+refs/heads/{0}:refs/heads/{0}", ws.branch);
+                self.git_push(host, &ws.cache, &spec, progress).await?;
+                let repo_label = host.git_dir.to_string_lossy().into_owned();
+                self.script(CREATE_WORKSPACE, &[&ws.cache, &ws.dir, &ws.branch, &repo_label], "creating the workspace")
+                    .await?;
+                Ok(Pushed::Created)
+            }
+            Probe::Present { tip: Some(vm_tip), .. } if vm_tip == tip => Ok(Pushed::UpToDate),
+            Probe::Present { tip: vm_tip, .. } => {
+                if let Some(vm_tip) = vm_tip {
+                    if !contains(&host.repo, tip, vm_tip) {
+                        bail!(
+                            "the VM's {0:?} has commits the host does not have: run `agent-vm fetch {0}` first, \
+                             then push again (nothing was changed)",
+                            ws.branch
+                        );
+                    }
+                }
+                let spec = format!("refs/heads/{0}:refs/heads/{0}", ws.branch);
+                self.git_push(host, &ws.dir, &spec, progress).await?;
+                Ok(Pushed::Updated)
+            }
+        }
+    }
+
+    async fn git_push(&self, host: &HostRepo, path: &str, refspec: &str, progress: &Progress) -> Result<()> {
+        let url = self.remote.url(path);
+        let git_dir = host.git_dir.clone();
+        let refspec = refspec.to_owned();
+        let bar = progress.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>> {
+            let repo = Repository::open(&git_dir)?;
+            let mut remote = repo.remote_anonymous(&url)?;
+            let mut rejected = Vec::new();
+            let mut callbacks = git2::RemoteCallbacks::new();
+            callbacks.push_update_reference(|name, status| {
+                if let Some(msg) = status {
+                    rejected.push((name.to_owned(), msg.to_owned()));
+                }
+                Ok(())
+            });
+            callbacks.pack_progress(|_stage, current, total| bar.objects("Packing", current, total));
+            callbacks.push_transfer_progress(|current, total, bytes| {
+                bar.transfer("Pushing", current, total, bytes);
+            });
+            let mut opts = git2::PushOptions::new();
+            opts.remote_callbacks(callbacks);
+            remote.push(&[refspec.as_str()], Some(&mut opts))?;
+            drop(opts);
+            Ok(rejected)
+        })
+        .await?;
+        progress.finish();
+        let stderr = self.remote.take_stderr();
+        let rejected = result.map_err(|e| with_remote_stderr(e, &stderr))?;
+        if let Some((name, why)) = rejected.first() {
+            bail!("the VM refused to update {}: {}", printable(name), printable(why));
+        }
+        Ok(())
+    }
+
+    /// Fetches the workspace's branch into `refs/remotes/agent-vm/<branch>`
+    /// (that ref only: no tags, no other refs) and returns its new tip.
+    pub async fn fetch(&self, host: &HostRepo, ws: &Workspace, progress: &Progress) -> Result<Oid> {
+        let url = self.remote.url(&ws.dir);
+        let git_dir = host.git_dir.clone();
+        let tracking = HostRepo::tracking_ref(&ws.branch);
+        let refspec = format!("+refs/heads/{}:{tracking}", ws.branch);
+        let progress2 = progress.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<Oid> {
+            let repo = Repository::open(&git_dir)?;
+            let mut remote = repo.remote_anonymous(&url)?;
+            let mut callbacks = git2::RemoteCallbacks::new();
+            callbacks.transfer_progress(|p| {
+                progress2.transfer("Fetching", p.received_objects(), p.total_objects(), p.received_bytes())
+            });
+            let mut opts = git2::FetchOptions::new();
+            opts.remote_callbacks(callbacks)
+                .download_tags(git2::AutotagOption::None)
+                .update_fetchhead(false)
+                .prune(git2::FetchPrune::Off);
+            remote.fetch(&[refspec.as_str()], Some(&mut opts), Some("agent-vm fetch"))?;
+            let oid = repo.refname_to_id(&tracking).context("the VM's branch did not arrive")?;
+            repo.find_commit(oid).context("the VM's branch does not point to a commit")?;
+            Ok(oid)
+        })
+        .await?;
+        progress.finish();
+        let stderr = self.remote.take_stderr();
+        result.map_err(|e| with_remote_stderr(e, &stderr))
+    }
+
+    pub async fn remove(&self, ws: &Workspace) -> Result<()> {
+        self.script(REMOVE, &[&ws.dir], "deleting the workspace").await?;
+        Ok(())
+    }
+
+    /// Every workspace in the VM, as the VM describes it.
+    pub async fn list(&self) -> Result<Vec<Listed>> {
+        let out = self.session.exec(&shell::script(LIST, &[] as &[&str])?).await?.check("listing workspaces")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let fields: Vec<&str> = text.split_terminator('\0').collect();
+        Ok(fields
+            .chunks_exact(5)
+            .map(|f| Listed {
+                dir: f[0].to_owned(),
+                branch: f[1].to_owned(),
+                host_repo: f[2].to_owned(),
+                tip: parse_oid(f[3]).ok(),
+                changes: f[4].trim().parse().unwrap_or(0),
+            })
+            .collect())
+    }
+}
+
+/// One workspace as listed by the VM (untrusted, for display).
+#[derive(Debug, Clone, Serialize)]
+pub struct Listed {
+    pub dir: String,
+    pub branch: String,
+    pub host_repo: String,
+    #[serde(serialize_with = "ser_oid")]
+    pub tip: Option<Oid>,
+    pub changes: u64,
+}
+
+fn ser_oid<S: serde::Serializer>(oid: &Option<Oid>, s: S) -> Result<S::Ok, S::Error> {
+    match oid {
+        Some(o) => s.serialize_str(&o.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+fn parse_oid(text: &str) -> Result<Oid> {
+    let text = text.trim();
+    if text.len() != 40 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("the VM sent a malformed commit id");
+    }
+    Ok(Oid::from_str(text)?)
+}
+
+fn with_remote_stderr(e: anyhow::Error, stderr: &str) -> anyhow::Error {
+    if stderr.is_empty() { e } else { e.context(format!("the VM said: {}", printable(stderr))) }
+}
+
+/// Whether `commit` is `tip` or one of its ancestors, in the host repo (an
+/// object the host does not have is not contained).
+pub fn contains(repo: &Repository, tip: Oid, commit: Oid) -> bool {
+    tip == commit || (repo.find_commit(commit).is_ok() && repo.graph_descendant_of(tip, commit).unwrap_or(false))
+}
+
+/// What fetch did to the host branch.
+#[derive(Debug, PartialEq)]
+pub enum Integrated {
+    UpToDate,
+    /// The branch was checked out and clean: ref, index and files moved.
+    FastForwardedCheckout { from: Oid, to: Oid },
+    /// The branch was not checked out: only the ref moved.
+    FastForwardedRef { from: Option<Oid>, to: Oid },
+    /// Nothing changed on the host; the message says what to run.
+    LeftAlone(String),
+}
+
+/// Brings the host branch up to `new` if that is a fast-forward and safe;
+/// never rewinds or rewrites it.
+pub fn integrate(host: &HostRepo, branch: &str, new: Oid) -> Result<Integrated> {
+    let repo = &host.repo;
+    let refname = format!("refs/heads/{branch}");
+    let tracking = format!("agent-vm/{branch}");
+    let current = host.branch_tip(branch)?;
+    let Some(old) = current else {
+        repo.reference(&refname, new, false, "agent-vm fetch: branch from the VM")?;
+        return Ok(Integrated::FastForwardedRef { from: None, to: new });
+    };
+    if contains(repo, old, new) {
+        return Ok(Integrated::UpToDate);
+    }
+    if !repo.graph_descendant_of(new, old)? {
+        return Ok(Integrated::LeftAlone(format!(
+            "the host's {branch:?} and the VM's have diverged; nothing on the host changed. \
+             Merge or rebase yourself: `git merge {tracking}` or `git rebase {tracking}`"
+        )));
+    }
+    let checked_out = !repo.is_bare() && repo.head().ok().and_then(|h| h.name().ok().map(str::to_owned)) == Some(refname.clone());
+    if checked_out {
+        let mut opts = git2::StatusOptions::new();
+        opts.include_untracked(false).include_ignored(false);
+        if !repo.statuses(Some(&mut opts))?.is_empty() {
+            return Ok(Integrated::LeftAlone(format!(
+                "{branch:?} is checked out and has uncommitted changes; nothing on the host changed. \
+                 Commit or stash them, then run `git merge --ff-only {tracking}`"
+            )));
+        }
+        let target = repo.find_commit(new)?;
+        let mut checkout = git2::build::CheckoutBuilder::new();
+        checkout.safe();
+        if let Err(e) = repo.checkout_tree(target.as_object(), Some(&mut checkout)) {
+            return Ok(Integrated::LeftAlone(format!(
+                "cannot fast-forward the checked-out {branch:?} ({}); nothing on the host changed. \
+                 Run `git merge --ff-only {tracking}` to see why",
+                e.message()
+            )));
+        }
+        // Move the ref only if nobody moved it meanwhile.
+        repo.reference_matching(&refname, new, true, old, "agent-vm fetch: fast-forward")?;
+        return Ok(Integrated::FastForwardedCheckout { from: old, to: new });
+    }
+    repo.reference_matching(&refname, new, true, old, "agent-vm fetch: fast-forward")?;
+    Ok(Integrated::FastForwardedRef { from: Some(old), to: new })
+}
+
+/// Commits on `tip` that the host's `branch` (and its tracking ref) lack:
+/// `None` when the host does not even have the commit.
+pub fn unfetched(host: &HostRepo, branch: &str, tip: Oid) -> Result<Option<usize>> {
+    let repo = &host.repo;
+    if repo.find_commit(tip).is_err() {
+        return Ok(None);
+    }
+    let mut walk = repo.revwalk()?;
+    walk.push(tip)?;
+    for r in [format!("refs/heads/{branch}"), HostRepo::tracking_ref(branch)] {
+        if let Ok(oid) = repo.refname_to_id(&r) {
+            walk.hide(oid)?;
+        }
+    }
+    Ok(Some(walk.count()))
+}
+
+/// Ahead/behind of the VM tip relative to the host branch, when both known.
+pub fn ahead_behind(host: &HostRepo, branch: &str, vm_tip: Oid) -> Option<(usize, usize)> {
+    let host_tip = host.branch_tip(branch).ok()??;
+    host.repo.find_commit(vm_tip).ok()?;
+    host.repo.graph_ahead_behind(vm_tip, host_tip).ok()
+}
+
+/// Transfer progress on stderr: a bar on a terminal, nothing otherwise.
+#[derive(Clone)]
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+}
+
+impl Progress {
+    pub fn new(ui: &crate::Ui) -> Progress {
+        use std::io::IsTerminal;
+        let bar = if ui.quiet || !std::io::stderr().is_terminal() {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} objects {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar
+        };
+        Progress { bar }
+    }
+
+    fn objects(&self, stage: &str, current: usize, total: usize) {
+        self.bar.set_prefix(stage.to_owned());
+        self.bar.set_length(total as u64);
+        self.bar.set_position(current as u64);
+    }
+
+    fn transfer(&self, stage: &str, current: usize, total: usize, bytes: usize) -> bool {
+        self.objects(stage, current, total);
+        let secs = self.bar.elapsed().as_secs_f64().max(0.001);
+        self.bar.set_message(format!(
+            "{}, {}/s",
+            indicatif::HumanBytes(bytes as u64),
+            indicatif::HumanBytes((bytes as f64 / secs) as u64)
+        ));
+        true
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// The host path the VM's workspace shows up at through the mount.
+pub fn host_path(mount_root: &Path, ws: &Workspace) -> PathBuf {
+    mount_root.join(ws.dir.trim_start_matches(&format!("{WORKSPACE_ROOT}/")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(path: &str, name: &str) -> HostRepo {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path()).unwrap();
+        std::mem::forget(dir);
+        HostRepo { repo, git_dir: PathBuf::from(path), name: name.to_owned() }
+    }
+
+    #[test]
+    fn workspace_names_never_collide() {
+        let h = host("/home/u/src/app/.git", "app");
+        let names = ["feature/x", "feature-x", "Feature-X", "feature x", "feature_x", "-x", "x", "ünï", "a..b"];
+        let dirs: std::collections::HashSet<String> = names.iter().map(|b| Workspace::new(&h, b).dir).collect();
+        assert_eq!(dirs.len(), names.len());
+        for d in &dirs {
+            let leaf = d.strip_prefix("workspace/").unwrap();
+            assert!(leaf.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)), "{d}");
+            assert!(!leaf.starts_with(['-', '.']), "{d}");
+        }
+    }
+
+    #[test]
+    fn same_branch_of_two_repos_differs() {
+        let a = Workspace::new(&host("/a/app/.git", "app"), "main");
+        let b = Workspace::new(&host("/b/app/.git", "app"), "main");
+        assert_ne!(a.dir, b.dir);
+        assert_ne!(a.cache, b.cache);
+        assert!(a.dir.starts_with("workspace/app-main-"), "{}", a.dir);
+    }
+
+    #[test]
+    fn readable_is_bounded_and_tidy() {
+        assert_eq!(readable("feature/auth", 40), "feature-auth");
+        assert_eq!(readable("--..x", 40), "x");
+        assert_eq!(readable("$(rm -rf /)", 40), "rm-rf");
+        assert_eq!(readable("", 40), "x");
+        assert_eq!(readable(&"a".repeat(300), 40).len(), 40);
+    }
+
+    #[test]
+    fn branch_validation_follows_git() {
+        for ok in ["main", "feature/x", "-x", "ünï", "$(x)", "a;b", "`x`", "it's"] {
+            validate_branch(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["", "HEAD", "with space", "a..b", "a~b", "a^b", "a:b", "x.lock", "/x", "x/", "a\\b", "a\x07b"] {
+            assert!(validate_branch(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn oids_from_the_vm_are_parsed_strictly() {
+        assert!(parse_oid("0123456789abcdef0123456789abcdef01234567").is_ok());
+        assert!(parse_oid("0123").is_err());
+        assert!(parse_oid("zz23456789abcdef0123456789abcdef01234567").is_err());
+    }
+
+    #[test]
+    fn printable_strips_escapes() {
+        assert_eq!(printable("a\x1b[31mb\n"), "a?[31mb?");
+    }
+}
