@@ -70,7 +70,11 @@ impl HostRepo {
             .head()
             .and_then(|h| h.peel_to_commit())
             .map_err(|_| anyhow!("branch {branch:?} does not exist and HEAD has no commit to create it from"))?;
-        self.repo.branch(branch, &head, false).with_context(|| format!("cannot create branch {branch:?}"))?;
+        // A plain ref, not `branch()`: libgit2 refuses names git accepts as
+        // refs (a leading `-`) there.
+        self.repo
+            .reference(&format!("refs/heads/{branch}"), head.id(), false, "agent-vm: branch from HEAD")
+            .with_context(|| format!("cannot create branch {branch:?}"))?;
         Ok((head.id(), true))
     }
 

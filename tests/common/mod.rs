@@ -174,3 +174,75 @@ impl Run {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("`{}`: not JSON ({e}): {}", self.what, self.stdout))
     }
 }
+
+/// Runs host `git` in `dir` (test side only: agent-vm itself never does).
+#[track_caller]
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=Host", "-c", "user.email=host@example.com", "-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .env_remove("GIT_DIR")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The fields of `git for-each-ref`, one line a ref, for before/after checks.
+pub fn refs(dir: &Path) -> Vec<String> {
+    git(dir, &["for-each-ref", "--format=%(refname) %(objectname)"]).lines().map(str::to_owned).collect()
+}
+
+impl World {
+    /// A host repository in this world's home with one commit on main.
+    pub fn repo(&self, name: &str) -> PathBuf {
+        let dir = self.home.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        git(&dir, &["init", "-q"]);
+        std::fs::write(dir.join("README"), "hello\n").unwrap();
+        git(&dir, &["add", "README"]);
+        git(&dir, &["commit", "-q", "-m", "initial"]);
+        dir
+    }
+
+    /// `agent-vm ARGS` run inside `dir`.
+    pub fn run_in(&self, dir: &Path, args: &[&str]) -> Run {
+        Run::from(self.agent_vm(args).current_dir(dir).output().unwrap(), args)
+    }
+
+    /// The VM path (relative to its home) of `branch`'s workspace of the
+    /// repository at `dir`, from `status --json`.
+    pub fn workspace_dir(&self, dir: &Path, branch: &str) -> String {
+        let status = self.run_in(dir, &["status", "--json"]).json();
+        status["workspaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["branch"] == branch && w["this_repo"] == true)
+            .unwrap_or_else(|| panic!("no workspace for {branch:?} in {status:#}"))["dir"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Runs `script` in the guest with `args` as $1…, through system ssh.
+    pub fn guest_args(&self, script: &str, args: &[&str]) -> Run {
+        let mut words = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned(), "sh".to_owned()];
+        words.extend(args.iter().map(|a| a.to_string()));
+        let line = shlex::try_join(words.iter().map(String::as_str)).unwrap();
+        self.guest(&line)
+    }
+
+    /// Commits a file in the guest workspace as the agent would.
+    pub fn agent_commit(&self, ws: &str, file: &str, content: &str) -> String {
+        self.guest_args(
+            r#"cd "$1" && printf %s "$3" > "$2" && git add -- "$2" && git -c user.name=Agent -c user.email=agent@vm commit -q -m "agent: $2" && git rev-parse HEAD"#,
+            &[ws, file, content],
+        )
+        .ok()
+        .stdout
+        .trim()
+        .to_owned()
+    }
+}
