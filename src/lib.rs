@@ -5,6 +5,7 @@
 //! `provision` (the template and what goes into the VM).
 
 pub mod cli;
+pub mod mount;
 pub mod provision;
 pub mod shell;
 pub mod ssh;

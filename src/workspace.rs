@@ -232,6 +232,10 @@ impl Vm {
         Ok(Vm { session, remote })
     }
 
+    pub fn into_session(self) -> Arc<Session> {
+        self.session.clone()
+    }
+
     async fn script(&self, script: &str, args: &[&str], what: &str) -> Result<String> {
         let out = self.session.exec(&shell::script(script, args)?).await?.check(what)?;
         Ok(out.stdout_str())

@@ -23,7 +23,7 @@ pub struct Args {
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let host = HostRepo::discover()?;
-    let (_backend, session) = super::session(ctx, false).await?;
+    let (backend, session) = super::session(ctx, false).await?;
     let vm = Vm::new(session)?;
     let mut doomed = Vec::new();
     let mut refusals = Vec::new();
@@ -50,6 +50,10 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     }
     if !args.yes && !confirm(&format!("Delete {} workspace(s) of this repository?", doomed.len()))? {
         bail!("not confirmed; nothing was deleted");
+    }
+    // Editors must not keep working in directories about to vanish.
+    if super::unmount(backend.as_ref(), true)? {
+        ctx.ui.say("Unmounted the workspace mount (`agent-vm mount` or `connect` brings it back).");
     }
     for ws in &doomed {
         vm.remove(ws).await?;

@@ -1,14 +1,13 @@
 use std::io::IsTerminal;
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 
 use super::Context;
-use crate::ssh::Session;
-use crate::vm::{self, Resources};
 use crate::shell;
+use crate::workspace::host_path;
 
 /// Open a shell (or run a command) in the VM
 ///
@@ -27,28 +26,38 @@ pub struct Args {
     /// Fail instead of starting the VM when it is not running
     #[arg(long, conflicts_with = "branch")]
     no_start: bool,
+    /// Do not mount the VM's ~/workspace on this machine
+    #[arg(long)]
+    no_mount: bool,
     /// Command to run instead of an interactive shell
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
 }
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let (backend, cwd) = match &args.branch {
+    let (backend, session, ws) = match &args.branch {
         Some(branch) => {
-            let (backend, _vm, ws) = super::push::push(ctx, branch).await?;
-            (backend, Some(ws.dir))
+            let (backend, vm, ws) = super::push::push(ctx, branch).await?;
+            (backend, vm.into_session(), Some(ws))
         }
         None => {
-            let backend = ctx.backend()?;
-            if args.no_start {
-                vm::running(backend.as_ref())?;
-            } else {
-                vm::ensure_running(backend.as_ref(), &Resources::default(), &ctx.ui)?;
-            }
-            (backend, None)
+            let (backend, session) = super::session(ctx, !args.no_start).await?;
+            (backend, Arc::new(session), None)
         }
     };
-    let endpoint = backend.ssh_endpoint()?;
+    let cwd = ws.as_ref().map(|w| w.dir.clone());
+    if !args.no_mount {
+        // The shell is still useful without the mount: warn, do not fail.
+        let mount = super::mount_of(backend.as_ref())?;
+        match mount.ensure(&session, &ctx.ui).await {
+            Ok(_) => match &ws {
+                Some(ws) => ctx.ui.say(&format!("On this machine: {}", host_path(&mount.point, ws).display())),
+                None => ctx.ui.say(&format!("VM workspaces on this machine: {}", mount.point.display())),
+            },
+            Err(e) => ctx.ui.say(&format!("warning: no workspace mount: {e:#}")),
+        }
+    }
+    let endpoint = session.endpoint().clone();
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     if args.command.is_empty() || interactive {
         // A terminal session: OpenSSH handles the tty, window size and
@@ -67,12 +76,10 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     }
     // Scripts and pipes: run over russh with exact stdin/stdout/stderr and
     // exit status, and no ssh process.
-    let session = Session::connect(&endpoint, Duration::from_secs(30)).await?;
     let line = shell::login_command(cwd.as_deref(), &args.command)?;
     let status = session
         .exec_io(&line, tokio::io::stdin(), &mut tokio::io::stdout(), &mut tokio::io::stderr())
         .await?;
-    session.close().await;
     Ok(exit_code(status))
 }
 

@@ -22,6 +22,10 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     if !args.yes && !confirm(&format!("Delete VM '{}' and every workspace in it?", instance.name))? {
         bail!("not confirmed; nothing was deleted");
     }
+    // Detach the mount first so nothing is left pointing at a dead VM.
+    if super::unmount(backend.as_ref(), true)? {
+        ctx.ui.say("Unmounted the workspace mount.");
+    }
     ctx.ui.say(&format!("Deleting VM '{}'…", instance.name));
     backend.delete()?;
     let state = backend.state_dir();

@@ -7,9 +7,11 @@ mod connect;
 mod destroy;
 mod doctor;
 mod fetch;
+mod mount;
 mod push;
 mod start;
 mod status;
+mod unmount;
 
 use std::process::ExitCode;
 
@@ -61,6 +63,8 @@ enum Command {
     Fetch(fetch::Args),
     Clean(clean::Args),
     CleanAll(clean_all::Args),
+    Mount(mount::Args),
+    Unmount(unmount::Args),
     Destroy(destroy::Args),
     Doctor(doctor::Args),
 }
@@ -99,6 +103,8 @@ pub fn main() -> ExitCode {
             Command::Fetch(args) => fetch::run(&ctx, args).await,
             Command::Clean(args) => clean::run(&ctx, args).await,
             Command::CleanAll(args) => clean_all::run(&ctx, args).await,
+            Command::Mount(args) => mount::run(&ctx, args).await,
+            Command::Unmount(args) => unmount::run(&ctx, args).await,
             Command::Destroy(args) => destroy::run(&ctx, args).await,
             Command::Doctor(args) => doctor::run(&ctx, args).await,
         }
@@ -124,6 +130,16 @@ fn init_logging(global: &Global) {
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().init();
+}
+
+/// Unmounts the instance's workspace mount if it is ours (lazily when
+/// asked). Works without the VM.
+fn unmount(backend: &dyn Backend, lazy: bool) -> Result<bool> {
+    mount_of(backend)?.unmount(lazy)
+}
+
+fn mount_of(backend: &dyn Backend) -> Result<crate::mount::Mount> {
+    Ok(crate::mount::Mount::new(crate::mount::mount_point(backend.instance())?, &backend.ssh_alias()))
 }
 
 /// The VM backend and an SSH session to the running VM. With `start`, the

@@ -25,6 +25,7 @@ struct Status {
     memory_bytes: Option<u64>,
     disk_bytes: Option<u64>,
     ssh: Option<Ssh>,
+    mount: MountStatus,
     /// Workspaces in the VM (empty when it is not running).
     workspaces: Vec<WorkspaceStatus>,
 }
@@ -39,6 +40,14 @@ struct WorkspaceStatus {
     /// (this repository only, when the host has the VM's commits).
     ahead: Option<usize>,
     behind: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct MountStatus {
+    path: String,
+    /// "mounted", "not mounted", "stale (…)" or "occupied by another mount (…)".
+    state: String,
+    mounted: bool,
 }
 
 #[derive(Serialize)]
@@ -77,6 +86,13 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     } else {
         None
     };
+    let mount = super::mount_of(backend.as_ref())?;
+    let mount_state = mount.state()?;
+    let mount = MountStatus {
+        path: mount.point.display().to_string(),
+        mounted: mount_state == crate::mount::State::Mounted,
+        state: mount_state.to_string(),
+    };
     let status = Status {
         instance: instance.name,
         state: instance.state.to_string(),
@@ -85,6 +101,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         memory_bytes: instance.memory_bytes,
         disk_bytes: instance.disk_bytes,
         ssh,
+        mount,
         workspaces,
     };
     if args.json {
@@ -103,6 +120,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         Some(s) => println!("SSH:       {}@{}:{} (ssh -F {} {})", s.user, s.host, s.port, s.config_file, s.host_alias),
         None => println!("SSH:       - (start the VM with `agent-vm start`)"),
     }
+    println!("Mount:     {} ({})", status.mount.path, status.mount.state);
     if running {
         println!("Workspaces:{}", if status.workspaces.is_empty() { " none" } else { "" });
     }

@@ -191,7 +191,11 @@ impl Backend for Lima {
         if !path.exists() {
             bail!("{} does not exist: the VM has not been started. Run `agent-vm start`", path.display());
         }
-        Endpoint::from_config_file(&path, &host_alias(&self.instance))
+        Endpoint::from_config_file(&path, &self.ssh_alias())
+    }
+
+    fn ssh_alias(&self) -> String {
+        host_alias(&self.instance)
     }
 
     fn state_dir(&self) -> PathBuf {

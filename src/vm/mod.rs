@@ -72,6 +72,8 @@ pub trait Backend {
     /// How to reach the running instance over SSH. Re-read after every start:
     /// the port changes.
     fn ssh_endpoint(&self) -> Result<Endpoint>;
+    /// The Host alias in the instance's SSH config.
+    fn ssh_alias(&self) -> String;
     /// A directory of agent-vm's own for this instance (templates, locks).
     fn state_dir(&self) -> std::path::PathBuf;
 }

@@ -127,6 +127,14 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
+        // Detach any FUSE mount left under this world's home.
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let home = self.home.path().to_string_lossy().into_owned();
+        for line in table.lines() {
+            if let Some(point) = line.split(' ').nth(4).filter(|p| p.starts_with(&home)) {
+                let _ = Command::new("fusermount3").args(["-uz", point]).status();
+            }
+        }
         if self.instance_dir().exists() {
             let _ = self.limactl(&["delete", "--force", &self.instance.clone()]);
         }

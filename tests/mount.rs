@@ -1,0 +1,192 @@
+//! The forward sshfs mount against a real guest: it works both ways, it
+//! heals after a VM restart, and nothing the (hostile) VM writes acts on the
+//! host.
+
+mod common;
+
+use common::World;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn mount_point(w: &World) -> PathBuf {
+    w.home.path().join(".agent-vm-mounts/workspace")
+}
+
+fn mounted(point: &Path) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = point.to_string_lossy().into_owned();
+    table.lines().find(|l| l.split(' ').nth(4) == Some(want.as_str())).map(str::to_owned)
+}
+
+/// Polls `f` for up to 15 s (sshfs caches names and attributes briefly).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(15), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn mount_against_a_real_guest() {
+    let w = World::with_vm("mnt");
+    let repo = w.repo("app");
+    let point = mount_point(&w);
+
+    // connect mounts, and says where the workspace is on the host.
+    let r = w.run_in(&repo, &["connect", "work", "--", "true"]);
+    r.ok();
+    let line = mounted(&point).expect("connect did not mount");
+    for opt in ["nosuid", "nodev", "noexec"] {
+        assert!(line.split(' ').nth(5).unwrap().split(',').any(|o| o == opt), "{opt} missing: {line}");
+    }
+    let ws = w.workspace_dir(&repo, "work");
+    let host_ws = point.join(ws.strip_prefix("workspace/").unwrap());
+    assert!(r.stderr.contains(&host_ws.display().to_string()), "{}", r.stderr);
+    let status = w.run_in(&repo, &["status", "--json"]).json();
+    assert_eq!(status["mount"]["mounted"], true, "{status:#}");
+
+    // Edits flow both ways.
+    assert_eq!(std::fs::read_to_string(host_ws.join("README")).unwrap(), "hello\n");
+    std::fs::write(host_ws.join("from-host.txt"), "written on the host\n").unwrap();
+    assert_eq!(w.guest_args("cat \"$1/from-host.txt\"", &[&ws]).ok().stdout, "written on the host\n");
+    w.guest_args("echo written in the vm > \"$1/from-vm.txt\"", &[&ws]).ok();
+    eventually("a VM-written file on the host", || {
+        std::fs::read_to_string(host_ws.join("from-vm.txt")).is_ok_and(|s| s == "written in the vm\n")
+    });
+
+    hostile_git_config_does_not_run_on_the_host(&w, &ws, &host_ws);
+    symlinks_never_reach_host_files(&w, &ws, &host_ws);
+    nothing_executes_from_the_mount(&w, &ws, &host_ws);
+    a_restarted_vm_gets_its_mount_back(&w, &repo, &point, &host_ws);
+    busy_foreign_and_occupied_mount_points(&w, &repo, &point, &host_ws);
+    owned_by_me_opt_in_really_is_the_risk(&w, &repo, &ws, &host_ws);
+
+    w.run_in(&repo, &["destroy", "--yes"]).ok();
+    assert!(mounted(&point).is_none(), "destroy left the mount behind");
+}
+
+/// The agent plants git config that would run a command when host git
+/// touches the repository. Host git must refuse the repository.
+fn plant_fsmonitor(w: &World, ws: &str, marker: &Path) {
+    let cmd = format!("touch {}", marker.display());
+    w.guest_args(
+        r#"cd "$1" && git config core.fsmonitor "$2" && git config core.hooksPath /tmp && git config alias.st "!$2" && git config core.pager "$2""#,
+        &[ws, &cmd],
+    )
+    .ok();
+}
+
+fn hostile_git_config_does_not_run_on_the_host(w: &World, ws: &str, host_ws: &Path) {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("fsmonitor-ran");
+    plant_fsmonitor(w, ws, &marker);
+    std::thread::sleep(Duration::from_secs(6)); // past the attribute cache
+    for args in [&["status"][..], &["log", "-1"], &["diff"]] {
+        let out = std::process::Command::new("git").args(args).current_dir(host_ws).output().unwrap();
+        assert!(!out.status.success(), "host git accepted the VM's repository: {args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("dubious ownership"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(!marker.exists(), "a VM-written core.fsmonitor ran on the host");
+    let meta = std::fs::metadata(host_ws.join(".git/config")).unwrap();
+    assert_ne!(std::os::unix::fs::MetadataExt::uid(&meta), unsafe_getuid(), "files must not look like the host user's");
+}
+
+fn unsafe_getuid() -> u32 {
+    // The test user's uid, without a libc dependency.
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap()
+}
+
+fn symlinks_never_reach_host_files(w: &World, ws: &str, host_ws: &Path) {
+    let secret = w.home.path().join("host-secret.txt");
+    std::fs::write(&secret, "host secret\n").unwrap();
+    w.guest_args(
+        r#"cd "$1" && ln -sf "$2" to-host-secret && ln -sf /etc/hostname to-etc && ln -sf "$3" to-host-dir"#,
+        &[ws, &secret.display().to_string(), &w.home.path().display().to_string()],
+    )
+    .ok();
+    eventually("the VM's symlinks", || host_ws.join("to-etc").exists());
+    // Resolved in the VM: the VM's /etc/hostname, never the host's.
+    assert_eq!(std::fs::read_to_string(host_ws.join("to-etc")).unwrap(), "agent-vm-test\n");
+    assert!(!std::fs::symlink_metadata(host_ws.join("to-etc")).unwrap().file_type().is_symlink());
+    // The host path does not exist in the VM: nothing to read, nothing to write.
+    assert!(std::fs::read_to_string(host_ws.join("to-host-secret")).is_err());
+    let _ = std::fs::write(host_ws.join("to-host-secret"), "overwritten\n");
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host secret\n");
+    assert!(std::fs::read_dir(host_ws.join("to-host-dir")).is_err());
+}
+
+fn nothing_executes_from_the_mount(w: &World, ws: &str, host_ws: &Path) {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("executed");
+    w.guest_args(
+        "cd \"$1\" && printf '#!/bin/sh\\ntouch %s\\n' \"$2\" > run.sh && chmod 4755 run.sh",
+        &[ws, &marker.display().to_string()],
+    )
+    .ok();
+    eventually("run.sh", || host_ws.join("run.sh").exists());
+    let err = std::process::Command::new(host_ws.join("run.sh")).status().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    assert!(!marker.exists());
+}
+
+fn a_restarted_vm_gets_its_mount_back(w: &World, repo: &Path, point: &Path, host_ws: &Path) {
+    let port_before = w.lima_list()[0]["sshLocalPort"].clone();
+    w.limactl(&["stop", "mnt"]).ok();
+    w.limactl(&["start", "mnt"]).ok();
+    assert_ne!(w.lima_list()[0]["sshLocalPort"], port_before, "the stand-in should move the port, as Lima does");
+    // The next command notices and heals the mount.
+    w.run_in(repo, &["mount"]).ok();
+    assert!(mounted(point).is_some());
+    eventually("the file through the healed mount", || {
+        std::fs::read_to_string(host_ws.join("from-host.txt")).is_ok_and(|s| s == "written on the host\n")
+    });
+}
+
+fn busy_foreign_and_occupied_mount_points(w: &World, repo: &Path, point: &Path, host_ws: &Path) {
+    // Busy: a file is open; a plain unmount refuses, --lazy detaches.
+    let open = std::fs::File::open(host_ws.join("README")).unwrap();
+    w.run_in(repo, &["unmount"]).fails_with("is busy");
+    assert!(mounted(point).is_some());
+    w.run_in(repo, &["unmount", "--lazy"]).ok();
+    drop(open);
+    eventually("the lazy unmount", || mounted(point).is_none());
+    w.run_in(repo, &["unmount"]).ok();
+
+    // Occupied: files where the mount would go are never mounted over.
+    std::fs::write(point.join("mine"), "x").unwrap();
+    w.run_in(repo, &["mount"]).fails_with("is not empty");
+    std::fs::remove_file(point.join("mine")).unwrap();
+
+    // Foreign: someone else's mount there is left alone.
+    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(point).status().unwrap();
+    assert!(st.success(), "the mount tests run as root (as CI does)");
+    w.run_in(repo, &["mount"]).fails_with("mount point for something else");
+    w.run_in(repo, &["unmount"]).fails_with("not agent-vm's mount");
+    assert!(mounted(point).unwrap().contains("tmpfs"));
+    assert!(std::process::Command::new("umount").arg(point).status().unwrap().success());
+    w.run_in(repo, &["mount"]).ok();
+}
+
+/// The control for the fsmonitor test: with the opt-in, host git trusts the
+/// VM's repository and the planted command does run — so the default's
+/// refusal is what protects the host.
+fn owned_by_me_opt_in_really_is_the_risk(w: &World, repo: &Path, ws: &str, host_ws: &Path) {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("fsmonitor-ran");
+    plant_fsmonitor(w, ws, &marker);
+    w.run_in(repo, &["unmount"]).ok();
+    let r = crate::common::Run::from(
+        w.agent_vm(&["mount"]).current_dir(repo).env("AGENT_VM_MOUNT_OWNED_BY_ME", "1").output().unwrap(),
+        &["mount"],
+    );
+    r.ok();
+    assert!(r.stderr.contains("git on this machine will obey"), "{}", r.stderr);
+    let _ = git_status(host_ws);
+    assert!(marker.exists(), "control failed: with the opt-in, host git should have obeyed core.fsmonitor");
+    w.run_in(repo, &["unmount"]).ok();
+}
+
+fn git_status(dir: &Path) -> std::process::Output {
+    std::process::Command::new("git").args(["status"]).current_dir(dir).output().unwrap()
+}
