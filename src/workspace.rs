@@ -160,10 +160,14 @@ pub fn printable(text: &str) -> String {
 
 // VM-side scripts. Fixed text; every variable part is a positional argument.
 
-/// $1 cache, $2 branch: make sure the bare cache exists, with HEAD on the branch.
+/// $1 cache: make sure the bare cache exists; says "new" when it did not.
 const PREPARE_CACHE: &str = r#"set -e
-[ -d "$1" ] || { mkdir -p "$1"; git init -q --bare "$1"; }
+if [ ! -d "$1" ]; then mkdir -p "$1"; git init -q --bare "$1"; echo new; fi
 git --git-dir="$1" config gc.auto 0"#;
+
+/// $1 cache: unpack a tar of pack files and loose objects (stdin) into it.
+const UNPACK_OBJECTS: &str = r#"set -e
+tar -x --no-same-owner --no-same-permissions -f - -C "$1/objects""#;
 
 /// $1 cache, $2 workspace, $3 branch, $4 host repo (for display): clone the
 /// cache locally (hard links, no copy) into a new workspace on the branch.
@@ -217,6 +221,17 @@ pub struct Vm {
     remote: transport::Remote,
 }
 
+/// Which objects may leave the host when a repository's cache is seeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objects {
+    /// Only what the pushed branch's history needs (the default).
+    Branch,
+    /// Every object in the host repository, copied verbatim: much faster
+    /// for a large repository, but other branches, stashes and unreachable
+    /// objects reach the VM too, and the agent can read them.
+    All,
+}
+
 /// How a push ended.
 #[derive(Debug, PartialEq)]
 pub enum Pushed {
@@ -258,11 +273,14 @@ impl Vm {
     /// Pushes the host branch into its workspace, creating the workspace
     /// (seeded through the repository's cache) when needed. Never forced:
     /// refuses when the VM branch has commits the host lacks.
-    pub async fn push(&self, host: &HostRepo, ws: &Workspace, progress: &Progress) -> Result<Pushed> {
+    pub async fn push(&self, host: &HostRepo, ws: &Workspace, objects: Objects, progress: &Progress) -> Result<Pushed> {
         let tip = host.branch_tip(&ws.branch)?.ok_or_else(|| anyhow!("host branch {:?} does not exist", ws.branch))?;
         match self.probe(ws).await? {
             Probe::Absent => {
-                self.script(PREPARE_CACHE, &[&ws.cache], "preparing the object cache").await?;
+                let fresh = self.script(PREPARE_CACHE, &[&ws.cache], "preparing the object cache").await?;
+                if fresh.trim() == "new" && objects == Objects::All {
+                    self.ship_all_objects(host, &ws.cache).await?;
+                }
                 // The cache is agent-vm's own: overwrite its ref freely.
                 let spec = format!("+refs/heads/{0}:refs/heads/{0}", ws.branch);
                 self.git_push(host, &ws.cache, &spec, progress).await?;
@@ -287,6 +305,53 @@ impl Vm {
                 Ok(Pushed::Updated)
             }
         }
+    }
+
+    /// Seeds a new cache with every object of the host repository, its
+    /// pack files and loose objects copied verbatim (no packing on the
+    /// host): fast, but it ships other branches, stashes and unreachable
+    /// objects too. Only on request ([`Objects::All`]).
+    async fn ship_all_objects(&self, host: &HostRepo, cache: &str) -> Result<()> {
+        let objects_dir = host.git_dir.join("objects");
+        let tarball = tokio::task::spawn_blocking(move || -> Result<tempfile::NamedTempFile> {
+            let file = tempfile::NamedTempFile::new()?;
+            let mut tar = tar::Builder::new(std::io::BufWriter::new(file.reopen()?));
+            for entry in std::fs::read_dir(&objects_dir)? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let is_pack = name == "pack";
+                let is_loose = name.len() == 2 && name.bytes().all(|b| b.is_ascii_hexdigit());
+                if !(is_pack || is_loose) || !entry.file_type()?.is_dir() {
+                    continue;
+                }
+                for f in std::fs::read_dir(entry.path())? {
+                    let f = f?;
+                    let fname = f.file_name().to_string_lossy().into_owned();
+                    // Whole packs with their index; no temporary or partial files.
+                    let wanted = if is_pack {
+                        fname.starts_with("pack-") && (fname.ends_with(".pack") || fname.ends_with(".idx"))
+                    } else {
+                        fname.len() == 38 && fname.bytes().all(|b| b.is_ascii_hexdigit())
+                    };
+                    if wanted && f.file_type()?.is_file() {
+                        tar.append_path_with_name(f.path(), format!("{name}/{fname}"))?;
+                    }
+                }
+            }
+            tar.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            Ok(file)
+        })
+        .await??;
+        let size = tarball.as_file().metadata()?.len();
+        tracing::debug!(size, "shipping all objects");
+        let input = tokio::fs::File::open(tarball.path()).await?;
+        let command = shell::script(UNPACK_OBJECTS, &[cache])?;
+        let mut stderr = Vec::new();
+        let status = self.session.exec_io(&command, input, &mut tokio::io::sink(), &mut stderr).await?;
+        if status != 0 {
+            bail!("unpacking the repository's objects in the VM failed: {}", printable(String::from_utf8_lossy(&stderr).trim()));
+        }
+        Ok(())
     }
 
     async fn git_push(&self, host: &HostRepo, path: &str, refspec: &str, progress: &Progress) -> Result<()> {

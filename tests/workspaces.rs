@@ -28,6 +28,7 @@ fn workspaces_against_a_real_guest() {
     status_lists_workspaces(&w, &repo);
     clean_all_removes_this_repositorys_workspaces(&w, &repo);
     kill_9_during_push_leaves_everything_consistent(&w, &repo);
+    ship_all_objects_is_an_explicit_choice(&w);
 }
 
 fn connect_creates_branch_and_workspace(w: &World, repo: &Path) {
@@ -293,4 +294,29 @@ fn kill_9_during_push_leaves_everything_consistent(w: &World, repo: &Path) {
     let ws = w.workspace_dir(repo, "big");
     let got = w.guest_args("git -C \"$1\" rev-parse HEAD && sha1sum < \"$1/big.bin\"", &[&ws]).ok().stdout.clone();
     assert!(got.starts_with(&head_of(repo, "HEAD")), "{got}");
+}
+
+fn ship_all_objects_is_an_explicit_choice(w: &World) {
+    let repo = w.repo("packed");
+    for i in 0..20 {
+        std::fs::write(repo.join("file"), format!("version {i}\n")).unwrap();
+        git(&repo, &["commit", "-q", "-am", &format!("v{i}")]);
+    }
+    git(&repo, &["gc", "-q"]);
+    std::fs::write(repo.join("file"), "stashed secret\n").unwrap();
+    git(&repo, &["stash", "-q"]);
+    let stash = head_of(&repo, "refs/stash");
+    let r = w.run_in(&repo, &["push", "--ship-all-objects", "main"]);
+    r.ok();
+    let ws = w.workspace_dir(&repo, "main");
+    assert_eq!(w.guest_args("git -C \"$1\" rev-parse HEAD", &[&ws]).ok().stdout.trim(), head_of(&repo, "main"));
+    w.guest_args("git -C \"$1\" fsck --no-progress", &[&ws]).ok();
+    // The documented cost of the choice: the stash reached the VM's cache.
+    let r = w.guest_args("for d in .agent-vm/cache/packed-*.git; do git --git-dir=\"$d\" cat-file -e \"$1\" && echo SHIPPED; done; true", &[&stash]);
+    assert!(r.ok().stdout.contains("SHIPPED"), "--ship-all-objects should copy every object");
+    // Later pushes are ordinary incremental pushes.
+    std::fs::write(repo.join("file"), "after\n").unwrap();
+    git(&repo, &["commit", "-q", "-am", "after"]);
+    w.run_in(&repo, &["push", "main"]).ok();
+    assert_eq!(w.guest_args("cat \"$1/file\"", &[&ws]).ok().stdout, "after\n");
 }

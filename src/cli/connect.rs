@@ -26,6 +26,8 @@ pub struct Args {
     /// Fail instead of starting the VM when it is not running
     #[arg(long, conflicts_with = "branch")]
     no_start: bool,
+    #[command(flatten)]
+    objects: super::push::ObjectsArg,
     /// Do not mount the VM's ~/workspace on this machine
     #[arg(long)]
     no_mount: bool,
@@ -37,7 +39,7 @@ pub struct Args {
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let (backend, session, ws) = match &args.branch {
         Some(branch) => {
-            let (backend, vm, ws) = super::push::push(ctx, branch).await?;
+            let (backend, vm, ws) = super::push::push(ctx, branch, args.objects.objects()).await?;
             (backend, vm.into_session(), Some(ws))
         }
         None => {

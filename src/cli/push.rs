@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use super::Context;
-use crate::workspace::{self, HostRepo, Progress, Pushed, Vm, Workspace};
+use crate::workspace::{self, HostRepo, Objects, Progress, Pushed, Vm, Workspace};
 
 /// Push a host branch into its workspace in the VM (never forced)
 ///
@@ -16,15 +16,39 @@ use crate::workspace::{self, HostRepo, Progress, Pushed, Vm, Workspace};
 pub struct Args {
     /// Branch (its name on the host)
     branch: String,
+    #[command(flatten)]
+    pub objects: ObjectsArg,
+}
+
+/// `--ship-all-objects`, shared with `connect`.
+#[derive(Debug, clap::Args)]
+pub struct ObjectsArg {
+    /// When this repository's first workspace is created, copy every object
+    /// of the host repository to the VM verbatim instead of packing only the
+    /// branch's history. Much faster for large repositories, but other
+    /// branches, stashes and unreachable objects (which can hold secrets)
+    /// reach the VM, where the agent can read them.
+    #[arg(long, env = "AGENT_VM_SHIP_ALL_OBJECTS")]
+    ship_all_objects: bool,
+}
+
+impl ObjectsArg {
+    pub fn objects(&self) -> Objects {
+        if self.ship_all_objects { Objects::All } else { Objects::Branch }
+    }
 }
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    push(ctx, &args.branch).await?;
+    push(ctx, &args.branch, args.objects.objects()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Shared by `push` and `connect BRANCH`.
-pub(super) async fn push(ctx: &Context, branch: &str) -> Result<(Box<dyn crate::vm::Backend>, Vm, Workspace)> {
+pub(super) async fn push(
+    ctx: &Context,
+    branch: &str,
+    objects: Objects,
+) -> Result<(Box<dyn crate::vm::Backend>, Vm, Workspace)> {
     workspace::validate_branch(branch)?;
     let host = HostRepo::discover()?;
     let _lock = host.lock_branch(branch, &ctx.ui)?;
@@ -35,7 +59,7 @@ pub(super) async fn push(ctx: &Context, branch: &str) -> Result<(Box<dyn crate::
     let (backend, session) = super::session(ctx, true).await?;
     let vm = Vm::new(session)?;
     let ws = Workspace::new(&host, branch);
-    let outcome = vm.push(&host, &ws, &Progress::new(&ctx.ui)).await?;
+    let outcome = vm.push(&host, &ws, objects, &Progress::new(&ctx.ui)).await?;
     ctx.ui.say(&match outcome {
         Pushed::Created => format!("Created workspace ~/{} for {branch:?} at {:.10}.", ws.dir, tip.to_string()),
         Pushed::Updated => format!("Pushed {branch:?} ({:.10}) to ~/{}.", tip.to_string(), ws.dir),
