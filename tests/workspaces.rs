@@ -300,7 +300,8 @@ fn ship_all_objects_is_an_explicit_choice(w: &World) {
     let repo = w.repo("packed");
     for i in 0..20 {
         std::fs::write(repo.join("file"), format!("version {i}\n")).unwrap();
-        git(&repo, &["commit", "-q", "-am", &format!("v{i}")]);
+        git(&repo, &["add", "file"]);
+        git(&repo, &["commit", "-q", "-m", &format!("v{i}")]);
     }
     git(&repo, &["gc", "-q"]);
     std::fs::write(repo.join("file"), "stashed secret\n").unwrap();
