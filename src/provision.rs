@@ -1,12 +1,36 @@
-//! What goes into the VM: the Lima template agent-vm creates it from.
+//! What goes into the VM: the Lima template it is created from, then tools,
+//! agents, the home directory, credentials, timezone and terminfo, all
+//! copied over SSH. Secrets only ever travel on SSH stdin: never in a
+//! command line, a provision script or a log.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::shell;
+use crate::ssh::Session;
 
 /// `vm-template/agent-vm.yaml`, built into the binary so an installed
 /// agent-vm needs no checkout.
 pub const TEMPLATE: &str = include_str!("../vm-template/agent-vm.yaml");
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/embedded.rs"));
+}
+
+/// Set to a directory laid out like `common/` to provision from it instead
+/// of the copy built into agent-vm (your own package lists or home files).
+pub const COMMON_DIR_ENV: &str = "AGENT_VM_COMMON_DIR";
+
+/// The file whose presence in the VM home proves the home directory landed.
+const SENTINEL: &str = ".claude.json";
+/// Where agent-vm keeps its own files in the VM, relative to the home.
+const STATE_DIR: &str = ".agent-vm";
+const ADC_PATH: &str = "/etc/google/application_default_credentials.json";
+const PROFILE_PATH: &str = "/etc/profile.d/ai-agent-env.sh";
+/// Host variables written to the profile next to the credentials.
+const VERTEX_VARS: &[&str] = &["CLAUDE_CODE_USE_VERTEX", "ANTHROPIC_VERTEX_PROJECT_ID", "CLOUD_ML_REGION"];
 
 /// Writes the template into `dir` (created if needed) and returns its path.
 pub fn write_template(dir: &Path) -> Result<PathBuf> {
@@ -14,4 +38,331 @@ pub fn write_template(dir: &Path) -> Result<PathBuf> {
     let path = dir.join("agent-vm.yaml");
     std::fs::write(&path, TEMPLATE).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
+}
+
+/// A file to put in the VM: a path relative to the repository layout
+/// (`common/…`, `vm-template/…`), its mode and content.
+#[derive(Debug, Clone, PartialEq)]
+pub struct File {
+    pub path: String,
+    pub mode: u32,
+    pub data: Vec<u8>,
+}
+
+/// common/ (built in, or from $AGENT_VM_COMMON_DIR) and the provision script.
+pub fn files() -> Result<Vec<File>> {
+    let mut files: Vec<File> = embedded::FILES
+        .iter()
+        .map(|(path, mode, data)| File { path: path.to_string(), mode: *mode, data: data.to_vec() })
+        .collect();
+    if let Some(dir) = std::env::var_os(COMMON_DIR_ENV).filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        files.retain(|f| !f.path.starts_with("common/"));
+        read_tree(&dir, "common", &mut files).with_context(|| format!("cannot read {COMMON_DIR_ENV}={}", dir.display()))?;
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
+}
+
+fn read_tree(dir: &Path, prefix: &str, out: &mut Vec<File>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().into_string().map_err(|n| anyhow!("non-UTF-8 file name {n:?}"))?;
+        let path = format!("{prefix}/{name}");
+        // Follows symlinks: a customised common/ may link to the stock one.
+        let meta = std::fs::metadata(entry.path())?;
+        if meta.is_dir() {
+            read_tree(&entry.path(), &path, out)?;
+        } else {
+            let mode = if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 };
+            out.push(File { path, mode, data: std::fs::read(entry.path())? });
+        }
+    }
+    Ok(())
+}
+
+/// The files under `prefix/`, with the prefix taken off.
+fn under(files: &[File], prefix: &str) -> Vec<File> {
+    files
+        .iter()
+        .filter_map(|f| {
+            let rest = f.path.strip_prefix(prefix)?.strip_prefix('/')?;
+            Some(File { path: rest.to_owned(), ..f.clone() })
+        })
+        .collect()
+}
+
+/// A deterministic tar.gz of `files`: sorted, parents first, fixed times and
+/// owners, modes kept, so the same input always gives the same bytes.
+pub fn tarball(files: &[File]) -> Result<Vec<u8>> {
+    let mut sorted: Vec<&File> = files.iter().collect();
+    sorted.sort_by(|a, b| a.path.cmp(&b.path));
+    let gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    let mut dirs = std::collections::BTreeSet::new();
+    for f in sorted {
+        let mut parent = String::new();
+        for part in f.path.split('/').collect::<Vec<_>>().split_last().map(|(_, p)| p).unwrap_or(&[]) {
+            parent = if parent.is_empty() { part.to_string() } else { format!("{parent}/{part}") };
+            if dirs.insert(parent.clone()) {
+                tar.append_data(&mut header(tar::EntryType::Directory, 0o755, 0), format!("{parent}/"), std::io::empty())?;
+            }
+        }
+        tar.append_data(&mut header(tar::EntryType::Regular, f.mode, f.data.len() as u64), &f.path, &f.data[..])?;
+    }
+    let mut gz = tar.into_inner()?;
+    gz.flush()?;
+    Ok(gz.finish()?)
+}
+
+fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_mtime(1_577_836_800); // 2020-01-01: fixed, for reproducible bytes
+    h.set_uid(0);
+    h.set_gid(0);
+    h
+}
+
+/// The variable names in common/packages/envvars.txt.
+pub fn envvar_names(files: &[File]) -> Vec<String> {
+    files
+        .iter()
+        .find(|f| f.path == "common/packages/envvars.txt")
+        .map(|f| {
+            String::from_utf8_lossy(&f.data)
+                .lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim().to_owned())
+                .filter(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The listed variables that are set on the host, for a connected session.
+pub fn session_env() -> Result<Vec<(String, String)>> {
+    Ok(envvar_names(&files()?)
+        .into_iter()
+        .filter_map(|name| std::env::var(&name).ok().map(|v| (name, v)))
+        .collect())
+}
+
+// VM-side scripts; every variable part is a positional argument.
+
+/// $1 staging dir: replace it with the tarball on stdin.
+const UNPACK_STAGE: &str = r#"set -e
+rm -rf -- "$1"; mkdir -p -- "$1"; tar -xzf - -C "$1" --no-same-owner"#;
+
+/// $1 staging dir: run the provision script as root.
+const RUN_PROVISION: &str = r#"exec sudo -n bash "$1/vm-template/lima-provision.sh" "$HOME/$1" "$(id -un)""#;
+
+/// $1 staging dir, $2 sentinel: install the home files from the tarball on
+/// stdin, leaving identical files alone and an existing sentinel (the
+/// agent's own state) untouched.
+const INSTALL_HOME: &str = r#"set -e
+rm -rf -- "$1"; mkdir -p -- "$1"; tar -xzf - -C "$1" --no-same-owner
+if [ ! -f "$1/$2" ]; then echo "the home directory tarball has no $2" >&2; exit 3; fi
+cd "$1"
+changed=0
+for f in $(find . -type f | sort); do
+  dest="$HOME/${f#./}"
+  if [ "${f#./}" = "$2" ] && [ -e "$dest" ]; then continue; fi
+  if [ -f "$dest" ] && cmp -s "$f" "$dest" && [ "$(stat -c %a "$f")" = "$(stat -c %a "$dest")" ]; then continue; fi
+  mkdir -p "$(dirname "$dest")"
+  cp -p "$f" "$dest"
+  changed=$((changed + 1))
+done
+cd; rm -rf -- "$1"
+[ -f "$HOME/$2" ] || { echo "$2 did not land in $HOME" >&2; exit 3; }
+echo "home files changed: $changed""#;
+
+/// $1 destination, $2 mode: install stdin as root-owned, group the VM user,
+/// only if it differs. Run with sudo.
+const INSTALL_SYSTEM_FILE: &str = r#"set -e
+umask 077
+tmp=$(mktemp)
+trap 'rm -f "$tmp"' EXIT
+cat > "$tmp"
+group=$(id -gn "${SUDO_USER:-root}")
+if [ -f "$1" ] && cmp -s "$tmp" "$1" && [ "$(stat -c %a:%U:%G "$1")" = "$2:root:$group" ]; then echo unchanged; exit 0; fi
+install -D -m "$2" -o root -g "$group" "$tmp" "$1"
+echo changed"#;
+
+/// $1 zone: set the VM's timezone if the zone exists there. Run with sudo.
+const SET_TIMEZONE: &str = r#"set -e
+[ -f "/usr/share/zoneinfo/$1" ] || { echo "unknown timezone $1" >&2; exit 0; }
+[ "$(readlink /etc/localtime)" = "/usr/share/zoneinfo/$1" ] && exit 0
+ln -sf "/usr/share/zoneinfo/$1" /etc/localtime
+echo "$1" > /etc/timezone
+echo changed"#;
+
+/// Compile the terminfo source on stdin into ~/.terminfo.
+const INSTALL_TERMINFO: &str = r#"command -v tic >/dev/null || exit 0
+mkdir -p "$HOME/.terminfo" && tic -x -o "$HOME/.terminfo" /dev/stdin"#;
+
+/// What provisioning found.
+#[derive(Debug)]
+pub struct Report {
+    pub credentials: bool,
+}
+
+/// Provisions the VM over `session`: tools and agents (as root, through
+/// vm-template/lima-provision.sh), home files, credentials, timezone,
+/// terminfo. Idempotent. Progress goes to stderr unless quiet.
+pub async fn run(session: &Session, ui: &crate::Ui) -> Result<Report> {
+    let files = files()?;
+    let home = under(&files, "common/homedir");
+    if !home.iter().any(|f| f.path == SENTINEL) {
+        bail!("the home directory files lack the sentinel {SENTINEL}: provisioning stopped (check {COMMON_DIR_ENV} or common/homedir)");
+    }
+    // Credentials are read first: an unreadable file fails before anything changes.
+    let adc = credentials()?;
+
+    ui.say("Provisioning the VM: tools and agents (the first time takes a while)…");
+    let stage = format!("{STATE_DIR}/stage");
+    let staged: Vec<File> = files.iter().filter(|f| !f.path.starts_with("common/homedir/")).cloned().collect();
+    run_script(session, UNPACK_STAGE, &[&stage], &tarball(&staged)?, "staging the provisioning files").await?;
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
+        if ui.quiet { Box::new(tokio::io::sink()) } else { Box::new(tokio::io::stderr()) };
+    let mut err = Vec::new();
+    let status = session.exec_io(&shell::script(RUN_PROVISION, &[&stage])?, &[][..], &mut out, &mut err).await?;
+    if status != 0 {
+        bail!("provisioning failed in the VM (exit status {status}): {}", crate::workspace::printable(String::from_utf8_lossy(&err).trim()));
+    }
+
+    ui.say("Provisioning the VM: home directory files…");
+    let said = run_script(session, INSTALL_HOME, &[&format!("{STATE_DIR}/home"), SENTINEL], &tarball(&home)?, "installing the home directory files").await?;
+    tracing::debug!(said = said.trim(), "home");
+
+    match &adc {
+        Some((path, data)) => {
+            ui.say(&format!("Provisioning the VM: GCP credentials from {}…", path.display()));
+            run_root(session, INSTALL_SYSTEM_FILE, &[ADC_PATH, "640"], data, "installing the GCP credentials").await?;
+        }
+        None => ui.say("Provisioning the VM: no GCP application-default credentials on this machine (skipped)."),
+    }
+    let profile = profile(adc.is_some())?;
+    run_root(session, INSTALL_SYSTEM_FILE, &[PROFILE_PATH, "644"], profile.as_bytes(), "writing the agent environment").await?;
+
+    if let Some(zone) = host_timezone() {
+        run_root(session, SET_TIMEZONE, &[&zone], &[], "setting the timezone").await?;
+    }
+    if let Some(source) = host_terminfo() {
+        // A terminal the VM cannot describe is an inconvenience, not a failure.
+        if let Err(e) = run_script(session, INSTALL_TERMINFO, &[] as &[&str], &source, "installing terminfo").await {
+            ui.say(&format!("warning: {e:#}"));
+        }
+    }
+    Ok(Report { credentials: adc.is_some() })
+}
+
+/// Whether the VM has GCP credentials installed.
+pub async fn has_credentials(session: &Session) -> Result<bool> {
+    let out = session.exec(&shell::quote(&["test", "-f", ADC_PATH])?).await?;
+    Ok(out.status == 0)
+}
+
+async fn run_script<S: AsRef<str>>(session: &Session, script: &str, args: &[S], input: &[u8], what: &str) -> Result<String> {
+    let out = session.exec_with_input(&shell::script(script, args)?, input).await?.check(what)?;
+    Ok(out.stdout_str())
+}
+
+async fn run_root(session: &Session, script: &str, args: &[&str], input: &[u8], what: &str) -> Result<String> {
+    let out = session.exec_with_input(&shell::script_as_root(script, args)?, input).await?.check(what)?;
+    Ok(out.stdout_str())
+}
+
+/// The host's GCP application-default credentials, if any: from
+/// $GOOGLE_APPLICATION_CREDENTIALS, else gcloud's default location.
+fn credentials() -> Result<Option<(PathBuf, Vec<u8>)>> {
+    let (path, explicit) = match std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").filter(|p| !p.is_empty()) {
+        Some(p) => (PathBuf::from(p), true),
+        None => (crate::home_dir()?.join(".config/gcloud/application_default_credentials.json"), false),
+    };
+    if !explicit && !path.exists() {
+        return Ok(None);
+    }
+    let data = std::fs::read(&path).with_context(|| {
+        format!("cannot read GCP credentials {} (GOOGLE_APPLICATION_CREDENTIALS): fix or unset it", path.display())
+    })?;
+    serde_json::from_slice::<serde_json::Value>(&data)
+        .with_context(|| format!("GCP credentials {} are not JSON", path.display()))?;
+    Ok(Some((path, data)))
+}
+
+/// /etc/profile.d/ai-agent-env.sh: where the credentials are, and the
+/// Vertex settings of the host. Not secret.
+fn profile(credentials: bool) -> Result<String> {
+    let mut text = String::from("# Written by `agent-vm provision`.\n");
+    if credentials {
+        text.push_str(&format!("export GOOGLE_APPLICATION_CREDENTIALS={ADC_PATH}\n"));
+    }
+    for name in VERTEX_VARS {
+        if let Ok(value) = std::env::var(name) {
+            text.push_str(&format!("export {name}={}\n", shell::quote(&[value])?));
+        }
+    }
+    Ok(text)
+}
+
+/// The host's timezone name (`Europe/Paris`), from /etc/localtime.
+fn host_timezone() -> Option<String> {
+    let target = std::fs::read_link("/etc/localtime").ok()?;
+    let text = target.to_string_lossy();
+    let zone = &text[text.find("zoneinfo/")? + "zoneinfo/".len()..];
+    zone.chars().all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c)).then(|| zone.to_owned())
+}
+
+/// The terminfo source of the host's $TERM, for modern terminals the VM
+/// does not know.
+fn host_terminfo() -> Option<Vec<u8>> {
+    let term = std::env::var("TERM").ok().filter(|t| !t.is_empty() && t != "dumb")?;
+    let out = std::process::Command::new("infocmp").args(["-x", &term]).stderr(std::process::Stdio::null()).output().ok()?;
+    out.status.success().then_some(out.stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(path: &str, mode: u32, data: &str) -> File {
+        File { path: path.to_owned(), mode, data: data.as_bytes().to_vec() }
+    }
+
+    #[test]
+    fn tarball_is_deterministic_and_keeps_modes() {
+        let a = vec![f("b/x.sh", 0o755, "#!/bin/sh\n"), f("a", 0o644, "a")];
+        let b = vec![f("a", 0o644, "a"), f("b/x.sh", 0o755, "#!/bin/sh\n")];
+        let ta = tarball(&a).unwrap();
+        assert_eq!(ta, tarball(&b).unwrap());
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&ta[..]));
+        let got: Vec<(String, u32)> = ar
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.path().unwrap().display().to_string(), e.header().mode().unwrap())
+            })
+            .collect();
+        assert_eq!(got, vec![("a".into(), 0o644), ("b/".into(), 0o755), ("b/x.sh".into(), 0o755)]);
+    }
+
+    #[test]
+    fn embedded_files_have_the_sentinel_and_executables() {
+        let files = files().unwrap();
+        let home = under(&files, "common/homedir");
+        assert!(home.iter().any(|f| f.path == SENTINEL));
+        let start = home.iter().find(|f| f.path == ".local/bin/start-claude").unwrap();
+        assert_eq!(start.mode, 0o755);
+        assert!(files.iter().any(|f| f.path == "vm-template/lima-provision.sh" && f.mode == 0o755));
+    }
+
+    #[test]
+    fn envvar_names_skip_comments() {
+        let files = vec![f("common/packages/envvars.txt", 0o644, "# c\nA_B\n\n  C # x\nbad-name\n")];
+        assert_eq!(envvar_names(&files), vec!["A_B", "C"]);
+    }
 }

@@ -34,6 +34,14 @@ pub fn script<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String> {
     quote(&words)
 }
 
+/// [`script`], run as root through `sudo -n` (the VM user has
+/// passwordless sudo; -n makes a missing rule an error, not a prompt).
+pub fn script_as_root<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String> {
+    let mut words: Vec<&str> = vec!["sudo", "-n", "sh", "-c", script, "agent-vm"];
+    words.extend(args.iter().map(|a| a.as_ref()));
+    quote(&words)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

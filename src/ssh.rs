@@ -159,8 +159,18 @@ impl Session {
 
     /// Opens a channel running `command` (built with [`crate::shell`]).
     pub async fn open_exec(&self, command: &str) -> Result<russh::Channel<client::Msg>> {
-        tracing::debug!(command, "exec");
+        self.open_exec_env(command, &[]).await
+    }
+
+    /// Like [`Session::open_exec`], with environment variables passed in the
+    /// SSH session (the VM's sshd must `AcceptEnv` them): values never
+    /// appear on a command line or in logs.
+    pub async fn open_exec_env(&self, command: &str, env: &[(String, String)]) -> Result<russh::Channel<client::Msg>> {
+        tracing::debug!(command, env = ?env.iter().map(|(k, _)| k).collect::<Vec<_>>(), "exec");
         let channel = self.handle.channel_open_session().await.context("cannot open an SSH channel to the VM")?;
+        for (name, value) in env {
+            channel.set_env(false, name.as_str(), value.as_str()).await?;
+        }
         channel.exec(true, command).await.context("the VM refused to run a command")?;
         Ok(channel)
     }
@@ -186,7 +196,24 @@ impl Session {
         W: AsyncWrite + Unpin,
         E: AsyncWrite + Unpin,
     {
-        let channel = self.open_exec(command).await?;
+        self.exec_io_env(command, &[], stdin, stdout, stderr).await
+    }
+
+    /// [`Session::exec_io`] with session environment variables.
+    pub async fn exec_io_env<R, W, E>(
+        &self,
+        command: &str,
+        env: &[(String, String)],
+        stdin: R,
+        stdout: &mut W,
+        stderr: &mut E,
+    ) -> Result<u32>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
+        let channel = self.open_exec_env(command, env).await?;
         let (mut read, write) = channel.split();
         // Input is pumped by its own task so a command that produces output
         // before reading all its input cannot deadlock us.

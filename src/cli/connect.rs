@@ -60,6 +60,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         }
     }
     let endpoint = session.endpoint().clone();
+    // API keys and the like from envvars.txt travel in the SSH session's
+    // environment, never on a command line.
+    let env = crate::provision::session_env()?;
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     if args.command.is_empty() || interactive {
         // A terminal session: OpenSSH handles the tty, window size and
@@ -67,6 +70,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         let mut ssh = std::process::Command::new("ssh");
         ssh.arg("-F").arg(&endpoint.config_file);
         ssh.arg(if interactive { "-t" } else { "-T" });
+        for (name, _) in &env {
+            ssh.arg("-o").arg(format!("SendEnv={name}"));
+        }
         ssh.arg(&endpoint.alias);
         if !args.command.is_empty() {
             ssh.arg("--").arg(shell::login_command(cwd.as_deref(), &args.command)?);
@@ -80,7 +86,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     // exit status, and no ssh process.
     let line = shell::login_command(cwd.as_deref(), &args.command)?;
     let status = session
-        .exec_io(&line, tokio::io::stdin(), &mut tokio::io::stdout(), &mut tokio::io::stderr())
+        .exec_io_env(&line, &env, tokio::io::stdin(), &mut tokio::io::stdout(), &mut tokio::io::stderr())
         .await?;
     Ok(exit_code(status))
 }

@@ -8,6 +8,7 @@ mod destroy;
 mod doctor;
 mod fetch;
 mod mount;
+mod provision;
 mod push;
 mod start;
 mod status;
@@ -63,6 +64,7 @@ enum Command {
     Fetch(fetch::Args),
     Clean(clean::Args),
     CleanAll(clean_all::Args),
+    Provision(provision::Args),
     Mount(mount::Args),
     Unmount(unmount::Args),
     Destroy(destroy::Args),
@@ -103,6 +105,7 @@ pub fn main() -> ExitCode {
             Command::Fetch(args) => fetch::run(&ctx, args).await,
             Command::Clean(args) => clean::run(&ctx, args).await,
             Command::CleanAll(args) => clean_all::run(&ctx, args).await,
+            Command::Provision(args) => provision::run(&ctx, args).await,
             Command::Mount(args) => mount::run(&ctx, args).await,
             Command::Unmount(args) => unmount::run(&ctx, args).await,
             Command::Destroy(args) => destroy::run(&ctx, args).await,
@@ -145,13 +148,29 @@ fn mount_of(backend: &dyn Backend) -> Result<crate::mount::Mount> {
 /// The VM backend and an SSH session to the running VM. With `start`, the
 /// VM is created or booted as needed; without, a stopped VM is an error.
 async fn session(ctx: &Context, start: bool) -> Result<(Box<dyn Backend>, crate::ssh::Session)> {
+    session_with(ctx, start, &crate::vm::Resources::default()).await.map(|(b, s, _)| (b, s))
+}
+
+/// [`session`] with the resources for a VM that has to be created; also
+/// says what starting took. A VM created here is provisioned before use.
+async fn session_with(
+    ctx: &Context,
+    start: bool,
+    resources: &crate::vm::Resources,
+) -> Result<(Box<dyn Backend>, crate::ssh::Session, crate::vm::Started)> {
     let backend = ctx.backend()?;
-    if start {
-        crate::vm::ensure_running(backend.as_ref(), &crate::vm::Resources::default(), &ctx.ui)?;
+    let started = if start {
+        crate::vm::ensure_running(backend.as_ref(), resources, &ctx.ui)?
     } else {
         crate::vm::running(backend.as_ref())?;
-    }
+        crate::vm::Started::AlreadyRunning
+    };
     let endpoint = backend.ssh_endpoint()?;
     let session = crate::ssh::Session::connect(&endpoint, std::time::Duration::from_secs(30)).await?;
-    Ok((backend, session))
+    if started == crate::vm::Started::Created {
+        crate::provision::run(&session, &ctx.ui).await.map_err(|e| {
+            e.context("the VM was created but provisioning failed; fix the cause and run `agent-vm provision`")
+        })?;
+    }
+    Ok((backend, session, started))
 }

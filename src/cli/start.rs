@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use super::Context;
-use crate::vm::{self, Resources, Started};
+use crate::vm::{Resources, Started};
 
 /// Create the VM if needed and start it
 ///
@@ -24,7 +24,6 @@ pub struct Args {
 }
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let backend = ctx.backend()?;
     let defaults = Resources::default();
     let resources = Resources {
         cpus: args.vcpu.unwrap_or(defaults.cpus),
@@ -32,14 +31,14 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         disk_gib: args.disk.unwrap_or(defaults.disk_gib),
     };
     let asked = args.memory.is_some() || args.vcpu.is_some() || args.disk.is_some();
-    let started = vm::ensure_running(backend.as_ref(), &resources, &ctx.ui)?;
+    let (backend, session, started) = super::session_with(ctx, true, &resources).await?;
     if asked && started != Started::Created {
         ctx.ui.say(
             "note: --memory, --vcpu and --disk apply when the VM is created; this VM already exists and \
              keeps its resources. To change them: `agent-vm destroy`, then `agent-vm start` with new values.",
         );
     }
-    let endpoint = backend.ssh_endpoint()?;
+    let endpoint = session.endpoint();
     let what = match started {
         Started::Created => "created and running",
         Started::Booted => "started",

@@ -26,6 +26,8 @@ struct Status {
     disk_bytes: Option<u64>,
     ssh: Option<Ssh>,
     mount: MountStatus,
+    /// Whether the VM has GCP application-default credentials (when running).
+    gcp_credentials: Option<bool>,
     /// Workspaces in the VM (empty when it is not running).
     workspaces: Vec<WorkspaceStatus>,
 }
@@ -64,9 +66,12 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let instance = vm::existing(backend.as_ref())?;
     let running = instance.state == State::Running;
     let mut workspaces = Vec::new();
+    let mut gcp_credentials = None;
     let ssh = if running {
         let ep = backend.ssh_endpoint()?;
-        let vm = Vm::new(Session::connect(&ep, std::time::Duration::from_secs(30)).await?)?;
+        let session = Session::connect(&ep, std::time::Duration::from_secs(30)).await?;
+        gcp_credentials = Some(crate::provision::has_credentials(&session).await?);
+        let vm = Vm::new(session)?;
         let host = HostRepo::discover().ok();
         for listed in vm.list().await? {
             let this_repo = host.as_ref().is_some_and(|h| Workspace::new(h, &listed.branch).dir == listed.dir);
@@ -102,6 +107,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         disk_bytes: instance.disk_bytes,
         ssh,
         mount,
+        gcp_credentials,
         workspaces,
     };
     if args.json {
@@ -121,6 +127,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         None => println!("SSH:       - (start the VM with `agent-vm start`)"),
     }
     println!("Mount:     {} ({})", status.mount.path, status.mount.state);
+    if let Some(c) = status.gcp_credentials {
+        println!("GCP:       {}", if c { "application-default credentials present" } else { "no credentials (absent on this machine when provisioned)" });
+    }
     if running {
         println!("Workspaces:{}", if status.workspaces.is_empty() { " none" } else { "" });
     }

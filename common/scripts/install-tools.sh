@@ -1,0 +1,80 @@
+#!/bin/bash
+# Installs the VM's tools from the lists in COMMON/packages. Run as root:
+#   install-tools.sh COMMON_DIR USER
+# Idempotent: what is already installed at the pinned version is left alone,
+# so a second run changes nothing. A failure names the step and the package.
+set -euo pipefail
+common=$1
+user=$2
+packages=$common/packages
+export DEBIAN_FRONTEND=noninteractive
+
+step() { echo "==> $*"; }
+fail() { echo "install-tools: $*" >&2; exit 1; }
+# list FILE: the entries of a package list, without comments and blanks.
+list() { [ -f "$1" ] || return 0; sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' "$1"; }
+# version NAME: the pinned version from versions.txt (empty if none).
+version() { list "$packages/versions.txt" | awk -F= -v n="$1" '$1 == n { print substr($0, length(n) + 2); exit }'; }
+as_user() { runuser -u "$user" -- env HOME="$(getent passwd "$user" | cut -d: -f6)" PATH="/usr/local/bin:/usr/bin:/bin:$(getent passwd "$user" | cut -d: -f6)/.local/bin" "$@"; }
+
+step "apt packages"
+missing=()
+while read -r pkg; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done < <(list "$packages/apt-packages.txt")
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    apt-get update -q >/dev/null || fail "apt-get update failed"
+    for pkg in "${missing[@]}"; do
+        apt-get install -y -q --no-install-recommends "$pkg" >/dev/null || fail "apt: installing $pkg failed"
+    done
+else
+    echo "all present"
+fi
+
+step "npm packages"
+npm_list=$(list "$packages/npm-packages.txt")
+if [ -n "$npm_list" ]; then
+    command -v npm >/dev/null || fail "npm: not installed (add nodejs and npm to apt-packages.txt)"
+    while read -r pkg; do
+        v=$(version "$pkg")
+        [ -n "$v" ] || fail "npm: $pkg has no version in versions.txt"
+        have=$(npm ls -g --depth=0 --json 2>/dev/null | PKG="$pkg" python3 -c 'import json,os,sys; print(json.load(sys.stdin).get("dependencies",{}).get(os.environ["PKG"],{}).get("version",""))' || true)
+        if [ "$have" != "$v" ]; then
+            echo "installing $pkg@$v"
+            npm install -g --no-fund --no-audit "$pkg@$v" >/dev/null || fail "npm: installing $pkg@$v failed"
+        fi
+    done <<< "$npm_list"
+fi
+
+step "python tools"
+py_list=$(list "$packages/python-packages.txt")
+if [ -n "$py_list" ]; then
+    command -v pipx >/dev/null || fail "pipx: not installed (add pipx to apt-packages.txt)"
+    while read -r pkg; do
+        v=$(version "$pkg")
+        [ -n "$v" ] || fail "pipx: $pkg has no version in versions.txt"
+        if ! as_user pipx list --short 2>/dev/null | grep -qx "$pkg $v"; then
+            echo "installing $pkg==$v"
+            as_user pipx install --force "$pkg==$v" >/dev/null || fail "pipx: installing $pkg==$v failed"
+        fi
+    done <<< "$py_list"
+fi
+
+step "container groups"
+for group in docker; do
+    if getent group "$group" >/dev/null && ! id -nG "$user" | tr ' ' '\n' | grep -qx "$group"; then
+        usermod -aG "$group" "$user"
+        echo "added $user to $group"
+    fi
+done
+
+step "lima (nested VMs)"
+lima=$(version lima)
+if [ -n "$lima" ] && ! limactl --version 2>/dev/null | grep -q " $lima\$"; then
+    case "$(uname -m)" in x86_64) arch=x86_64 ;; aarch64) arch=aarch64 ;; *) fail "lima: unsupported $(uname -m)" ;; esac
+    url="https://github.com/lima-vm/lima/releases/download/v$lima/lima-$lima-Linux-$arch.tar.gz"
+    echo "installing lima $lima"
+    curl -fsSL "$url" | tar -xz -C /usr/local || fail "lima: downloading $url failed"
+fi
+echo "install-tools: done"

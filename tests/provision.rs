@@ -1,0 +1,134 @@
+//! Provisioning against a real guest: home files, credentials, environment
+//! pass-through, idempotence, the sentinel — and the template's invariants.
+
+mod common;
+
+use common::{Run, World};
+use std::process::Stdio;
+
+#[test]
+fn template_keeps_the_vm_away_from_the_host() {
+    let t: serde_yaml_ng::Value = serde_yaml_ng::from_str(include_str!("../vm-template/agent-vm.yaml")).unwrap();
+    assert_eq!(t["mounts"], serde_yaml_ng::Value::Sequence(vec![]), "the VM must mount nothing of the host");
+    assert_eq!(t["ssh"]["forwardAgent"], false);
+    assert_eq!(t["ssh"]["loadDotSSHPubKeys"], false);
+    assert_eq!(t["containerd"]["system"], false);
+    assert_eq!(t["containerd"]["user"], false);
+    assert!(t.get("base").is_none(), "no base template: it could bring a home mount back");
+    // `portForwards: []` is not enough (Lima appends a catch-all rule).
+    let rules = t["portForwards"].as_sequence().expect("portForwards rules");
+    assert!(
+        rules.iter().any(|r| r["guestIP"] == "0.0.0.0" && r["ignore"] == true && r["proto"] == "any"),
+        "no rule ignoring every guest port: {rules:?}"
+    );
+    assert_eq!((t["cpus"].as_u64(), t["memory"].as_str(), t["disk"].as_str()), (Some(4), Some("8GiB"), Some("100GiB")));
+}
+
+#[test]
+fn provisioning_against_a_real_guest() {
+    let w = World::with_vm("prov");
+    let secret = "gcp-secret-4c1d9e";
+    let adc = w.home.path().join("adc.json");
+    let adc_json = format!("{{\"type\": \"authorized_user\", \"client_secret\": \"{secret}\"}}\n");
+    std::fs::write(&adc, &adc_json).unwrap();
+
+    // Created and provisioned in one go, with the most verbose logs.
+    let r = Run::from(
+        w.agent_vm(&["-vv", "start"])
+            .env("GOOGLE_APPLICATION_CREDENTIALS", &adc)
+            .env("CLOUD_ML_REGION", "europe-west4")
+            .env("RUST_LOG", "trace")
+            .output()
+            .unwrap(),
+        &["start"],
+    );
+    r.ok();
+    assert!(!r.stderr.contains(secret) && !r.stdout.contains(secret), "the secret reached the logs");
+
+    // Home files with their modes; the sentinel is there.
+    let modes = w.guest("stat -c '%a %n' .claude.json .gitconfig .local/bin/start-claude .claude/statusline-command.sh .claude/settings.json .config/opencode/opencode.jsonc").ok().stdout.clone();
+    assert_eq!(
+        modes,
+        "644 .claude.json\n644 .gitconfig\n755 .local/bin/start-claude\n755 .claude/statusline-command.sh\n644 .claude/settings.json\n644 .config/opencode/opencode.jsonc\n"
+    );
+    assert_eq!(w.guest("cat .gitconfig").ok().stdout, std::fs::read_to_string(common::repo().join("common/homedir/.gitconfig")).unwrap());
+
+    // Credentials: exact content, root-owned, readable by the VM user's group only.
+    assert_eq!(w.guest("stat -c '%a %U %G' /etc/google/application_default_credentials.json").ok().stdout, "640 root lima\n");
+    assert_eq!(w.guest("cat /etc/google/application_default_credentials.json").ok().stdout, adc_json);
+    let profile = w.guest("bash -lc 'echo $GOOGLE_APPLICATION_CREDENTIALS $CLOUD_ML_REGION'").ok().stdout.clone();
+    assert_eq!(profile, "/etc/google/application_default_credentials.json europe-west4\n");
+    assert_eq!(w.run(&["status", "--json"]).json()["gcp_credentials"], true);
+
+    // Listed variables reach a connected session; others do not; values never in argv.
+    let mut child = w
+        .agent_vm(&["connect", "--no-mount", "--", "sh", "-c", "echo ${ANTHROPIC_API_KEY:-unset} ${NOT_LISTED_VAR:-unset}; sleep 4"])
+        .env("ANTHROPIC_API_KEY", "sk-test-7f3a")
+        .env("NOT_LISTED_VAR", "leak-me")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let guest_ps = w.guest("ps -eo args").ok().stdout.clone();
+    let host_ps: String = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " ") + "\n")
+        .collect();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sk-test-7f3a unset\n");
+    assert!(guest_ps.contains("sleep 4"), "the session was not running: {guest_ps}");
+    assert!(!guest_ps.contains("sk-test-7f3a"), "the key is on a guest command line");
+    assert!(!host_ps.contains("sk-test-7f3a"), "the key is on a host command line");
+
+    // Provisioning again changes nothing.
+    let snapshot = "stat -c '%n %Y %a' /etc/ssh/sshd_config.d/agent-vm.conf /etc/google/application_default_credentials.json /etc/profile.d/ai-agent-env.sh .gitconfig .local/bin/start-claude .claude.json";
+    let before = w.guest(snapshot).ok().stdout.clone();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    w.guest("echo '{\"agent\": \"state\"}' > .claude.json").ok();
+    let before_claude = w.guest("stat -c '%Y' .claude.json").ok().stdout.clone();
+    let r = Run::from(
+        w.agent_vm(&["provision"]).env("GOOGLE_APPLICATION_CREDENTIALS", &adc).env("CLOUD_ML_REGION", "europe-west4").output().unwrap(),
+        &["provision"],
+    );
+    r.ok();
+    let after = w.guest(snapshot).ok().stdout.clone();
+    let strip_claude = |s: &str| s.lines().filter(|l| !l.starts_with(".claude.json")).collect::<Vec<_>>().join("\n");
+    assert_eq!(strip_claude(&after), strip_claude(&before), "a second provision changed files");
+    assert_eq!(w.guest("stat -c '%Y' .claude.json").ok().stdout, before_claude, "the agent's own .claude.json was overwritten");
+    assert_eq!(w.guest("cat .claude.json").ok().stdout, "{\"agent\": \"state\"}\n");
+
+    // Rotated credentials are picked up.
+    std::fs::write(&adc, "{\"rotated\": true}\n").unwrap();
+    Run::from(w.agent_vm(&["provision"]).env("GOOGLE_APPLICATION_CREDENTIALS", &adc).output().unwrap(), &["provision"]).ok();
+    assert_eq!(w.guest("cat /etc/google/application_default_credentials.json").ok().stdout, "{\"rotated\": true}\n");
+
+    // An unreadable credentials file: clear error, nothing changed.
+    let r = Run::from(
+        w.agent_vm(&["provision"]).env("GOOGLE_APPLICATION_CREDENTIALS", w.home.path().join("missing.json")).output().unwrap(),
+        &["provision"],
+    );
+    r.fails_with("cannot read GCP credentials");
+
+    // A home directory without the sentinel stops provisioning with a clear error.
+    let broken = tempfile::tempdir().unwrap();
+    copy_tree(&common::repo().join("tests/fixtures/common"), broken.path());
+    std::fs::remove_file(broken.path().join("homedir/.claude.json")).unwrap();
+    let r = Run::from(w.agent_vm(&["provision"]).env("AGENT_VM_COMMON_DIR", broken.path()).output().unwrap(), &["provision"]);
+    r.fails_with("sentinel .claude.json");
+}
+
+/// Copies a tree, following symlinks (the fixture links to common/).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let meta = std::fs::metadata(e.path()).unwrap();
+        if meta.is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
