@@ -4,7 +4,7 @@ use anyhow::{Result, bail};
 
 use super::Context;
 use super::destroy::confirm;
-use crate::workspace::{self, HostRepo, Probe, Vm, Workspace};
+use crate::workspace::{self, HostRepo, Probe, Workspace};
 
 /// Delete a branch's workspace in the VM
 ///
@@ -24,12 +24,7 @@ pub struct Args {
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let branch = args.branch.as_str();
-    workspace::validate_branch(branch)?;
-    let host = HostRepo::discover()?;
-    let _lock = host.lock_branch(branch, &ctx.ui)?;
-    let (_backend, session) = super::session(ctx, false).await?;
-    let vm = Vm::new(session)?;
-    let ws = Workspace::new(&host, branch);
+    let super::BranchOp { host, vm, ws, _lock, .. } = super::branch_op(ctx, branch, false).await?;
     let probe = vm.probe(&ws).await?;
     if probe == Probe::Absent {
         bail!("there is no workspace for {branch:?} in the VM");

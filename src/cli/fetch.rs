@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 
 use super::Context;
-use crate::workspace::{self, HostRepo, Integrated, Probe, Progress, Vm, Workspace};
+use crate::workspace::{self, Integrated, Probe, Progress};
 
 /// Bring the agent's commits on a branch back to the host
 ///
@@ -21,12 +21,7 @@ pub struct Args {
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let branch = args.branch.as_str();
-    workspace::validate_branch(branch)?;
-    let host = HostRepo::discover()?;
-    let _lock = host.lock_branch(branch, &ctx.ui)?;
-    let (_backend, session) = super::session(ctx, false).await?;
-    let vm = Vm::new(session)?;
-    let ws = Workspace::new(&host, branch);
+    let super::BranchOp { host, vm, ws, _lock, .. } = super::branch_op(ctx, branch, false).await?;
     match vm.probe(&ws).await? {
         Probe::Absent => bail!("there is no workspace for {branch:?} in the VM; `agent-vm push {branch}` creates one"),
         Probe::Present { tip: None, .. } => {

@@ -145,6 +145,26 @@ fn mount_of(backend: &dyn Backend) -> Result<crate::mount::Mount> {
     Ok(crate::mount::Mount::new(crate::mount::mount_point(backend.instance())?, &backend.ssh_alias()))
 }
 
+/// What every branch command works with, set up the same way: a valid
+/// branch name, the host repository, the branch's lock (held while this
+/// lives), and a session to the VM.
+struct BranchOp {
+    backend: Box<dyn Backend>,
+    host: crate::workspace::HostRepo,
+    vm: crate::workspace::Vm,
+    ws: crate::workspace::Workspace,
+    _lock: std::fs::File,
+}
+
+async fn branch_op(ctx: &Context, branch: &str, start: bool) -> Result<BranchOp> {
+    crate::workspace::validate_branch(branch)?;
+    let host = crate::workspace::HostRepo::discover()?;
+    let lock = host.lock_branch(branch, &ctx.ui)?;
+    let (backend, session) = session(ctx, start).await?;
+    let ws = crate::workspace::Workspace::new(&host, branch);
+    Ok(BranchOp { backend, vm: crate::workspace::Vm::new(session)?, host, ws, _lock: lock })
+}
+
 /// The VM backend and an SSH session to the running VM. With `start`, the
 /// VM is created or booted as needed; without, a stopped VM is an error.
 async fn session(ctx: &Context, start: bool) -> Result<(Box<dyn Backend>, crate::ssh::Session)> {

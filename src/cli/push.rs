@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use super::Context;
-use crate::workspace::{self, HostRepo, Objects, Progress, Pushed, Vm, Workspace};
+use crate::workspace::{Objects, Progress, Pushed, Vm, Workspace};
 
 /// Push a host branch into its workspace in the VM (never forced)
 ///
@@ -49,16 +49,11 @@ pub(super) async fn push(
     branch: &str,
     objects: Objects,
 ) -> Result<(Box<dyn crate::vm::Backend>, Vm, Workspace)> {
-    workspace::validate_branch(branch)?;
-    let host = HostRepo::discover()?;
-    let _lock = host.lock_branch(branch, &ctx.ui)?;
+    let super::BranchOp { backend, host, vm, ws, _lock } = super::branch_op(ctx, branch, true).await?;
     let (tip, created) = host.ensure_branch(branch)?;
     if created {
         ctx.ui.say(&format!("Created branch {branch:?} on the host from HEAD ({:.10}).", tip.to_string()));
     }
-    let (backend, session) = super::session(ctx, true).await?;
-    let vm = Vm::new(session)?;
-    let ws = Workspace::new(&host, branch);
     let outcome = vm.push(&host, &ws, objects, &Progress::new(&ctx.ui)).await?;
     ctx.ui.say(&match outcome {
         Pushed::Created => format!("Created workspace ~/{} for {branch:?} at {:.10}.", ws.dir, tip.to_string()),
