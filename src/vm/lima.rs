@@ -167,8 +167,13 @@ impl Backend for Lima {
             format!("--disk={}", res.disk_gib),
             // The first boot downloads the image and provisions it.
             "--timeout=30m".to_owned(),
-            template.display().to_string(),
         ];
+        let mut args = args;
+        if nested_virtualization_available() {
+            // Agents can then run VMs (Lima, QEMU) inside the VM.
+            args.push("--set=.nestedVirtualization = true".to_owned());
+        }
+        args.push(template.display().to_string());
         self.run(&args, &format!("creating VM '{}'", self.instance))
     }
 
@@ -202,6 +207,17 @@ impl Backend for Lima {
         // Lima skips names starting with `_` when it lists instances.
         self.home.join("_agent-vm").join(&self.instance)
     }
+}
+
+/// Whether Lima can give the VM nested virtualization here: QEMU on Linux
+/// with nested KVM enabled. (Lima also supports it with vz on Apple M3 and
+/// later; agent-vm does not detect that yet.)
+fn nested_virtualization_available() -> bool {
+    cfg!(target_os = "linux")
+        && ["kvm_intel", "kvm_amd"].iter().any(|m| {
+            std::fs::read_to_string(format!("/sys/module/{m}/parameters/nested"))
+                .is_ok_and(|v| matches!(v.trim(), "Y" | "1"))
+        })
 }
 
 /// Lima's Host alias for an instance: `lima-<name>` with `.` and `_` as `-`.
