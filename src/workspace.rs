@@ -165,6 +165,10 @@ const PREPARE_CACHE: &str = r#"set -e
 if [ ! -d "$1" ]; then mkdir -p "$1"; git init -q --bare "$1"; echo new; fi
 git --git-dir="$1" config gc.auto 0"#;
 
+/// $1 repository, $2 ref, $3 commit: point the ref at the commit, which
+/// must be there.
+const SET_REF: &str = r#"git --git-dir="$1" update-ref "$2" "$3""#;
+
 /// $1 cache: unpack a tar of pack files and loose objects (stdin) into it.
 const UNPACK_OBJECTS: &str = r#"set -e
 tar -x --no-same-owner --no-same-permissions -f - -C "$1/objects""#;
@@ -279,11 +283,16 @@ impl Vm {
             Probe::Absent => {
                 let fresh = self.script(PREPARE_CACHE, &[&ws.cache], "preparing the object cache").await?;
                 if fresh.trim() == "new" && objects == Objects::All {
+                    // Every object is there now: point the ref at the tip
+                    // instead of pushing (libgit2 would pack it all again).
                     self.ship_all_objects(host, &ws.cache).await?;
+                    let (r, t) = (format!("refs/heads/{}", ws.branch), tip.to_string());
+                    self.script(SET_REF, &[&ws.cache, &r, &t], "recording the branch in the cache").await?;
+                } else {
+                    // The cache is agent-vm's own: overwrite its ref freely.
+                    let spec = format!("+refs/heads/{0}:refs/heads/{0}", ws.branch);
+                    self.git_push(host, &ws.cache, &spec, progress).await?;
                 }
-                // The cache is agent-vm's own: overwrite its ref freely.
-                let spec = format!("+refs/heads/{0}:refs/heads/{0}", ws.branch);
-                self.git_push(host, &ws.cache, &spec, progress).await?;
                 let repo_label = host.git_dir.to_string_lossy().into_owned();
                 self.script(CREATE_WORKSPACE, &[&ws.cache, &ws.dir, &ws.branch, &repo_label], "creating the workspace")
                     .await?;
