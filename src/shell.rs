@@ -29,15 +29,18 @@ pub fn login_command<S: AsRef<str>>(cwd: Option<&str>, argv: &[S]) -> Result<Str
 /// parameters ($1, $2, …): the script text is ours, the arguments may be
 /// anything and are never parsed as shell syntax.
 pub fn script<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String> {
-    let mut words: Vec<&str> = vec!["sh", "-c", script, "agent-vm"];
-    words.extend(args.iter().map(|a| a.as_ref()));
-    quote(&words)
+    prefixed_script(&[], script, args)
 }
 
 /// [`script`], run as root through `sudo -n` (the VM user has
 /// passwordless sudo; -n makes a missing rule an error, not a prompt).
 pub fn script_as_root<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String> {
-    let mut words: Vec<&str> = vec!["sudo", "-n", "sh", "-c", script, "agent-vm"];
+    prefixed_script(&["sudo", "-n"], script, args)
+}
+
+fn prefixed_script<S: AsRef<str>>(prefix: &[&str], script: &str, args: &[S]) -> Result<String> {
+    let mut words: Vec<&str> = prefix.to_vec();
+    words.extend(["sh", "-c", script, "agent-vm"]);
     words.extend(args.iter().map(|a| a.as_ref()));
     quote(&words)
 }

@@ -103,6 +103,9 @@ impl client::Handler for Client {
     }
 }
 
+/// How long a command waits for the VM's SSH server before giving up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct Session {
     handle: Handle<Client>,
     endpoint: Endpoint,

@@ -186,7 +186,7 @@ async fn session_with(
         crate::vm::Started::AlreadyRunning
     };
     let endpoint = backend.ssh_endpoint()?;
-    let session = crate::ssh::Session::connect(&endpoint, std::time::Duration::from_secs(30)).await?;
+    let session = crate::ssh::Session::connect(&endpoint, crate::ssh::CONNECT_TIMEOUT).await?;
     if started == crate::vm::Started::Created {
         crate::provision::run(&session, &ctx.ui).await.map_err(|e| {
             e.context("the VM was created but provisioning failed; fix the cause and run `agent-vm provision`")

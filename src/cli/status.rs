@@ -69,7 +69,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let mut gcp_credentials = None;
     let ssh = if running {
         let ep = backend.ssh_endpoint()?;
-        let session = Session::connect(&ep, std::time::Duration::from_secs(30)).await?;
+        let session = Session::connect(&ep, crate::ssh::CONNECT_TIMEOUT).await?;
         gcp_credentials = Some(crate::provision::has_credentials(&session).await?);
         let vm = Vm::new(session)?;
         let host = HostRepo::discover().ok();

@@ -159,7 +159,7 @@ impl Backend for Lima {
     }
 
     fn create(&self, template: &Path, res: &Resources) -> Result<()> {
-        let args = vec![
+        let mut args = vec![
             "start".to_owned(),
             format!("--name={}", self.instance),
             format!("--cpus={}", res.cpus),
@@ -168,7 +168,6 @@ impl Backend for Lima {
             // The first boot downloads the image and provisions it.
             "--timeout=30m".to_owned(),
         ];
-        let mut args = args;
         if nested_virtualization_available() {
             // Agents can then run VMs (Lima, QEMU) inside the VM.
             args.push("--set=.nestedVirtualization = true".to_owned());
