@@ -1,12 +1,15 @@
 //! agent-vm: a Lima VM for AI coding agents, with one git clone per branch.
 //!
 //! The CLI (`cli`) is a thin layer over these modules: `vm` (the VM
-//! lifecycle), `ssh` (russh sessions), `shell` (remote command lines) and
-//! `provision` (the template and what goes into the VM).
+//! lifecycle, per the `config` file), `ssh` (russh sessions), `shell`
+//! (remote command lines), `transport` and `workspace` (git), `mount`
+//! (sshfs) and `provision` (the template and what goes into the VM).
 
 pub mod cli;
+pub mod config;
 pub mod mount;
 pub mod provision;
+pub mod run;
 pub mod shell;
 pub mod ssh;
 pub mod transport;

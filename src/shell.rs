@@ -32,6 +32,14 @@ pub fn script<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String> {
     prefixed_script(&[], script, args)
 }
 
+/// [`script`], run by a login shell (so /etc/profile.d is read, as for
+/// [`login_command`]).
+pub fn login_script<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String> {
+    let mut words = vec!["bash", "--login", "-c", script, "agent-vm"];
+    words.extend(args.iter().map(|a| a.as_ref()));
+    quote(&words)
+}
+
 /// [`script`], run as root through `sudo -n` (the VM user has
 /// passwordless sudo; -n makes a missing rule an error, not a prompt).
 pub fn script_as_root<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String> {

@@ -24,13 +24,38 @@ pub struct Endpoint {
     pub identity_files: Vec<PathBuf>,
     /// The file the endpoint was read from: system `ssh`/`sshfs` get it with `-F`.
     pub config_file: PathBuf,
+    /// How the server's host key is checked.
+    pub host_key: HostKeyPolicy,
+}
+
+/// Whether and against what the server's host key is checked, following the
+/// config's `StrictHostKeyChecking` and `UserKnownHostsFile`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostKeyPolicy {
+    /// `StrictHostKeyChecking no` or `UserKnownHostsFile /dev/null` (Lima's
+    /// loopback port forward: the guest could change its key at will, so
+    /// pinning it would protect nothing).
+    AcceptAny,
+    /// The key must be recorded in this known_hosts file.
+    KnownHosts(PathBuf),
+}
+
+/// What to assume for settings a config file leaves out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Defaults {
+    /// Nothing: Lima always writes every setting, so a missing one means a
+    /// broken file.
+    None,
+    /// OpenSSH's: port 22, the local user, ~/.ssh/id_* keys, the alias as
+    /// the host name, ~/.ssh/known_hosts.
+    OpenSsh,
 }
 
 impl Endpoint {
     /// Reads `alias` from an OpenSSH config file such as Lima's ssh.config.
-    pub fn from_config_file(path: &Path, alias: &str) -> Result<Self> {
+    pub fn from_config_file(path: &Path, alias: &str, defaults: Defaults) -> Result<Self> {
         let file = std::fs::File::open(path)
-            .with_context(|| format!("cannot read the VM's SSH config {}", path.display()))?;
+            .with_context(|| format!("cannot read the SSH config {}", path.display()))?;
         let config = SshConfig::default()
             .parse(
                 &mut BufReader::new(file),
@@ -44,18 +69,48 @@ impl Endpoint {
             bail!("SSH config {} has no `Host {alias}` entry", path.display());
         }
         let params = config.query(alias);
-        let missing = |what: &str| {
-            anyhow::anyhow!("SSH config {} sets no {what} for {alias}", path.display())
+        let missing = |what: &str| anyhow::anyhow!("SSH config {} sets no {what} for {alias}", path.display());
+        let field = |name: &str| params.unsupported_fields.get(name).and_then(|v| v.first()).cloned();
+        let known_hosts = field("userknownhostsfile");
+        let strict = field("stricthostkeychecking").map(|v| v.to_ascii_lowercase());
+        let host_key = if matches!(strict.as_deref(), Some("no" | "off")) || known_hosts.as_deref() == Some("/dev/null") {
+            HostKeyPolicy::AcceptAny
+        } else {
+            HostKeyPolicy::KnownHosts(match known_hosts {
+                Some(f) => expand_tilde(&f)?,
+                None => crate::home_dir()?.join(".ssh/known_hosts"),
+            })
         };
-        Ok(Endpoint {
-            alias: alias.to_owned(),
-            host: params.host_name.ok_or_else(|| missing("HostName"))?,
-            port: params.port.ok_or_else(|| missing("Port"))?,
-            user: params.user.ok_or_else(|| missing("User"))?,
-            identity_files: params.identity_file.filter(|f| !f.is_empty()).ok_or_else(|| missing("IdentityFile"))?,
-            config_file: path.to_owned(),
-        })
+        let (host, port, user, identity_files) = match defaults {
+            Defaults::None => (
+                params.host_name.ok_or_else(|| missing("HostName"))?,
+                params.port.ok_or_else(|| missing("Port"))?,
+                params.user.ok_or_else(|| missing("User"))?,
+                params.identity_file.filter(|f| !f.is_empty()).ok_or_else(|| missing("IdentityFile"))?,
+            ),
+            Defaults::OpenSsh => {
+                let home = crate::home_dir()?;
+                let default_keys = || ["id_ed25519", "id_ecdsa", "id_rsa"].map(|k| home.join(".ssh").join(k)).to_vec();
+                (
+                    params.host_name.unwrap_or_else(|| alias.to_owned()),
+                    params.port.unwrap_or(22),
+                    match params.user {
+                        Some(u) => u,
+                        None => std::env::var("USER").map_err(|_| missing("User (and $USER is unset)"))?,
+                    },
+                    params.identity_file.filter(|f| !f.is_empty()).unwrap_or_else(default_keys),
+                )
+            }
+        };
+        Ok(Endpoint { alias: alias.to_owned(), host, port, user, identity_files, config_file: path.to_owned(), host_key })
     }
+}
+
+fn expand_tilde(path: &str) -> Result<PathBuf> {
+    Ok(match path.strip_prefix("~/") {
+        Some(rest) => crate::home_dir()?.join(rest),
+        None => PathBuf::from(path),
+    })
 }
 
 /// The result of a command run to completion.
@@ -86,20 +141,38 @@ impl Output {
     }
 }
 
-struct Client;
+struct Client {
+    host: String,
+    port: u16,
+    policy: HostKeyPolicy,
+    /// Why the host key was refused, for the error message.
+    refusal: Arc<std::sync::Mutex<Option<String>>>,
+}
 
 impl client::Handler for Client {
     type Error = russh::Error;
 
-    // Lima's ssh.config says `StrictHostKeyChecking no` with
-    // `UserKnownHostsFile /dev/null`: the endpoint is a port forward on the
-    // host's loopback, and the guest (root in it included) could change its
-    // host key at will, so pinning it would not protect anything.
-    async fn check_server_key(
-        &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
+    async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        let HostKeyPolicy::KnownHosts(file) = &self.policy else { return Ok(true) };
+        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            *self.refusal.lock().unwrap() = Some("it presented a certificate; agent-vm checks plain host keys only".into());
+            return Ok(false);
+        };
+        let why = match russh::keys::known_hosts::check_known_hosts_path(&self.host, self.port, key, file) {
+            Ok(true) => return Ok(true),
+            Ok(false) => format!(
+                "its host key is not in {}: connect once with `ssh` to check and record it",
+                file.display()
+            ),
+            Err(russh::keys::Error::KeyChanged { line }) => format!(
+                "ITS HOST KEY CHANGED (it differs from {} line {line}): someone may be impersonating it. \
+                 If the change is expected, remove that line",
+                file.display()
+            ),
+            Err(e) => format!("cannot check its host key against {}: {e}", file.display()),
+        };
+        *self.refusal.lock().unwrap() = Some(why);
+        Ok(false)
     }
 }
 
@@ -122,7 +195,14 @@ impl Session {
             ..Default::default()
         });
         let addr = (endpoint.host.as_str(), endpoint.port);
-        let mut handle = match tokio::time::timeout(timeout, client::connect(config, addr, Client)).await {
+        let refusal = Arc::new(std::sync::Mutex::new(None));
+        let client = Client {
+            host: endpoint.host.clone(),
+            port: endpoint.port,
+            policy: endpoint.host_key.clone(),
+            refusal: refusal.clone(),
+        };
+        let mut handle = match tokio::time::timeout(timeout, client::connect(config, addr, client)).await {
             Err(_) => bail!(
                 "timed out after {} s connecting to the VM at {}:{}; check `agent-vm status`",
                 timeout.as_secs(),
@@ -135,6 +215,9 @@ impl Session {
                 endpoint.port
             ),
             Ok(Err(e)) => {
+                if let Some(why) = refusal.lock().unwrap().take() {
+                    bail!("refusing to connect to {}:{}: {why}", endpoint.host, endpoint.port);
+                }
                 return Err(e).with_context(|| {
                     format!("SSH handshake with the VM at {}:{} failed", endpoint.host, endpoint.port)
                 });
@@ -316,7 +399,7 @@ Host lima-agent-vm
     #[test]
     fn reads_lima_ssh_config() {
         let f = write(LIMA_CONFIG);
-        let ep = Endpoint::from_config_file(f.path(), "lima-agent-vm").unwrap();
+        let ep = Endpoint::from_config_file(f.path(), "lima-agent-vm", Defaults::None).unwrap();
         assert_eq!(ep.host, "127.0.0.1");
         assert_eq!(ep.port, 60022);
         assert_eq!(ep.user, "alice");
@@ -326,20 +409,41 @@ Host lima-agent-vm
     #[test]
     fn wrong_alias_is_an_error() {
         let f = write(LIMA_CONFIG);
-        let err = Endpoint::from_config_file(f.path(), "lima-other").unwrap_err();
+        let err = Endpoint::from_config_file(f.path(), "lima-other", Defaults::None).unwrap_err();
         assert!(format!("{err:#}").contains("no `Host lima-other` entry"), "{err:#}");
     }
 
     #[test]
     fn missing_port_is_an_error() {
         let f = write(&LIMA_CONFIG.replace("  Port 60022\n", ""));
-        let err = Endpoint::from_config_file(f.path(), "lima-agent-vm").unwrap_err();
+        let err = Endpoint::from_config_file(f.path(), "lima-agent-vm", Defaults::None).unwrap_err();
         assert!(format!("{err:#}").contains("sets no Port"), "{err:#}");
     }
 
     #[test]
     fn garbage_port_is_an_error() {
         let f = write(&LIMA_CONFIG.replace("Port 60022", "Port sixty"));
-        assert!(Endpoint::from_config_file(f.path(), "lima-agent-vm").is_err());
+        assert!(Endpoint::from_config_file(f.path(), "lima-agent-vm", Defaults::None).is_err());
+    }
+
+    #[test]
+    fn lima_config_accepts_any_host_key() {
+        let f = write(LIMA_CONFIG);
+        let ep = Endpoint::from_config_file(f.path(), "lima-agent-vm", Defaults::None).unwrap();
+        assert_eq!(ep.host_key, HostKeyPolicy::AcceptAny);
+    }
+
+    #[test]
+    fn user_config_gets_openssh_defaults_and_checks_host_keys() {
+        let f = write("Host box\n  HostName 10.0.0.7\n\nHost other\n  Port 2222\n  UserKnownHostsFile /tmp/kh\n");
+        let ep = Endpoint::from_config_file(f.path(), "box", Defaults::OpenSsh).unwrap();
+        assert_eq!((ep.host.as_str(), ep.port), ("10.0.0.7", 22));
+        assert!(ep.identity_files.iter().any(|k| k.ends_with(".ssh/id_ed25519")));
+        assert_eq!(ep.host_key, HostKeyPolicy::KnownHosts(crate::home_dir().unwrap().join(".ssh/known_hosts")));
+        let ep = Endpoint::from_config_file(f.path(), "other", Defaults::OpenSsh).unwrap();
+        assert_eq!((ep.host.as_str(), ep.port), ("other", 2222));
+        assert_eq!(ep.host_key, HostKeyPolicy::KnownHosts(PathBuf::from("/tmp/kh")));
+        // Lima's strictness: a user config lacking settings is an error there.
+        assert!(Endpoint::from_config_file(f.path(), "box", Defaults::None).is_err());
     }
 }

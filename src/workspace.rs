@@ -251,6 +251,10 @@ impl Vm {
         Ok(Vm { session, remote })
     }
 
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
     pub fn into_session(self) -> Arc<Session> {
         self.session.clone()
     }

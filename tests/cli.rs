@@ -18,7 +18,10 @@ fn bare(args: &[&str], envs: &[(&str, &str)]) -> Run {
 fn help_lists_every_subcommand() {
     let r = bare(&["--help"], &[]);
     r.ok();
-    for sub in ["start", "status", "connect", "push", "fetch", "clean", "clean-all", "destroy", "doctor"] {
+    for sub in [
+        "start", "status", "connect", "push", "fetch", "run", "clean", "clean-all", "destroy", "snapshot", "ssh-config",
+        "doctor", "completions", "man",
+    ] {
         assert!(r.stdout.contains(&format!("\n  {sub} ")), "--help lacks {sub}:\n{}", r.stdout);
     }
 }
@@ -105,5 +108,56 @@ fn invalid_branch_names_are_refused_before_anything_runs() {
     for bad in ["with space", "a..b", "x.lock", "HEAD", "a:b"] {
         w.run(&["push", bad]).fails_with("is not a valid branch name");
     }
+    assert!(w.lima_list().is_empty());
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_cli_definition() {
+    for (shell, needle) in [("bash", "complete -F"), ("zsh", "#compdef agent-vm"), ("fish", "complete -c agent-vm")] {
+        let r = bare(&["completions", shell], &[]);
+        r.ok();
+        assert!(r.stdout.contains(needle), "{shell}: {}", &r.stdout[..r.stdout.len().min(300)]);
+        assert!(r.stdout.contains("ssh-config") && r.stdout.contains("snapshot"), "{shell} lacks subcommands");
+    }
+    bare(&["completions", "tcsh"], &[]).fails_with("invalid value");
+    let r = bare(&["man"], &[]);
+    r.ok();
+    assert!(r.stdout.contains(".TH agent-vm 1") && r.stdout.contains("connect"), "{}", r.stdout);
+    let dir = tempfile::tempdir().unwrap();
+    bare(&["man", "--dir", dir.path().to_str().unwrap()], &[]).ok();
+    for page in ["agent-vm.1", "agent-vm-connect.1", "agent-vm-run.1", "agent-vm-snapshot.1"] {
+        assert!(dir.path().join(page).is_file(), "{page} missing");
+    }
+}
+
+#[test]
+fn config_file_mistakes_are_clear_errors_and_change_nothing() {
+    let w = World::new("cfg");
+    let cfg = w.home.path().join(".config/agent-vm/config.yaml");
+    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    for bad in ["instances:\n  cfg:\n    backend: ssh\n", "instances:\n  cfg: {backend: vbox}\n", "instances: ["] {
+        std::fs::write(&cfg, bad).unwrap();
+        w.run(&["status"]).fails_with("invalid config file");
+    }
+    // The ssh backend never creates, stops or deletes the machine.
+    std::fs::write(&cfg, "instances:\n  cfg:\n    backend: ssh\n    host: nowhere\n    ssh_config: /nonexistent\n").unwrap();
+    w.run(&["status"]).fails_with("cannot read the SSH config /nonexistent");
+    let ssh_cfg = w.home.path().join("ssh_config");
+    std::fs::write(&ssh_cfg, "Host nowhere\n  HostName 127.0.0.1\n  Port 9\n  User u\n").unwrap();
+    std::fs::write(&cfg, format!("instances:\n  cfg:\n    backend: ssh\n    host: nowhere\n    ssh_config: {}\n", ssh_cfg.display()))
+        .unwrap();
+    w.run(&["destroy", "--yes"]).fails_with("agent-vm cannot delete it");
+    w.run(&["start"]).fails_with("does not start machines of the ssh backend");
+    w.run(&["snapshot", "list"]).fails_with("agent-vm cannot snapshot it");
+    assert!(w.lima_list().is_empty());
+}
+
+#[test]
+fn run_needs_branches_and_a_command() {
+    let w = World::new("runargs");
+    w.run(&["run", "a", "b"]).fails_with("COMMAND");
+    w.run(&["run", "--", "true"]).fails_with("BRANCH");
+    w.run(&["run", "a", "a", "--", "true"]).fails_with("given twice");
+    w.run(&["run", "ok", "a..b", "--", "true"]).fails_with("is not a valid branch name");
     assert!(w.lima_list().is_empty());
 }

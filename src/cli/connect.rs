@@ -19,7 +19,8 @@ use crate::workspace::host_path;
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  agent-vm connect                      # login shell in the VM\n  \
 agent-vm connect feature-x            # shell in the feature-x workspace\n  \
-agent-vm connect -- uname -a          # run a command, exit with its status")]
+agent-vm connect -- uname -a          # run a command, exit with its status\n  \
+cd \"$(agent-vm connect --print-path feature-x)\"   # the workspace, on this machine")]
 pub struct Args {
     /// Branch whose workspace to open
     branch: Option<String>,
@@ -31,12 +32,27 @@ pub struct Args {
     /// Do not mount the VM's ~/workspace on this machine
     #[arg(long)]
     no_mount: bool,
+    /// Only print where BRANCH's workspace appears on this machine (through
+    /// the mount), for `cd "$(agent-vm connect --print-path BRANCH)"`
+    #[arg(long, requires = "branch", conflicts_with_all = ["command", "no_start", "no_mount"])]
+    print_path: bool,
     /// Command to run instead of an interactive shell
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
 }
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    if args.print_path {
+        let branch = args.branch.as_deref().expect("clap requires BRANCH");
+        crate::workspace::validate_branch(branch)?;
+        let host = crate::workspace::HostRepo::discover()?;
+        let mount = super::mount_of(ctx.backend()?.as_ref())?;
+        if !matches!(mount.state()?, crate::mount::State::Mounted) {
+            ctx.ui.say(&format!("note: {} is not mounted now; `agent-vm mount` mounts it", mount.point.display()));
+        }
+        println!("{}", host_path(&mount.point, &crate::workspace::Workspace::new(&host, branch)).display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let (backend, session, ws) = match &args.branch {
         Some(branch) => {
             let (backend, vm, ws) = super::push::push(ctx, branch, args.objects.objects()).await?;

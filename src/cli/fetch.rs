@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 
 use super::Context;
-use crate::workspace::{self, Integrated, Probe, Progress};
+use crate::workspace::{self, HostRepo, Integrated, Probe, Progress, Vm, Workspace};
 
 /// Bring the agent's commits on a branch back to the host
 ///
@@ -21,7 +21,17 @@ pub struct Args {
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let branch = args.branch.as_str();
-    let super::BranchOp { host, vm, ws, _lock, .. } = super::branch_op(ctx, branch, false).await?;
+    crate::workspace::validate_branch(branch)?;
+    let host = HostRepo::discover()?;
+    let (_backend, session) = super::session(ctx, false).await?;
+    fetch_branch(ctx, &host, &Vm::new(session)?, branch).await
+}
+
+/// Fetches one branch and integrates it on the host, under the branch's
+/// lock. Exit status 2: fetched, but the host branch was left alone.
+pub(super) async fn fetch_branch(ctx: &Context, host: &HostRepo, vm: &Vm, branch: &str) -> Result<ExitCode> {
+    let _lock = host.lock_branch(branch, &ctx.ui)?;
+    let ws = Workspace::new(host, branch);
     match vm.probe(&ws).await? {
         Probe::Absent => bail!("there is no workspace for {branch:?} in the VM; `agent-vm push {branch}` creates one"),
         Probe::Present { tip: None, .. } => {
@@ -33,9 +43,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         )),
         Probe::Present { .. } => {}
     }
-    let new = vm.fetch(&host, &ws, &Progress::new(&ctx.ui)).await?;
+    let new = vm.fetch(host, &ws, &Progress::new(&ctx.ui)).await?;
     let short = |o: git2::Oid| format!("{:.10}", o.to_string());
-    match workspace::integrate(&host, branch, new)? {
+    match workspace::integrate(host, branch, new)? {
         Integrated::UpToDate => ctx.ui.say(&format!("{branch:?} is up to date ({}).", short(new))),
         Integrated::FastForwardedCheckout { from, to } => ctx.ui.say(&format!(
             "Fast-forwarded {branch:?} {}..{} (checked out: files updated).",

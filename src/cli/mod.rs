@@ -3,13 +3,18 @@
 
 mod clean;
 mod clean_all;
+mod completions;
 mod connect;
 mod destroy;
 mod doctor;
 mod fetch;
+mod man;
 mod mount;
 mod provision;
 mod push;
+mod run;
+mod snapshot;
+mod ssh_config;
 mod start;
 mod status;
 mod unmount;
@@ -20,7 +25,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::Ui;
-use crate::vm::{Backend, Lima};
+use crate::vm::Backend;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,13 +67,18 @@ enum Command {
     Connect(connect::Args),
     Push(push::Args),
     Fetch(fetch::Args),
+    Run(run::Args),
     Clean(clean::Args),
     CleanAll(clean_all::Args),
     Provision(provision::Args),
     Mount(mount::Args),
     Unmount(unmount::Args),
     Destroy(destroy::Args),
+    Snapshot(snapshot::Args),
+    SshConfig(ssh_config::Args),
     Doctor(doctor::Args),
+    Completions(completions::Args),
+    Man(man::Args),
 }
 
 /// What every subcommand gets: the global options, resolved.
@@ -81,7 +91,7 @@ impl Context {
     /// The VM backend. Fails (with what to install) when limactl is missing,
     /// so commands that do not need it never ask for it.
     fn backend(&self) -> Result<Box<dyn Backend>> {
-        Ok(Box::new(Lima::new(&self.instance, !self.ui.quiet)?))
+        crate::vm::backend(&self.instance, !self.ui.quiet)
     }
 }
 
@@ -103,13 +113,18 @@ pub fn main() -> ExitCode {
             Command::Connect(args) => connect::run(&ctx, args).await,
             Command::Push(args) => push::run(&ctx, args).await,
             Command::Fetch(args) => fetch::run(&ctx, args).await,
+            Command::Run(args) => run::run(&ctx, args).await,
             Command::Clean(args) => clean::run(&ctx, args).await,
             Command::CleanAll(args) => clean_all::run(&ctx, args).await,
             Command::Provision(args) => provision::run(&ctx, args).await,
             Command::Mount(args) => mount::run(&ctx, args).await,
             Command::Unmount(args) => unmount::run(&ctx, args).await,
             Command::Destroy(args) => destroy::run(&ctx, args).await,
+            Command::Snapshot(args) => snapshot::run(&ctx, args).await,
+            Command::SshConfig(args) => ssh_config::run(&ctx, args).await,
             Command::Doctor(args) => doctor::run(&ctx, args).await,
+            Command::Completions(args) => completions::run(&ctx, args).await,
+            Command::Man(args) => man::run(&ctx, args).await,
         }
     });
     // Do not wait for stray tasks (an SSH input pump blocked on our stdin).
@@ -149,7 +164,6 @@ fn mount_of(backend: &dyn Backend) -> Result<crate::mount::Mount> {
 /// branch name, the host repository, the branch's lock (held while this
 /// lives), and a session to the VM.
 struct BranchOp {
-    backend: Box<dyn Backend>,
     host: crate::workspace::HostRepo,
     vm: crate::workspace::Vm,
     ws: crate::workspace::Workspace,
@@ -160,9 +174,9 @@ async fn branch_op(ctx: &Context, branch: &str, start: bool) -> Result<BranchOp>
     crate::workspace::validate_branch(branch)?;
     let host = crate::workspace::HostRepo::discover()?;
     let lock = host.lock_branch(branch, &ctx.ui)?;
-    let (backend, session) = session(ctx, start).await?;
+    let (_backend, session) = session(ctx, start).await?;
     let ws = crate::workspace::Workspace::new(&host, branch);
-    Ok(BranchOp { backend, vm: crate::workspace::Vm::new(session)?, host, ws, _lock: lock })
+    Ok(BranchOp { vm: crate::workspace::Vm::new(session)?, host, ws, _lock: lock })
 }
 
 /// The VM backend and an SSH session to the running VM. With `start`, the
@@ -186,6 +200,10 @@ async fn session_with(
         crate::vm::Started::AlreadyRunning
     };
     let endpoint = backend.ssh_endpoint()?;
+    // An installed ssh-config entry follows the VM's (new) port.
+    if let Err(e) = ssh_config::refresh(backend.instance(), &endpoint) {
+        tracing::warn!("cannot update the ssh-config entry: {e:#}");
+    }
     let session = crate::ssh::Session::connect(&endpoint, crate::ssh::CONNECT_TIMEOUT).await?;
     if started == crate::vm::Started::Created {
         crate::provision::run(&session, &ctx.ui).await.map_err(|e| {

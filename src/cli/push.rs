@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use super::Context;
-use crate::workspace::{Objects, Progress, Pushed, Vm, Workspace};
+use crate::workspace::{HostRepo, Objects, Progress, Pushed, Vm, Workspace};
 
 /// Push a host branch into its workspace in the VM (never forced)
 ///
@@ -49,16 +49,36 @@ pub(super) async fn push(
     branch: &str,
     objects: Objects,
 ) -> Result<(Box<dyn crate::vm::Backend>, Vm, Workspace)> {
-    let super::BranchOp { backend, host, vm, ws, _lock } = super::branch_op(ctx, branch, true).await?;
+    crate::workspace::validate_branch(branch)?;
+    let host = HostRepo::discover()?;
+    let (backend, session) = super::session(ctx, true).await?;
+    let vm = Vm::new(session)?;
+    let (ws, _) = push_branch(ctx, &host, &vm, branch, objects).await?;
+    Ok((backend, vm, ws))
+}
+
+/// Pushes one branch (created from HEAD if the host lacks it) into its
+/// workspace, under the branch's lock. Returns the workspace and the tip
+/// pushed.
+pub(super) async fn push_branch(
+    ctx: &Context,
+    host: &HostRepo,
+    vm: &Vm,
+    branch: &str,
+    objects: Objects,
+) -> Result<(Workspace, git2::Oid)> {
+    crate::workspace::validate_branch(branch)?;
+    let _lock = host.lock_branch(branch, &ctx.ui)?;
+    let ws = Workspace::new(host, branch);
     let (tip, created) = host.ensure_branch(branch)?;
     if created {
         ctx.ui.say(&format!("Created branch {branch:?} on the host from HEAD ({:.10}).", tip.to_string()));
     }
-    let outcome = vm.push(&host, &ws, objects, &Progress::new(&ctx.ui)).await?;
+    let outcome = vm.push(host, &ws, objects, &Progress::new(&ctx.ui)).await?;
     ctx.ui.say(&match outcome {
         Pushed::Created => format!("Created workspace ~/{} for {branch:?} at {:.10}.", ws.dir, tip.to_string()),
         Pushed::Updated => format!("Pushed {branch:?} ({:.10}) to ~/{}.", tip.to_string(), ws.dir),
         Pushed::UpToDate => format!("~/{} is up to date with {branch:?}.", ws.dir),
     });
-    Ok((backend, vm, ws))
+    Ok((ws, tip))
 }

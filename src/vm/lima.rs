@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Deserialize;
 
-use super::{Backend, Instance, Resources, State};
+use super::{Backend, Instance, Resources, Snapshots, State};
 use crate::ssh::Endpoint;
 
 pub struct Lima {
@@ -31,12 +31,13 @@ struct ListEntry {
     memory: Option<u64>,
     disk: Option<u64>,
     ssh_local_port: Option<u16>,
+    vm_type: Option<String>,
 }
 
 impl Lima {
     /// Finds `limactl` ($AGENT_VM_LIMACTL, else PATH) and `$LIMA_HOME`.
     pub fn new(instance: &str, verbose: bool) -> Result<Lima> {
-        validate_name(instance)?;
+        super::validate_name(instance)?;
         let limactl = match std::env::var_os("AGENT_VM_LIMACTL") {
             Some(p) => {
                 let p = PathBuf::from(p);
@@ -153,6 +154,7 @@ impl Backend for Lima {
                 cpus: entry.cpus,
                 memory_bytes: entry.memory,
                 disk_bytes: entry.disk,
+                vm_type: entry.vm_type,
             }));
         }
         Ok(None)
@@ -195,7 +197,7 @@ impl Backend for Lima {
         if !path.exists() {
             bail!("{} does not exist: the VM has not been started. Run `agent-vm start`", path.display());
         }
-        Endpoint::from_config_file(&path, &self.ssh_alias())
+        Endpoint::from_config_file(&path, &self.ssh_alias(), crate::ssh::Defaults::None)
     }
 
     fn ssh_alias(&self) -> String {
@@ -205,6 +207,67 @@ impl Backend for Lima {
     fn state_dir(&self) -> PathBuf {
         // Lima skips names starting with `_` when it lists instances.
         self.home.join("_agent-vm").join(&self.instance)
+    }
+
+    fn snapshots(&self) -> Result<&dyn Snapshots> {
+        Ok(self)
+    }
+}
+
+/// `limactl snapshot`: QEMU VMs only; agent-vm stops the VM around create
+/// and apply, so a snapshot is the disk alone (no memory image).
+impl Snapshots for Lima {
+    fn create(&self, tag: &str) -> Result<()> {
+        self.snapshot("create", Some(tag))
+    }
+
+    fn apply(&self, tag: &str) -> Result<()> {
+        self.snapshot("apply", Some(tag))
+    }
+
+    fn delete(&self, tag: &str) -> Result<()> {
+        self.snapshot("delete", Some(tag))
+    }
+
+    fn list(&self) -> Result<Vec<String>> {
+        self.snapshot_supported()?;
+        let out = self
+            .command()
+            .args(["snapshot", "list", "--quiet", &self.instance])
+            .output()
+            .with_context(|| format!("cannot run {}", self.limactl.display()))?;
+        if !out.status.success() {
+            let said: Vec<String> = String::from_utf8_lossy(&out.stderr).lines().map(lima_message).collect();
+            // Lima fails to list an image that has no snapshot table yet.
+            if said.iter().any(|l| l.contains("no snapshot")) {
+                return Ok(Vec::new());
+            }
+            bail!("listing snapshots failed: {}", said.join("; "));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+    }
+}
+
+impl Lima {
+    fn snapshot(&self, op: &str, tag: Option<&str>) -> Result<()> {
+        self.snapshot_supported()?;
+        let mut args = vec!["snapshot".to_owned(), op.to_owned()];
+        if let Some(tag) = tag {
+            args.push(format!("--tag={tag}"));
+        }
+        args.push(self.instance.clone());
+        self.run(&args, &format!("snapshot {op}"))
+    }
+
+    fn snapshot_supported(&self) -> Result<()> {
+        match super::existing(self)?.vm_type.as_deref() {
+            None | Some("qemu") => Ok(()),
+            Some(other) => bail!(
+                "VM '{}' uses Lima's {other} VM type, and Lima supports snapshots for QEMU VMs only \
+                 (vmType: qemu, chosen when the VM is created)",
+                self.instance
+            ),
+        }
     }
 }
 
@@ -222,19 +285,6 @@ fn nested_virtualization_available() -> bool {
 /// Lima's Host alias for an instance: `lima-<name>` with `.` and `_` as `-`.
 pub fn host_alias(instance: &str) -> String {
     format!("lima-{}", instance.replace(['.', '_'], "-"))
-}
-
-/// Lima's rule for instance names (it rejects others itself, but later and
-/// less clearly).
-fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 76
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !ok {
-        bail!("invalid instance name {name:?}: use letters, digits, '-', '_' and '.', starting with a letter or digit");
-    }
-    Ok(())
 }
 
 fn lima_home() -> Result<PathBuf> {
@@ -263,9 +313,9 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        assert!(validate_name("agent-vm").is_ok());
+        assert!(super::super::validate_name("agent-vm").is_ok());
         for bad in ["", "-x", "a/b", "a b", "../x", "a;b"] {
-            assert!(validate_name(bad).is_err(), "{bad}");
+            assert!(super::super::validate_name(bad).is_err(), "{bad}");
         }
     }
 

@@ -1,11 +1,24 @@
 //! The VM lifecycle behind a backend trait, so the rest of agent-vm does not
-//! care how the VM is run. Lima is the one backend today.
+//! care how the VM is run: a Lima VM ([`Lima`]) or an existing machine
+//! reached over SSH ([`SshHost`]), chosen per instance in the config file.
 
 mod lima;
+mod ssh_host;
 
 pub(crate) use lima::find_on_path;
 
 pub use lima::Lima;
+pub use ssh_host::SshHost;
+
+use crate::config::{Config, InstanceConfig};
+
+/// The backend that runs `instance`, as the config file says.
+pub fn backend(instance: &str, verbose: bool) -> Result<Box<dyn Backend>> {
+    Ok(match Config::load()?.instance(instance) {
+        InstanceConfig::Lima => Box::new(Lima::new(instance, verbose)?),
+        InstanceConfig::Ssh { host, ssh_config } => Box::new(SshHost::new(instance, &host, ssh_config)?),
+    })
+}
 
 use anyhow::Result;
 use serde::Serialize;
@@ -55,6 +68,8 @@ pub struct Instance {
     pub memory_bytes: Option<u64>,
     pub disk_bytes: Option<u64>,
     pub ssh_port: Option<u16>,
+    /// Lima's vmType (qemu, vz, …), or "ssh".
+    pub vm_type: Option<String>,
 }
 
 pub trait Backend {
@@ -76,6 +91,16 @@ pub trait Backend {
     fn ssh_alias(&self) -> String;
     /// A directory of agent-vm's own for this instance (templates, locks).
     fn state_dir(&self) -> std::path::PathBuf;
+    /// The instance's snapshots, or why it has none.
+    fn snapshots(&self) -> Result<&dyn Snapshots>;
+}
+
+/// Disk snapshots of a stopped instance.
+pub trait Snapshots {
+    fn create(&self, tag: &str) -> Result<()>;
+    fn apply(&self, tag: &str) -> Result<()>;
+    fn delete(&self, tag: &str) -> Result<()>;
+    fn list(&self) -> Result<Vec<String>>;
 }
 
 /// What [`ensure_running`] had to do.
@@ -133,4 +158,17 @@ pub fn running(backend: &dyn Backend) -> Result<Instance> {
         anyhow::bail!("VM '{}' is not running (it is {}). Start it with `agent-vm start`", i.name, i.state);
     }
     Ok(i)
+}
+
+/// Lima's rule for instance names (it rejects others itself, but later and
+/// less clearly); the name also becomes part of host paths.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 76
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        anyhow::bail!("invalid instance name {name:?}: use letters, digits, '-', '_' and '.', starting with a letter or digit");
+    }
+    Ok(())
 }

@@ -71,6 +71,9 @@ impl World {
             .env("PATH", self.path_var())
             .env("AGENT_VM_INSTANCE", &self.instance)
             .env_remove("AGENT_VM_LIMACTL")
+            .env_remove("AGENT_VM_CONFIG")
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_STATE_HOME")
             // Provision from the test package lists: no network from the guest.
             .env("AGENT_VM_COMMON_DIR", repo().join("tests/fixtures/common"))
             .env_remove("GOOGLE_APPLICATION_CREDENTIALS")

@@ -1,0 +1,151 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+
+use super::Context;
+use crate::run::{Job, Output, Status};
+use crate::workspace::{HostRepo, Vm, printable};
+
+/// Run a command in several branches' workspaces at once
+///
+/// Pushes each branch first (as `agent-vm push` does, creating missing
+/// branches and workspaces), then runs COMMAND in every workspace, at most
+/// --jobs at a time, and ends with a table of exit status, duration and
+/// commits made per branch. Output is streamed with a branch prefix, or
+/// written to one log file per branch with --logs. Ctrl-C stops every
+/// command (their whole process groups) in the VM. COMMAND's words are
+/// passed as given (no shell parsing). Exit status: 0 when every command
+/// succeeded, 1 otherwise, 130 when interrupted.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  agent-vm run fix-a fix-b fix-c -- claude -p 'fix the failing test'\n  \
+agent-vm run --logs --fetch a b -- make test     # logs in outputs/<YYYYMMDD-HHMMSS>/<branch>.log\n  \
+agent-vm run -j 2 a b c d -- bash -c 'make && make check'")]
+pub struct Args {
+    /// Branches (their names on the host)
+    #[arg(required = true, value_name = "BRANCH")]
+    branches: Vec<String>,
+    /// Commands running at once (default: the VM's vCPUs)
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    jobs: Option<u32>,
+    /// Write each branch's output to DIR/<YYYYMMDD-HHMMSS>/<branch>.log instead of the terminal
+    #[arg(long, value_name = "DIR", num_args = 0..=1, require_equals = true, default_missing_value = "outputs")]
+    logs: Option<PathBuf>,
+    /// Fetch each branch back to the host afterwards (as `agent-vm fetch` does)
+    #[arg(long)]
+    fetch: bool,
+    #[command(flatten)]
+    objects: super::push::ObjectsArg,
+    /// The command to run in each workspace
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    let mut seen = std::collections::HashSet::new();
+    for b in &args.branches {
+        crate::workspace::validate_branch(b)?;
+        if !seen.insert(b) {
+            bail!("branch {b:?} is given twice");
+        }
+    }
+    let host = HostRepo::discover()?;
+    let env = crate::provision::session_env()?;
+    let (backend, session) = super::session(ctx, true).await?;
+    let endpoint = session.endpoint().clone();
+    let vm = Vm::new(session)?;
+    let mut jobs = Vec::new();
+    for branch in &args.branches {
+        let (ws, tip) = super::push::push_branch(ctx, &host, &vm, branch, args.objects.objects()).await?;
+        jobs.push(Job { branch: branch.clone(), dir: ws.dir, base: tip.to_string() });
+    }
+    let parallel = match args.jobs {
+        Some(n) => n as usize,
+        None => match crate::vm::existing(backend.as_ref())?.cpus {
+            Some(n) => n as usize,
+            None => vm_cpus(&vm).await.unwrap_or(1),
+        },
+    };
+    let output = match &args.logs {
+        Some(dir) => {
+            let dir = dir.join(jiff::Zoned::now().strftime("%Y%m%d-%H%M%S").to_string());
+            ctx.ui.say(&format!("Logs: {}", dir.display()));
+            Output::Logs(dir)
+        }
+        None => Output::Prefixed,
+    };
+    ctx.ui.say(&format!("Running in {} workspace(s), {parallel} at a time…", jobs.len()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ui = ctx.ui;
+    let stopper = tokio::spawn(async move {
+        interrupted().await;
+        ui.say("Interrupted: stopping every command in the VM…");
+        let _ = stop_tx.send(true);
+        // Stay alive so receivers keep waiting for the stop they saw.
+        std::future::pending::<()>().await;
+    });
+    let outcomes = crate::run::run_all(&endpoint, jobs, &args.command, &env, parallel, &output, stop_rx).await;
+    stopper.abort();
+    let interrupted = outcomes.iter().any(|o| matches!(o.status, Status::Interrupted | Status::NotRun));
+    print_table(&outcomes);
+    let mut code = if interrupted {
+        ExitCode::from(130)
+    } else if outcomes.iter().all(|o| o.succeeded()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    };
+    if args.fetch && !interrupted {
+        for o in &outcomes {
+            match super::fetch::fetch_branch(ctx, &host, &vm, &o.job.branch).await {
+                Ok(c) if c == ExitCode::SUCCESS => {}
+                Ok(c) => code = c,
+                Err(e) => {
+                    eprintln!("error: fetching {:?}: {e:#}", o.job.branch);
+                    code = ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+    Ok(code)
+}
+
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn vm_cpus(vm: &Vm) -> Option<usize> {
+    let out = vm.session().exec("nproc").await.ok()?;
+    out.stdout_str().trim().parse().ok()
+}
+
+fn print_table(outcomes: &[crate::run::Outcome]) {
+    let rows: Vec<[String; 4]> = outcomes
+        .iter()
+        .map(|o| {
+            let status = match &o.status {
+                Status::Exited(0) => "ok".to_owned(),
+                Status::Exited(n) => format!("exit {n}"),
+                Status::Interrupted => "interrupted".to_owned(),
+                Status::NotRun => "not run".to_owned(),
+                Status::Failed(e) => format!("error: {}", printable(e)),
+            };
+            let commits = o.commits.map_or("-".to_owned(), |c| c.to_string());
+            [printable(&o.job.branch), status, format!("{:.1}s", o.duration.as_secs_f64()), commits]
+        })
+        .collect();
+    let header = ["BRANCH", "STATUS", "DURATION", "COMMITS"].map(String::from);
+    let widths: Vec<usize> =
+        (0..4).map(|i| rows.iter().chain([&header]).map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    for row in [&header].into_iter().chain(rows.iter()) {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+}

@@ -1,0 +1,284 @@
+//! Running one command in many workspaces at once, with output streamed
+//! (prefixed by branch) or logged, and every remote process stopped when
+//! the run is interrupted.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use russh::ChannelMsg;
+use tokio::sync::{Semaphore, watch};
+
+use crate::shell;
+use crate::ssh::{CONNECT_TIMEOUT, Endpoint, Session};
+use crate::workspace::printable;
+
+/// $1 directory, $2… the command. Runs the command in a session (process
+/// group) of its own, stdin from /dev/null; a watchdog reads our stdin and,
+/// when it closes (we asked to stop, were killed, or the connection
+/// dropped), kills the whole group: nothing is left running in the VM.
+const WRAPPER: &str = r#"cd -- "$1" || exit 125
+shift
+exec 3<&0
+setsid "$@" </dev/null 3<&- &
+pid=$!
+{ while read -r _; do :; done
+  kill -TERM -- "-$pid" 2>/dev/null; sleep 5; kill -KILL -- "-$pid" 2>/dev/null; } <&3 >/dev/null 2>&1 &
+watch=$!
+exec 3<&-
+wait "$pid"
+status=$?
+kill "$watch" 2>/dev/null
+exit "$status""#;
+
+/// $1 workspace, $2 commit: how many commits HEAD has that $2 lacks.
+const COUNT_COMMITS: &str = r#"git -C "$1" rev-list --count "$2..HEAD""#;
+
+/// One command to run in one workspace.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub branch: String,
+    /// The workspace directory, relative to the VM home.
+    pub dir: String,
+    /// The workspace's branch tip before the run, to count new commits.
+    pub base: String,
+}
+
+/// Where a job's output goes.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Our stdout/stderr, each line prefixed with the branch.
+    Prefixed,
+    /// One file per branch in this directory (`<branch>.log`).
+    Logs(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub enum Status {
+    Exited(u32),
+    /// Stopped by an interruption.
+    Interrupted,
+    /// Never started: the run was interrupted first.
+    NotRun,
+    /// Could not be run (connection, log file…).
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub job: Job,
+    pub status: Status,
+    pub duration: Duration,
+    /// Commits the command added to the workspace's HEAD, when known.
+    pub commits: Option<u64>,
+}
+
+impl Outcome {
+    pub fn succeeded(&self) -> bool {
+        matches!(self.status, Status::Exited(0))
+    }
+}
+
+/// Runs `argv` in every job's workspace, at most `parallel` at a time, each
+/// over its own SSH connection (sshd limits channels per connection).
+/// Setting `stop` to true stops everything: running commands are killed
+/// (their process groups), queued ones never start.
+pub async fn run_all(
+    endpoint: &Endpoint,
+    jobs: Vec<Job>,
+    argv: &[String],
+    env: &[(String, String)],
+    parallel: usize,
+    output: &Output,
+    stop: watch::Receiver<bool>,
+) -> Vec<Outcome> {
+    let slots = Arc::new(Semaphore::new(parallel.max(1)));
+    let width = jobs.iter().map(|j| printable(&j.branch).chars().count()).max().unwrap_or(0);
+    let tasks: Vec<_> = jobs
+        .into_iter()
+        .map(|job| {
+            let (endpoint, argv, env, output) = (endpoint.clone(), argv.to_vec(), env.to_vec(), output.clone());
+            let (slots, mut stop) = (slots.clone(), stop.clone());
+            tokio::spawn(async move {
+                let permit = tokio::select! {
+                    p = slots.acquire_owned() => p.expect("never closed"),
+                    _ = stopped(&mut stop) => {
+                        return Outcome { job, status: Status::NotRun, duration: Duration::ZERO, commits: None };
+                    }
+                };
+                if *stop.borrow() {
+                    return Outcome { job, status: Status::NotRun, duration: Duration::ZERO, commits: None };
+                }
+                let started_running = Instant::now();
+                let result = run_one(&endpoint, &job, &argv, &env, &output, width, stop).await;
+                drop(permit);
+                let duration = started_running.elapsed();
+                match result {
+                    Ok((status, commits)) => Outcome { job, status, duration, commits },
+                    Err(e) => Outcome { job, status: Status::Failed(format!("{e:#}")), duration, commits: None },
+                }
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.expect("job task panicked"));
+    }
+    outcomes
+}
+
+/// Resolves once a stop is asked for (never, if nobody can ask any more).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn run_one(
+    endpoint: &Endpoint,
+    job: &Job,
+    argv: &[String],
+    env: &[(String, String)],
+    output: &Output,
+    width: usize,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(Status, Option<u64>)> {
+    let mut sink = Sink::new(output, &job.branch, width)?;
+    let session = Session::connect(endpoint, CONNECT_TIMEOUT).await?;
+    let mut args: Vec<&str> = vec![&job.dir];
+    args.extend(argv.iter().map(String::as_str));
+    let channel = session.open_exec_env(&shell::login_script(WRAPPER, &args)?, env).await?;
+    let (mut read, write) = channel.split();
+    let mut status = None;
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            msg = read.wait() => match msg {
+                None => break,
+                Some(ChannelMsg::Data { data }) => sink.write(false, &data)?,
+                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => sink.write(true, &data)?,
+                Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+                Some(ChannelMsg::ExitSignal { .. }) => status = Some(255),
+                Some(_) => {}
+            },
+            _ = stopped(&mut stop), if !interrupted => {
+                // Closing the command's stdin is the watchdog's signal.
+                interrupted = true;
+                let _ = write.eof().await;
+            }
+        }
+    }
+    sink.finish()?;
+    if interrupted {
+        session.close().await;
+        return Ok((Status::Interrupted, None));
+    }
+    let commits = match session.exec(&shell::script(COUNT_COMMITS, &[&job.dir, &job.base])?).await {
+        Ok(out) if out.status == 0 => out.stdout_str().trim().parse().ok(),
+        _ => None,
+    };
+    session.close().await;
+    Ok((Status::Exited(status.unwrap_or(255)), commits))
+}
+
+/// Where one job's bytes go: whole lines with a prefix on our terminal
+/// (VM output is untrusted: control characters are neutralised), or raw
+/// into its log file.
+enum Sink {
+    Prefixed { prefix: String, partial: [Vec<u8>; 2] },
+    Log(std::fs::File),
+}
+
+impl Sink {
+    fn new(output: &Output, branch: &str, width: usize) -> Result<Sink> {
+        Ok(match output {
+            Output::Prefixed => {
+                let name = printable(branch);
+                let pad = width.saturating_sub(name.chars().count());
+                Sink::Prefixed { prefix: format!("{name}{} | ", " ".repeat(pad)), partial: [Vec::new(), Vec::new()] }
+            }
+            Output::Logs(dir) => {
+                let path = log_path(dir, branch);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+                }
+                Sink::Log(std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?)
+            }
+        })
+    }
+
+    fn write(&mut self, stderr: bool, data: &[u8]) -> Result<()> {
+        match self {
+            Sink::Log(f) => f.write_all(data)?,
+            Sink::Prefixed { prefix, partial } => {
+                let buf = &mut partial[stderr as usize];
+                buf.extend_from_slice(data);
+                while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=end).collect();
+                    emit(stderr, prefix, &line[..line.len() - 1]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        match self {
+            Sink::Log(f) => f.flush()?,
+            Sink::Prefixed { prefix, partial } => {
+                for (i, buf) in partial.iter_mut().enumerate() {
+                    if !buf.is_empty() {
+                        emit(i == 1, prefix, buf);
+                        buf.clear();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn emit(stderr: bool, prefix: &str, line: &[u8]) {
+    let text: String = String::from_utf8_lossy(line).chars().map(|c| if c.is_control() && c != '\t' { '?' } else { c }).collect();
+    if stderr {
+        eprintln!("{prefix}{text}");
+    } else {
+        println!("{prefix}{text}");
+    }
+}
+
+/// `<dir>/<branch>.log`: git's rules for branch names (no `..`, no leading
+/// `/`, no component starting with `.`) make this a path inside `dir`, and
+/// no two branches map to the same file.
+pub fn log_path(dir: &std::path::Path, branch: &str) -> PathBuf {
+    dir.join(format!("{branch}.log"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_paths_stay_inside_the_directory() {
+        let dir = std::path::Path::new("/logs");
+        assert_eq!(log_path(dir, "feature/x"), PathBuf::from("/logs/feature/x.log"));
+        for b in ["-x", "a b", "$(x)", "ü"] {
+            let p = log_path(dir, b);
+            assert_eq!(p.parent(), Some(dir), "{b}");
+        }
+    }
+
+    #[test]
+    fn prefixed_output_keeps_partial_lines_until_complete() {
+        let mut sink = Sink::new(&Output::Prefixed, "b", 3).unwrap();
+        sink.write(false, b"ab").unwrap();
+        let Sink::Prefixed { partial, prefix } = &sink else { panic!() };
+        assert_eq!(prefix, "b   | ");
+        assert_eq!(partial[0], b"ab");
+        sink.write(false, b"c\nd").unwrap();
+        let Sink::Prefixed { partial, .. } = &sink else { panic!() };
+        assert_eq!(partial[0], b"d");
+    }
+}
