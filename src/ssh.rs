@@ -96,7 +96,7 @@ impl Endpoint {
                     params.port.unwrap_or(22),
                     match params.user {
                         Some(u) => u,
-                        None => std::env::var("USER").map_err(|_| missing("User (and $USER is unset)"))?,
+                        None => whoami::username().map_err(|_| missing("User (and the local user has no name)"))?,
                     },
                     params.identity_file.filter(|f| !f.is_empty()).unwrap_or_else(default_keys),
                 )
