@@ -157,7 +157,7 @@ const UNPACK_STAGE: &str = r#"set -e
 rm -rf -- "$1"; mkdir -p -- "$1"; tar -xzf - -C "$1" --no-same-owner"#;
 
 /// $1 staging dir: run the provision script as root.
-const RUN_PROVISION: &str = r#"exec sudo -n bash "$1/vm-template/lima-provision.sh" "$HOME/$1" "$(id -un)""#;
+const RUN_PROVISION: &str = r#"exec sudo -n bash "$1/vm-template/lima-provision.sh" "$HOME/$1" "$(id -un)" "$2""#;
 
 /// $1 staging dir, $2 sentinel: install the home files from the tarball on
 /// stdin, leaving identical files alone and an existing sentinel (the
@@ -203,6 +203,27 @@ echo changed"#;
 const INSTALL_TERMINFO: &str = r#"command -v tic >/dev/null || exit 0
 mkdir -p "$HOME/.terminfo" && tic -x -o "$HOME/.terminfo" /dev/stdin"#;
 
+/// Choices the user makes about provisioning.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Let the VM open connections to the host (its loopback services
+    /// included) instead of blocking them with a firewall rule in the VM.
+    pub host_access: bool,
+}
+
+/// The variable that opts out of the guest→host firewall rule.
+pub const HOST_ACCESS_ENV: &str = "AGENT_VM_ALLOW_HOST_ACCESS";
+
+impl Options {
+    /// From the environment (`AGENT_VM_ALLOW_HOST_ACCESS=1`), for commands
+    /// that create the VM without asking.
+    pub fn from_env() -> Options {
+        let on = std::env::var(HOST_ACCESS_ENV)
+            .is_ok_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false" | "no" | "off" | "n" | "f"));
+        Options { host_access: on }
+    }
+}
+
 /// What provisioning found.
 #[derive(Debug)]
 pub struct Report {
@@ -212,7 +233,7 @@ pub struct Report {
 /// Provisions the VM over `session`: tools and agents (as root, through
 /// vm-template/lima-provision.sh), home files, credentials, timezone,
 /// terminfo. Idempotent. Progress goes to stderr unless quiet.
-pub async fn run(session: &Session, ui: &crate::Ui) -> Result<Report> {
+pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result<Report> {
     let files = files()?;
     let home = under(&files, "common/homedir");
     if !home.iter().any(|f| f.path == SENTINEL) {
@@ -228,7 +249,7 @@ pub async fn run(session: &Session, ui: &crate::Ui) -> Result<Report> {
     let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
         if ui.quiet { Box::new(tokio::io::sink()) } else { Box::new(tokio::io::stderr()) };
     let mut err = Vec::new();
-    let status = session.exec_io(&shell::script(RUN_PROVISION, &[&stage])?, &[][..], &mut out, &mut err).await?;
+    let status = session.exec_io(&shell::script(RUN_PROVISION, &[stage.as_str(), if options.host_access { "open" } else { "guard" }])?, &[][..], &mut out, &mut err).await?;
     if status != 0 {
         bail!("provisioning failed in the VM (exit status {status}): {}", crate::workspace::printable(String::from_utf8_lossy(&err).trim()));
     }

@@ -140,9 +140,19 @@ impl SmartSubtransport for Subtransport {
 
 /// One remote git process: a task owns the SSH channel and moves bytes
 /// between it and the blocking Read/Write that libgit2 calls.
+/// How much a transfer may receive from the VM, unless overridden.
+const DEFAULT_MAX_RECEIVE: u64 = 16 << 30;
+const MAX_RECEIVE_ENV: &str = "AGENT_VM_MAX_RECEIVE_BYTES";
+/// How much of the remote git's stderr is kept for error messages.
+const MAX_STDERR: usize = 64 << 10;
+
+fn max_receive_bytes() -> u64 {
+    std::env::var(MAX_RECEIVE_ENV).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(DEFAULT_MAX_RECEIVE)
+}
+
 struct Pipe {
     to_remote: Option<tmpsc::Sender<Vec<u8>>>,
-    from_remote: mpsc::Receiver<Vec<u8>>,
+    from_remote: mpsc::Receiver<Result<Vec<u8>, String>>,
     pending: Vec<u8>,
     offset: usize,
 }
@@ -153,7 +163,8 @@ impl Pipe {
             .map_err(|_| net_error("git transfer outside the async runtime"))?;
         let channel = rt.block_on(session.open_exec(&command)).map_err(|e| net_error(format!("{e:#}")))?;
         let (to_remote, mut outgoing) = tmpsc::channel::<Vec<u8>>(16);
-        let (incoming, from_remote) = mpsc::sync_channel::<Vec<u8>>(64);
+        let (incoming, from_remote) = mpsc::sync_channel::<Result<Vec<u8>, String>>(64);
+        let limit = max_receive_bytes();
         rt.spawn(async move {
             let (mut read, write) = channel.split();
             let writer = async move {
@@ -165,17 +176,35 @@ impl Pipe {
                 let _ = write.eof().await;
             };
             let reader = async move {
+                let mut received: u64 = 0;
                 while let Some(msg) = read.wait().await {
                     match msg {
                         ChannelMsg::Data { data } => {
+                            // A hostile VM could send without end: stop at the limit.
+                            received += data.len() as u64;
+                            let item = if received > limit {
+                                Err(format!(
+                                    "the VM sent more than {limit} bytes in one transfer; stopped \
+                                     (set {MAX_RECEIVE_ENV} to allow more)"
+                                ))
+                            } else {
+                                Ok(data.to_vec())
+                            };
+                            let stop = item.is_err();
                             // The blocking reader may be slow; never block the runtime on it.
                             let incoming = incoming.clone();
-                            let data = data.to_vec();
-                            if tokio::task::spawn_blocking(move || incoming.send(data)).await.map_or(true, |r| r.is_err()) {
+                            if tokio::task::spawn_blocking(move || incoming.send(item)).await.map_or(true, |r| r.is_err())
+                                || stop
+                            {
                                 break;
                             }
                         }
-                        ChannelMsg::ExtendedData { data, .. } => stderr.lock().unwrap().extend_from_slice(&data),
+                        ChannelMsg::ExtendedData { data, .. } => {
+                            // Kept for error messages only: bounded.
+                            let mut buf = stderr.lock().unwrap();
+                            let room = MAX_STDERR.saturating_sub(buf.len());
+                            buf.extend_from_slice(&data[..data.len().min(room)]);
+                        }
                         ChannelMsg::ExitStatus { exit_status } if exit_status != 0 => {
                             tracing::debug!(exit_status, "remote git exited");
                         }
@@ -196,10 +225,11 @@ impl Read for Stream {
         let mut pipe = self.0.lock().unwrap();
         if pipe.offset == pipe.pending.len() {
             match pipe.from_remote.recv() {
-                Ok(chunk) => {
+                Ok(Ok(chunk)) => {
                     pipe.pending = chunk;
                     pipe.offset = 0;
                 }
+                Ok(Err(why)) => return Err(std::io::Error::other(why)),
                 Err(_) => return Ok(0),
             }
         }

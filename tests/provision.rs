@@ -61,7 +61,7 @@ fn provisioning_against_a_real_guest() {
     assert_eq!(w.run(&["status", "--json"]).json()["gcp_credentials"], true);
 
     // Listed variables reach a connected session; others do not; values never in argv.
-    let mut child = w
+    let child = w
         .agent_vm(&["connect", "--no-mount", "--", "sh", "-c", "echo ${ANTHROPIC_API_KEY:-unset} ${NOT_LISTED_VAR:-unset}; sleep 4"])
         .env("ANTHROPIC_API_KEY", "sk-test-7f3a")
         .env("NOT_LISTED_VAR", "leak-me")
@@ -81,6 +81,8 @@ fn provisioning_against_a_real_guest() {
     assert!(guest_ps.contains("sleep 4"), "the session was not running: {guest_ps}");
     assert!(!guest_ps.contains("sk-test-7f3a"), "the key is on a guest command line");
     assert!(!host_ps.contains("sk-test-7f3a"), "the key is on a host command line");
+
+    guest_cannot_reach_host_services(&w, &adc);
 
     // Provisioning again changes nothing.
     let snapshot = "stat -c '%n %Y %a' /etc/ssh/sshd_config.d/agent-vm.conf /etc/google/application_default_credentials.json /etc/profile.d/ai-agent-env.sh .gitconfig .local/bin/start-claude .claude.json";
@@ -117,6 +119,36 @@ fn provisioning_against_a_real_guest() {
     std::fs::remove_file(broken.path().join("homedir/.claude.json")).unwrap();
     let r = Run::from(w.agent_vm(&["provision"]).env("AGENT_VM_COMMON_DIR", broken.path()).output().unwrap(), &["provision"]);
     r.fails_with("sentinel .claude.json");
+}
+
+/// A service bound to the host's loopback is out of the guest's reach
+/// unless the user opts out.
+fn guest_cannot_reach_host_services(w: &World, adc: &std::path::Path) {
+    // Provision as the test does elsewhere, so only the guard differs.
+    let provision = |extra: &[&str]| {
+        let mut args = vec!["provision"];
+        args.extend(extra);
+        let cmd = w.agent_vm(&args).env("GOOGLE_APPLICATION_CREDENTIALS", adc).env("CLOUD_ML_REGION", "europe-west4").output();
+        Run::from(cmd.unwrap(), &args)
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let _ = std::io::Write::write_all(&mut conn.unwrap(), b"host-secret-service\n");
+        }
+    });
+    let probe = format!("timeout 10 bash -c 'exec 3<>/dev/tcp/192.168.5.2/{port} && head -n1 <&3'");
+    let r = w.guest(&probe);
+    assert!(!r.stdout.contains("host-secret-service"), "the guest reached a host loopback service");
+    assert_ne!(r.code, Some(0));
+    assert_eq!(w.guest("systemctl is-enabled agent-vm-guard.service").ok().stdout, "enabled\n");
+    // The control: with the opt-out the same probe gets through (so the
+    // check above can fail), and provisioning again restores the guard.
+    provision(&["--allow-host-access"]).ok();
+    assert_eq!(w.guest(&probe).ok().stdout, "host-secret-service\n");
+    provision(&[]).ok();
+    assert!(!w.guest(&probe).stdout.contains("host-secret-service"), "the guard did not come back");
 }
 
 /// Copies a tree, following symlinks (the fixture links to common/).

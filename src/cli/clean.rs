@@ -12,7 +12,8 @@ use crate::workspace::{self, HostRepo, Probe, Workspace};
 /// not fetched or uncommitted changes. The host branch is not touched.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Branch (its name on the host)
+    /// Branch (its name on the host; one starting with `-` works too)
+    #[arg(allow_hyphen_values = true)]
     branch: String,
     /// Do not ask for confirmation (required when stdin is not a terminal)
     #[arg(short, long)]

@@ -22,7 +22,8 @@ agent-vm connect feature-x            # shell in the feature-x workspace\n  \
 agent-vm connect -- uname -a          # run a command, exit with its status\n  \
 cd \"$(agent-vm connect --print-path feature-x)\"   # the workspace, on this machine")]
 pub struct Args {
-    /// Branch whose workspace to open
+    /// Branch whose workspace to open (one starting with `-` works too)
+    #[arg(allow_hyphen_values = true)]
     branch: Option<String>,
     /// Fail instead of starting the VM when it is not running
     #[arg(long, conflicts_with = "branch")]

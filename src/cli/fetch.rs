@@ -15,7 +15,8 @@ use crate::workspace::{self, HostRepo, Integrated, Probe, Progress, Vm, Workspac
 /// VM are reported, not transferred: only commits travel.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Branch (its name on the host)
+    /// Branch (its name on the host; one starting with `-` works too)
+    #[arg(allow_hyphen_values = true)]
     branch: String,
 }
 

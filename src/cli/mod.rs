@@ -182,7 +182,9 @@ async fn branch_op(ctx: &Context, branch: &str, start: bool) -> Result<BranchOp>
 /// The VM backend and an SSH session to the running VM. With `start`, the
 /// VM is created or booted as needed; without, a stopped VM is an error.
 async fn session(ctx: &Context, start: bool) -> Result<(Box<dyn Backend>, crate::ssh::Session)> {
-    session_with(ctx, start, &crate::vm::Resources::default()).await.map(|(b, s, _)| (b, s))
+    session_with(ctx, start, &crate::vm::Resources::default(), &crate::provision::Options::from_env())
+        .await
+        .map(|(b, s, _)| (b, s))
 }
 
 /// [`session`] with the resources for a VM that has to be created; also
@@ -191,6 +193,7 @@ async fn session_with(
     ctx: &Context,
     start: bool,
     resources: &crate::vm::Resources,
+    provisioning: &crate::provision::Options,
 ) -> Result<(Box<dyn Backend>, crate::ssh::Session, crate::vm::Started)> {
     let backend = ctx.backend()?;
     let started = if start {
@@ -206,7 +209,7 @@ async fn session_with(
     }
     let session = crate::ssh::Session::connect(&endpoint, crate::ssh::CONNECT_TIMEOUT).await?;
     if started == crate::vm::Started::Created {
-        crate::provision::run(&session, &ctx.ui).await.map_err(|e| {
+        crate::provision::run(&session, &ctx.ui, provisioning).await.map_err(|e| {
             e.context("the VM was created but provisioning failed; fix the cause and run `agent-vm provision`")
         })?;
     }

@@ -13,13 +13,33 @@ use super::Context;
 /// the second time. Uses $AGENT_VM_COMMON_DIR instead of the built-in
 /// common/ when set.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    pub host: HostAccessArg,
+}
 
-pub async fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
-    let (_backend, session, started) = super::session_with(ctx, true, &Default::default()).await?;
+/// `--allow-host-access`, shared with `start`.
+#[derive(Debug, clap::Args)]
+pub struct HostAccessArg {
+    /// Let the VM open connections to this machine, its localhost-only
+    /// services included. By default provisioning installs a firewall rule
+    /// in the VM that blocks them (see the README's security section)
+    #[arg(long, env = crate::provision::HOST_ACCESS_ENV)]
+    allow_host_access: bool,
+}
+
+impl HostAccessArg {
+    pub fn options(&self) -> crate::provision::Options {
+        crate::provision::Options { host_access: self.allow_host_access }
+    }
+}
+
+pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    let options = args.host.options();
+    let (_backend, session, started) = super::session_with(ctx, true, &Default::default(), &options).await?;
     // A VM created just now was provisioned on the way.
     if started != crate::vm::Started::Created {
-        crate::provision::run(&session, &ctx.ui).await?;
+        crate::provision::run(&session, &ctx.ui, &options).await?;
     }
     ctx.ui.say("The VM is provisioned.");
     Ok(ExitCode::SUCCESS)

@@ -14,7 +14,8 @@ use crate::workspace::{HostRepo, Objects, Progress, Pushed, Vm, Workspace};
 /// checked out in the VM, when the agent has uncommitted changes there.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Branch (its name on the host)
+    /// Branch (its name on the host; one starting with `-` works too)
+    #[arg(allow_hyphen_values = true)]
     branch: String,
     #[command(flatten)]
     pub objects: ObjectsArg,

@@ -22,9 +22,6 @@ use crate::workspace::{HostRepo, Vm, printable};
 agent-vm run --logs --fetch a b -- make test     # logs in outputs/<YYYYMMDD-HHMMSS>/<branch>.log\n  \
 agent-vm run -j 2 a b c d -- bash -c 'make && make check'")]
 pub struct Args {
-    /// Branches (their names on the host)
-    #[arg(required = true, value_name = "BRANCH")]
-    branches: Vec<String>,
     /// Commands running at once (default: the VM's vCPUs)
     #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     jobs: Option<u32>,
@@ -36,14 +33,41 @@ pub struct Args {
     fetch: bool,
     #[command(flatten)]
     objects: super::push::ObjectsArg,
-    /// The command to run in each workspace
-    #[arg(last = true, required = true, value_name = "COMMAND")]
-    command: Vec<String>,
+    /// Branches (their names on the host), then `--` and the command to
+    /// run in each workspace. Options go before the first branch, so a
+    /// branch may start with `-`.
+    #[arg(required = true, value_name = "BRANCH... -- COMMAND", trailing_var_arg = true, allow_hyphen_values = true)]
+    words: Vec<String>,
+}
+
+impl Args {
+    /// The branches and the command, split at the first `--`.
+    fn split(&self) -> Result<(&[String], &[String])> {
+        let Some(at) = self.words.iter().position(|w| w == "--") else {
+            bail!("missing `-- COMMAND`: write `agent-vm run BRANCH... -- COMMAND [ARGS]`");
+        };
+        let (branches, command) = (&self.words[..at], &self.words[at + 1..]);
+        if branches.is_empty() {
+            bail!("no BRANCH given: write `agent-vm run BRANCH... -- COMMAND [ARGS]`");
+        }
+        if command.is_empty() {
+            bail!("no COMMAND after `--`: write `agent-vm run BRANCH... -- COMMAND [ARGS]`");
+        }
+        // Everything after the first branch is a branch: an option there is
+        // a mistake, not a branch to create.
+        const OPTIONS: [&str; 10] =
+            ["-j", "--jobs", "--logs", "--fetch", "--ship-all-objects", "--instance", "-v", "--verbose", "-q", "--quiet"];
+        if let Some(o) = branches.iter().skip(1).find(|b| OPTIONS.iter().any(|o| b == o || b.starts_with(&format!("{o}=")))) {
+            bail!("{o:?} after a branch: put options before the branches (`agent-vm run [OPTIONS] BRANCH... -- COMMAND`)");
+        }
+        Ok((branches, command))
+    }
 }
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    let (branches, command) = args.split()?;
     let mut seen = std::collections::HashSet::new();
-    for b in &args.branches {
+    for b in branches {
         crate::workspace::validate_branch(b)?;
         if !seen.insert(b) {
             bail!("branch {b:?} is given twice");
@@ -55,7 +79,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let endpoint = session.endpoint().clone();
     let vm = Vm::new(session)?;
     let mut jobs = Vec::new();
-    for branch in &args.branches {
+    for branch in branches {
         let (ws, tip) = super::push::push_branch(ctx, &host, &vm, branch, args.objects.objects()).await?;
         jobs.push(Job { branch: branch.clone(), dir: ws.dir, base: tip.to_string() });
     }
@@ -84,7 +108,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         // Stay alive so receivers keep waiting for the stop they saw.
         std::future::pending::<()>().await;
     });
-    let outcomes = crate::run::run_all(&endpoint, jobs, &args.command, &env, parallel, &output, stop_rx).await;
+    let outcomes = crate::run::run_all(&endpoint, jobs, command, &env, parallel, &output, stop_rx).await;
     stopper.abort();
     let interrupted = outcomes.iter().any(|o| matches!(o.status, Status::Interrupted | Status::NotRun));
     print_table(&outcomes);

@@ -21,6 +21,8 @@ pub struct Args {
     /// Disk size in GiB (applies when the VM is created)
     #[arg(long, value_name = "GIB", value_parser = clap::value_parser!(u32).range(10..=4096))]
     disk: Option<u32>,
+    #[command(flatten)]
+    host: super::provision::HostAccessArg,
 }
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
@@ -31,7 +33,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         disk_gib: args.disk.unwrap_or(defaults.disk_gib),
     };
     let asked = args.memory.is_some() || args.vcpu.is_some() || args.disk.is_some();
-    let (backend, session, started) = super::session_with(ctx, true, &resources).await?;
+    let (backend, session, started) = super::session_with(ctx, true, &resources, &args.host.options()).await?;
     if asked && started != Started::Created {
         ctx.ui.say(
             "note: --memory, --vcpu and --disk apply when the VM is created; this VM already exists and \
