@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use russh::ChannelMsg;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::shell;
 use crate::ssh::{CONNECT_TIMEOUT, Endpoint, Session};
@@ -81,10 +81,11 @@ impl Outcome {
     }
 }
 
-/// Runs `argv` in every job's workspace, at most `parallel` at a time, each
-/// over its own SSH connection (sshd limits channels per connection).
-/// Setting `stop` to true stops everything: running commands are killed
-/// (their process groups), queued ones never start.
+/// Runs `argv` in every job's workspace, at most `parallel` at a time:
+/// `parallel` workers, each with its own SSH connection (sshd limits
+/// channels per connection, and a handshake is costly on a slow guest),
+/// take jobs in order. Setting `stop` to true stops everything: running
+/// commands are killed (their process groups), queued ones never start.
 pub async fn run_all(
     endpoint: &Endpoint,
     jobs: Vec<Job>,
@@ -94,39 +95,54 @@ pub async fn run_all(
     output: &Output,
     stop: watch::Receiver<bool>,
 ) -> Vec<Outcome> {
-    let slots = Arc::new(Semaphore::new(parallel.max(1)));
     let width = jobs.iter().map(|j| printable(&j.branch).chars().count()).max().unwrap_or(0);
-    let tasks: Vec<_> = jobs
-        .into_iter()
-        .map(|job| {
+    let count = jobs.len();
+    let queue = Arc::new(std::sync::Mutex::new(jobs.into_iter().enumerate().collect::<std::collections::VecDeque<_>>()));
+    let workers: Vec<_> = (0..parallel.clamp(1, count.max(1)))
+        .map(|_| {
             let (endpoint, argv, env, output) = (endpoint.clone(), argv.to_vec(), env.to_vec(), output.clone());
-            let (slots, mut stop) = (slots.clone(), stop.clone());
+            let (queue, stop) = (queue.clone(), stop.clone());
             tokio::spawn(async move {
-                let permit = tokio::select! {
-                    p = slots.acquire_owned() => p.expect("never closed"),
-                    _ = stopped(&mut stop) => {
-                        return Outcome { job, status: Status::NotRun, duration: Duration::ZERO, commits: None };
+                let mut done = Vec::new();
+                let mut session: Option<Session> = None;
+                loop {
+                    let Some((index, job)) = queue.lock().unwrap().pop_front() else { break };
+                    if *stop.borrow() {
+                        done.push((index, Outcome { job, status: Status::NotRun, duration: Duration::ZERO, commits: None }));
+                        continue;
                     }
-                };
-                if *stop.borrow() {
-                    return Outcome { job, status: Status::NotRun, duration: Duration::ZERO, commits: None };
+                    let started = Instant::now();
+                    let result = async {
+                        if session.is_none() {
+                            session = Some(Session::connect(&endpoint, CONNECT_TIMEOUT).await?);
+                        }
+                        let s = session.as_ref().expect("just connected");
+                        run_one(s, &job, &argv, &env, &output, width, stop.clone()).await
+                    }
+                    .await;
+                    let duration = started.elapsed();
+                    done.push((index, match result {
+                        Ok((status, commits)) => Outcome { job, status, duration, commits },
+                        Err(e) => {
+                            // Start afresh on the next job: the connection may be what failed.
+                            session = None;
+                            Outcome { job, status: Status::Failed(format!("{e:#}")), duration, commits: None }
+                        }
+                    }));
                 }
-                let started_running = Instant::now();
-                let result = run_one(&endpoint, &job, &argv, &env, &output, width, stop).await;
-                drop(permit);
-                let duration = started_running.elapsed();
-                match result {
-                    Ok((status, commits)) => Outcome { job, status, duration, commits },
-                    Err(e) => Outcome { job, status: Status::Failed(format!("{e:#}")), duration, commits: None },
+                if let Some(s) = session {
+                    s.close().await;
                 }
+                done
             })
         })
         .collect();
-    let mut outcomes = Vec::new();
-    for t in tasks {
-        outcomes.push(t.await.expect("job task panicked"));
+    let mut outcomes: Vec<(usize, Outcome)> = Vec::with_capacity(count);
+    for w in workers {
+        outcomes.extend(w.await.expect("run worker panicked"));
     }
-    outcomes
+    outcomes.sort_by_key(|(i, _)| *i);
+    outcomes.into_iter().map(|(_, o)| o).collect()
 }
 
 /// Resolves once a stop is asked for (never, if nobody can ask any more).
@@ -137,7 +153,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 async fn run_one(
-    endpoint: &Endpoint,
+    session: &Session,
     job: &Job,
     argv: &[String],
     env: &[(String, String)],
@@ -146,7 +162,6 @@ async fn run_one(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(Status, Option<u64>)> {
     let mut sink = Sink::new(output, &job.branch, width)?;
-    let session = Session::connect(endpoint, CONNECT_TIMEOUT).await?;
     let mut args: Vec<&str> = vec![&job.dir];
     args.extend(argv.iter().map(String::as_str));
     let channel = session.open_exec_env(&shell::login_script(WRAPPER, &args)?, env).await?;
@@ -172,14 +187,12 @@ async fn run_one(
     }
     sink.finish()?;
     if interrupted {
-        session.close().await;
         return Ok((Status::Interrupted, None));
     }
     let commits = match session.exec(&shell::script(COUNT_COMMITS, &[&job.dir, &job.base])?).await {
         Ok(out) if out.status == 0 => out.stdout_str().trim().parse().ok(),
         _ => None,
     };
-    session.close().await;
     Ok((Status::Exited(status.unwrap_or(255)), commits))
 }
 

@@ -160,10 +160,17 @@ pub fn printable(text: &str) -> String {
 
 // VM-side scripts. Fixed text; every variable part is a positional argument.
 
-/// $1 cache: make sure the bare cache exists; says "new" when it did not.
+/// $1 cache: make sure the bare cache exists; says "new" when this call
+/// created it. Built aside and renamed into place, so concurrent first
+/// pushes never see a half-made cache: one rename wins, the others use it.
 const PREPARE_CACHE: &str = r#"set -e
-if [ ! -d "$1" ]; then mkdir -p "$1"; git init -q --bare "$1"; echo new; fi
-git --git-dir="$1" config gc.auto 0"#;
+[ -d "$1/objects" ] && exit 0
+mkdir -p "${1%/*}"
+tmp="$1.new.$$"
+rm -rf -- "$tmp"
+git init -q --bare "$tmp"
+git --git-dir="$tmp" config gc.auto 0
+if mv -T -- "$tmp" "$1" 2>/dev/null; then echo new; else rm -rf -- "$tmp"; fi"#;
 
 /// $1 repository, $2 ref, $3 commit: point the ref at the commit, which
 /// must be there.
@@ -174,30 +181,24 @@ const UNPACK_OBJECTS: &str = r#"set -e
 tar -x --no-same-owner --no-same-permissions -f - -C "$1/objects""#;
 
 /// $1 cache, $2 workspace, $3 branch, $4 host repo (for display): clone the
-/// cache locally (hard links, no copy) into a new workspace on the branch.
+/// cache locally (hard links, no copy) into a new workspace on the branch,
+/// configured in the same step (each git process costs on a slow guest).
 const CREATE_WORKSPACE: &str = r#"set -e
 tmp="$2.agent-vm-new"
 rm -rf -- "$tmp"
 mkdir -p -- "${2%/*}"
-tip=$(git --git-dir="$1" rev-parse --verify -q "refs/heads/$3^{commit}")
-git clone -q --no-checkout --local "$1" "$tmp" 2>/dev/null
-cd "$tmp"
-git remote remove origin
-git update-ref "refs/heads/$3" "$tip"
-git symbolic-ref HEAD "refs/heads/$3"
-git reset -q --hard
-git config receive.denyCurrentBranch updateInstead
-git config agent-vm.branch "$3"
-git config agent-vm.hostRepo "$4"
-cd
+git clone -q --local --branch="$3" -c receive.denyCurrentBranch=updateInstead -c core.untrackedCache=true \
+    -c "agent-vm.branch=$3" -c "agent-vm.hostRepo=$4" -- "$1" "$tmp"
+git -C "$tmp" remote remove origin
 mv -T -- "$tmp" "$2""#;
 
-/// $1 workspace, $2 branch: "absent", or "present", the branch tip (or
-/// "-") and the number of uncommitted changes, one per line.
+/// $1 workspace, $2 branch, $3 "count" or not: "absent", or "present", the
+/// branch tip (or "-") and the number of uncommitted changes (when asked:
+/// `git status` walks the whole tree, the slow part), one per line.
 const PROBE: &str = r#"if [ ! -d "$1/.git" ]; then echo absent; exit 0; fi
 echo present
 git -C "$1" rev-parse --verify -q "refs/heads/$2^{commit}" || echo -
-git -C "$1" status --porcelain 2>/dev/null | wc -l"#;
+if [ "$3" = count ]; then git -C "$1" status --porcelain 2>/dev/null | wc -l; else echo 0; fi"#;
 
 /// $1 workspace: delete it.
 const REMOVE: &str = r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
@@ -264,8 +265,17 @@ impl Vm {
         Ok(out.stdout_str())
     }
 
+    /// What the VM says about the workspace, with its uncommitted changes
+    /// counted.
     pub async fn probe(&self, ws: &Workspace) -> Result<Probe> {
-        let out = self.script(PROBE, &[&ws.dir, &ws.branch], "inspecting the workspace").await?;
+        self.probe_with(ws, true).await
+    }
+
+    /// [`Vm::probe`], counting uncommitted changes only when `count` (else
+    /// `changes` is 0).
+    async fn probe_with(&self, ws: &Workspace, count: bool) -> Result<Probe> {
+        let mode = if count { "count" } else { "tip" };
+        let out = self.script(PROBE, &[&ws.dir, &ws.branch, mode], "inspecting the workspace").await?;
         let mut lines = out.lines();
         match lines.next() {
             Some("absent") => Ok(Probe::Absent),
@@ -283,7 +293,9 @@ impl Vm {
     /// refuses when the VM branch has commits the host lacks.
     pub async fn push(&self, host: &HostRepo, ws: &Workspace, objects: Objects, progress: &Progress) -> Result<Pushed> {
         let tip = host.branch_tip(&ws.branch)?.ok_or_else(|| anyhow!("host branch {:?} does not exist", ws.branch))?;
-        match self.probe(ws).await? {
+        // Uncommitted changes need no count here: the VM's updateInstead
+        // refuses the push itself when they are in the way.
+        match self.probe_with(ws, false).await? {
             Probe::Absent => {
                 let fresh = self.script(PREPARE_CACHE, &[&ws.cache], "preparing the object cache").await?;
                 if fresh.trim() == "new" && objects == Objects::All {

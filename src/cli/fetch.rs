@@ -33,7 +33,11 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
 pub(super) async fn fetch_branch(ctx: &Context, host: &HostRepo, vm: &Vm, branch: &str) -> Result<ExitCode> {
     let _lock = host.lock_branch(branch, &ctx.ui)?;
     let ws = Workspace::new(host, branch);
-    match vm.probe(&ws).await? {
+    // Counting uncommitted changes walks the VM's tree: do it while the
+    // commits travel.
+    let progress = Progress::new(&ctx.ui);
+    let (probe, fetched) = tokio::join!(vm.probe(&ws), vm.fetch(host, &ws, &progress));
+    match probe? {
         Probe::Absent => bail!("there is no workspace for {branch:?} in the VM; `agent-vm push {branch}` creates one"),
         Probe::Present { tip: None, .. } => {
             bail!("the workspace ~/{} has no branch {branch:?} (did the agent delete or rename it?)", ws.dir)
@@ -44,7 +48,7 @@ pub(super) async fn fetch_branch(ctx: &Context, host: &HostRepo, vm: &Vm, branch
         )),
         Probe::Present { .. } => {}
     }
-    let new = vm.fetch(host, &ws, &Progress::new(&ctx.ui)).await?;
+    let new = fetched?;
     let short = |o: git2::Oid| format!("{:.10}", o.to_string());
     match workspace::integrate(host, branch, new)? {
         Integrated::UpToDate => ctx.ui.say(&format!("{branch:?} is up to date ({}).", short(new))),

@@ -187,6 +187,16 @@ async fn session(ctx: &Context, start: bool) -> Result<(Box<dyn Backend>, crate:
         .map(|(b, s, _)| (b, s))
 }
 
+/// How long the first, optimistic connection attempt may take.
+const FAST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An installed ssh-config entry follows the VM's (new) port.
+fn refresh_ssh_config(backend: &dyn Backend, endpoint: &crate::ssh::Endpoint) {
+    if let Err(e) = ssh_config::refresh(backend.instance(), endpoint) {
+        tracing::warn!("cannot update the ssh-config entry: {e:#}");
+    }
+}
+
 /// [`session`] with the resources for a VM that has to be created; also
 /// says what starting took. A VM created here is provisioned before use.
 async fn session_with(
@@ -196,6 +206,17 @@ async fn session_with(
     provisioning: &crate::provision::Options,
 ) -> Result<(Box<dyn Backend>, crate::ssh::Session, crate::vm::Started)> {
     let backend = ctx.backend()?;
+    // The common case first: the VM runs and answers where its SSH config
+    // says. Asking the backend (a limactl process) comes only when it does not.
+    if let Ok(endpoint) = backend.ssh_endpoint() {
+        match crate::ssh::Session::connect(&endpoint, FAST_CONNECT_TIMEOUT).await {
+            Ok(session) => {
+                refresh_ssh_config(backend.as_ref(), &endpoint);
+                return Ok((backend, session, crate::vm::Started::AlreadyRunning));
+            }
+            Err(e) => tracing::debug!("no quick connection, asking the backend: {e:#}"),
+        }
+    }
     let started = if start {
         crate::vm::ensure_running(backend.as_ref(), resources, &ctx.ui)?
     } else {
@@ -203,10 +224,7 @@ async fn session_with(
         crate::vm::Started::AlreadyRunning
     };
     let endpoint = backend.ssh_endpoint()?;
-    // An installed ssh-config entry follows the VM's (new) port.
-    if let Err(e) = ssh_config::refresh(backend.instance(), &endpoint) {
-        tracing::warn!("cannot update the ssh-config entry: {e:#}");
-    }
+    refresh_ssh_config(backend.as_ref(), &endpoint);
     let session = crate::ssh::Session::connect(&endpoint, crate::ssh::CONNECT_TIMEOUT).await?;
     if started == crate::vm::Started::Created {
         crate::provision::run(&session, &ctx.ui, provisioning).await.map_err(|e| {

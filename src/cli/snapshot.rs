@@ -86,6 +86,8 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     if was_running {
         ctx.ui.say(&format!("Starting VM '{}' again…", backend.instance()));
         backend.start()?;
+        // A new boot, a new SSH port: keep an installed ssh-config entry current.
+        super::ssh_config::refresh(backend.instance(), &backend.ssh_endpoint()?)?;
     }
     ctx.ui.say(&result?);
     Ok(ExitCode::SUCCESS)
