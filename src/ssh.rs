@@ -196,33 +196,44 @@ impl Session {
         });
         let addr = (endpoint.host.as_str(), endpoint.port);
         let refusal = Arc::new(std::sync::Mutex::new(None));
-        let client = Client {
-            host: endpoint.host.clone(),
-            port: endpoint.port,
-            policy: endpoint.host_key.clone(),
-            refusal: refusal.clone(),
-        };
-        let mut handle = match tokio::time::timeout(timeout, client::connect(config, addr, client)).await {
-            Err(_) => bail!(
-                "timed out after {} s connecting to the VM at {}:{}; check `agent-vm status`",
-                timeout.as_secs(),
-                endpoint.host,
-                endpoint.port
-            ),
-            Ok(Err(russh::Error::IO(e))) => bail!(
-                "cannot reach the VM's SSH server at {}:{} ({e}): the VM is not running. Start it with `agent-vm start`",
-                endpoint.host,
-                endpoint.port
-            ),
-            Ok(Err(e)) => {
-                if let Some(why) = refusal.lock().unwrap().take() {
-                    bail!("refusing to connect to {}:{}: {why}", endpoint.host, endpoint.port);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut attempt = 0u32;
+        let mut handle = loop {
+            attempt += 1;
+            let client = Client {
+                host: endpoint.host.clone(),
+                port: endpoint.port,
+                policy: endpoint.host_key.clone(),
+                refusal: refusal.clone(),
+            };
+            match tokio::time::timeout_at(deadline, client::connect(config.clone(), addr, client)).await {
+                Err(_) => bail!(
+                    "timed out after {} s connecting to the VM at {}:{}; check `agent-vm status`",
+                    timeout.as_secs(),
+                    endpoint.host,
+                    endpoint.port
+                ),
+                Ok(Err(russh::Error::IO(e))) => bail!(
+                    "cannot reach the VM's SSH server at {}:{} ({e}): the VM is not running. Start it with `agent-vm start`",
+                    endpoint.host,
+                    endpoint.port
+                ),
+                // sshd drops handshakes beyond MaxStartups when many
+                // commands connect at once: try again shortly.
+                Ok(Err(russh::Error::Disconnect)) if attempt < 8 && refusal.lock().unwrap().is_none() => {
+                    tracing::debug!(attempt, "the SSH server dropped the handshake; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
                 }
-                return Err(e).with_context(|| {
-                    format!("SSH handshake with the VM at {}:{} failed", endpoint.host, endpoint.port)
-                });
+                Ok(Err(e)) => {
+                    if let Some(why) = refusal.lock().unwrap().take() {
+                        bail!("refusing to connect to {}:{}: {why}", endpoint.host, endpoint.port);
+                    }
+                    return Err(e).with_context(|| {
+                        format!("SSH handshake with the VM at {}:{} failed", endpoint.host, endpoint.port)
+                    });
+                }
+                Ok(Ok(h)) => break h,
             }
-            Ok(Ok(h)) => h,
         };
         for (path, key) in keys {
             let hash = handle.best_supported_rsa_hash().await?.flatten();

@@ -185,11 +185,24 @@ fn adversarial_suite() {
     w.run(&["start", "--vcpu", "1", "--memory", "2"]).ok();
     let host = Host::new(&w);
     let mut s = Suite { results: Vec::new() };
-    hostile_vm(&w, &host, &mut s);
-    hostile_input(&w, &host, &mut s);
-    faults(&w, &host, &mut s);
-    secrets(&w, &mut s);
-    network(&w, &mut s);
+    // AGENT_VM_ADVERSARIAL_ONLY="faults,secrets" runs only those categories.
+    let only = std::env::var("AGENT_VM_ADVERSARIAL_ONLY").unwrap_or_default();
+    let want = |c: &str| only.is_empty() || only.split(',').any(|o| o.trim() == c);
+    if want("hostile VM") {
+        hostile_vm(&w, &host, &mut s);
+    }
+    if want("hostile input") {
+        hostile_input(&w, &host, &mut s);
+    }
+    if want("faults") {
+        faults(&w, &host, &mut s);
+    }
+    if want("secrets") {
+        secrets(&w, &mut s);
+    }
+    if want("network") {
+        network(&w, &mut s);
+    }
     s.finish();
 }
 
@@ -632,17 +645,26 @@ fn host_cmdlines() -> String {
 }
 
 /// Runs agent-vm with a secret in its environment at the most verbose
-/// level, sampling host and guest command lines while it runs.
-fn watch_for_secret(w: &World, dir: &Path, args: &[&str], env: (&str, &str), secret: &str, sample_after: Duration) -> Outcome {
+/// level, sampling host and guest command lines once the remote command
+/// (`sleep 30`, or provisioning) is running.
+fn watch_for_secret(w: &World, dir: &Path, args: &[&str], env: (&str, &str), secret: &str) -> Outcome {
     let mut cmd = w.agent_vm(args);
     cmd.current_dir(dir).env(env.0, env.1).env("RUST_LOG", "trace").stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    std::thread::sleep(sample_after);
-    let guest = w.guest("ps -eo args").stdout.clone();
-    let hostp = host_cmdlines();
+    let mut child = cmd.spawn().unwrap();
+    let busy = if args.contains(&"provision") { "lima-provision" } else { "sleep 30" };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let (mut guest, mut hostp) = (String::new(), String::new());
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        guest = w.guest("ps -eo args").stdout.clone();
+        hostp = host_cmdlines();
+        if guest.contains(busy) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    check!(guest.contains(busy), "never saw {busy:?} running in the VM");
     let out = child.wait_with_output().unwrap();
     check!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    check!(guest.contains("sleep") || args.contains(&"provision"), "sampled too late: nothing was running");
     check!(!guest.contains(secret), "the secret is on a guest command line");
     check!(!hostp.contains(secret), "the secret is on a host command line");
     let logs = String::from_utf8_lossy(&out.stderr);
@@ -655,16 +677,18 @@ fn secrets(w: &World, s: &mut Suite) {
     const C: &str = "secrets";
     let repo = w.repo("secret");
     s.case(C, "connect: API key not in argv or -vv logs", || {
-        watch_for_secret(w, &repo, &["-vv", "connect", "s1", "--no-mount", "--", "sleep", "4"], ("ANTHROPIC_API_KEY", "sk-ant-c0nnect-5ecret"), "sk-ant-c0nnect-5ecret", Duration::from_secs(5))
+        let env = ("ANTHROPIC_API_KEY", "sk-ant-c0nnect-5ecret");
+        watch_for_secret(w, &repo, &["-vv", "connect", "s1", "--no-mount", "--", "sleep", "30"], env, env.1)
     });
     s.case(C, "run: API key not in argv or -vv logs", || {
-        watch_for_secret(w, &repo, &["-vv", "run", "s1", "s2", "--", "sleep", "4"], ("OPENAI_API_KEY", "sk-0penai-run-5ecret"), "sk-0penai-run-5ecret", Duration::from_secs(6))
+        let env = ("OPENAI_API_KEY", "sk-0penai-run-5ecret");
+        watch_for_secret(w, &repo, &["-vv", "run", "s1", "s2", "--", "sleep", "30"], env, env.1)
     });
     s.case(C, "provision: credentials not in argv or -vv logs; files 0640 / 0600", || {
         let adc = w.home.path().join("adc.json");
         std::fs::write(&adc, "{\"client_secret\": \"adc-pr0vision-5ecret\"}\n").unwrap();
         let env = ("GOOGLE_APPLICATION_CREDENTIALS", adc.to_str().unwrap());
-        watch_for_secret(w, &repo, &["-vv", "provision"], env, "adc-pr0vision-5ecret", Duration::from_secs(4))?;
+        watch_for_secret(w, &repo, &["-vv", "provision"], env, "adc-pr0vision-5ecret")?;
         let mode = w.guest("stat -c '%a %U' /etc/google/application_default_credentials.json").ok().stdout.clone();
         check!(mode == "640 root\n", "credentials mode {mode}");
         let profile = w.guest("cat /etc/profile.d/ai-agent-env.sh").ok().stdout.clone();
