@@ -648,8 +648,11 @@ fn host_cmdlines() -> String {
 /// level, sampling host and guest command lines once the remote command
 /// (`sleep 30`, or provisioning) is running.
 fn watch_for_secret(w: &World, dir: &Path, args: &[&str], env: (&str, &str), secret: &str) -> Outcome {
+    // Output goes to files: trace logs would fill a pipe nobody reads yet.
+    let (out_file, err_file) = (tempfile::NamedTempFile::new().unwrap(), tempfile::NamedTempFile::new().unwrap());
     let mut cmd = w.agent_vm(args);
-    cmd.current_dir(dir).env(env.0, env.1).env("RUST_LOG", "trace").stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.current_dir(dir).env(env.0, env.1).env("RUST_LOG", "trace");
+    cmd.stdout(out_file.reopen().unwrap()).stderr(err_file.reopen().unwrap());
     let mut child = cmd.spawn().unwrap();
     let busy = if args.contains(&"provision") { "lima-provision" } else { "sleep 30" };
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -662,14 +665,15 @@ fn watch_for_secret(w: &World, dir: &Path, args: &[&str], env: (&str, &str), sec
         }
         std::thread::sleep(Duration::from_millis(300));
     }
+    let status = child.wait().unwrap();
+    let logs = std::fs::read_to_string(err_file.path()).unwrap_or_default();
+    let printed = std::fs::read_to_string(out_file.path()).unwrap_or_default();
+    check!(status.success(), "{args:?} failed: {}", &logs[logs.len().saturating_sub(2000)..]);
     check!(guest.contains(busy), "never saw {busy:?} running in the VM");
-    let out = child.wait_with_output().unwrap();
-    check!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     check!(!guest.contains(secret), "the secret is on a guest command line");
     check!(!hostp.contains(secret), "the secret is on a host command line");
-    let logs = String::from_utf8_lossy(&out.stderr);
     check!(!logs.contains(secret), "the secret is in the -vv logs");
-    check!(!String::from_utf8_lossy(&out.stdout).contains(secret), "the secret was printed");
+    check!(!printed.contains(secret), "the secret was printed");
     Ok(())
 }
 
