@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Run, World, git, refs};
+use common::{Run, World, git, host_cmdlines, refs};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -635,14 +635,6 @@ fn faults(w: &World, host: &Host, s: &mut Suite) {
 }
 
 // ------------------------------------------------------------------- secrets
-
-fn host_cmdlines() -> String {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " ") + "\n")
-        .collect()
-}
 
 /// Runs agent-vm with a secret in its environment at the most verbose
 /// level, sampling host and guest command lines once the remote command

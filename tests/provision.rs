@@ -71,11 +71,7 @@ fn provisioning_against_a_real_guest() {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let guest_ps = w.guest("ps -eo args").ok().stdout.clone();
-    let host_ps: String = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " ") + "\n")
-        .collect();
+    let host_ps = common::host_cmdlines();
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "sk-test-7f3a unset\n");
     assert!(guest_ps.contains("sleep 4"), "the session was not running: {guest_ps}");

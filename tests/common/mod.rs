@@ -203,6 +203,16 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Every host process's command line, one a line: to check that no
+/// secret ever sits in an argv.
+pub fn host_cmdlines() -> String {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " ") + "\n")
+        .collect()
+}
+
 /// The fields of `git for-each-ref`, one line a ref, for before/after checks.
 pub fn refs(dir: &Path) -> Vec<String> {
     git(dir, &["for-each-ref", "--format=%(refname) %(objectname)"]).lines().map(str::to_owned).collect()
