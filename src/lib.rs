@@ -2,12 +2,13 @@
 //!
 //! The CLI (`cli`) is a thin layer over these modules: `vm` (the VM
 //! lifecycle, per the `config` file), `ssh` (russh sessions), `shell`
-//! (remote command lines), `transport` and `workspace` (git), `mount`
+//! (remote command lines), `transport`, `pack` and `workspace` (git), `mount`
 //! (sshfs) and `provision` (the template and what goes into the VM).
 
 pub mod cli;
 pub mod config;
 pub mod mount;
+pub mod pack;
 pub mod provision;
 pub mod run;
 pub mod shell;

@@ -11,7 +11,11 @@ pub fn quote<S: AsRef<str>>(words: &[S]) -> Result<String> {
 }
 
 fn first_bad<S: AsRef<str>>(words: &[S]) -> &str {
-    words.iter().map(|w| w.as_ref()).find(|w| w.contains('\0')).unwrap_or("")
+    words
+        .iter()
+        .map(|w| w.as_ref())
+        .find(|w| w.contains('\0'))
+        .unwrap_or("")
 }
 
 /// A command line that runs `argv` in a login shell (so /etc/profile.d is
@@ -73,8 +77,25 @@ mod tests {
     }
 
     const HOSTILE: &[&str] = &[
-        "plain", "with space", "it's", "\"dq\"", "$(touch /tmp/x)", "`id`", "a;b", "a&&b", "-rf",
-        "*", "~", "back\\slash", "new\nline", "ünïcødé ✓", "", "$HOME", "!bang", "{a,b}", "#hash",
+        "plain",
+        "with space",
+        "it's",
+        "\"dq\"",
+        "$(touch /tmp/x)",
+        "`id`",
+        "a;b",
+        "a&&b",
+        "-rf",
+        "*",
+        "~",
+        "back\\slash",
+        "new\nline",
+        "ünïcødé ✓",
+        "",
+        "$HOME",
+        "!bang",
+        "{a,b}",
+        "#hash",
     ];
 
     #[test]
@@ -91,8 +112,11 @@ mod tests {
     fn script_passes_arguments_verbatim() {
         let line = script("printf '%s\\0' \"$@\"", HOSTILE).unwrap();
         let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
-        let got: Vec<String> =
-            String::from_utf8(out.stdout).unwrap().split_terminator('\0').map(str::to_owned).collect();
+        let got: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .split_terminator('\0')
+            .map(str::to_owned)
+            .collect();
         assert_eq!(got, HOSTILE);
     }
 
@@ -103,6 +127,9 @@ mod tests {
         std::fs::create_dir(&weird).unwrap();
         let line = login_command(Some(weird.to_str().unwrap()), &["pwd"]).unwrap();
         let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
-        assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end(), weird.to_str().unwrap());
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap().trim_end(),
+            weird.to_str().unwrap()
+        );
     }
 }

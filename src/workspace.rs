@@ -40,14 +40,24 @@ impl HostRepo {
         let repo = Repository::discover(".").map_err(|e| {
             anyhow!("not in a git repository ({}): run agent-vm inside the repository whose branch you want", e.message())
         })?;
-        let git_dir = repo.commondir().canonicalize().context("cannot resolve the repository's git dir")?;
+        let git_dir = repo
+            .commondir()
+            .canonicalize()
+            .context("cannot resolve the repository's git dir")?;
         let base = match repo.workdir() {
             Some(w) => w.to_path_buf(),
             None => git_dir.clone(),
         };
         let base = base.canonicalize().unwrap_or(base);
-        let name = base.file_name().map(|n| n.to_string_lossy().trim_end_matches(".git").to_owned()).unwrap_or_default();
-        Ok(HostRepo { repo, git_dir, name })
+        let name = base
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".git").to_owned())
+            .unwrap_or_default();
+        Ok(HostRepo {
+            repo,
+            git_dir,
+            name,
+        })
     }
 
     /// The tip of host branch `branch`, if it exists.
@@ -69,11 +79,18 @@ impl HostRepo {
             .repo
             .head()
             .and_then(|h| h.peel_to_commit())
-            .map_err(|_| anyhow!("branch {branch:?} does not exist and HEAD has no commit to create it from"))?;
+            .map_err(|_| {
+                anyhow!("branch {branch:?} does not exist and HEAD has no commit to create it from")
+            })?;
         // A plain ref, not `branch()`: libgit2 refuses names git accepts as
         // refs (a leading `-`) there.
         self.repo
-            .reference(&format!("refs/heads/{branch}"), head.id(), false, "agent-vm: branch from HEAD")
+            .reference(
+                &format!("refs/heads/{branch}"),
+                head.id(),
+                false,
+                "agent-vm: branch from HEAD",
+            )
             .with_context(|| format!("cannot create branch {branch:?}"))?;
         Ok((head.id(), true))
     }
@@ -82,11 +99,18 @@ impl HostRepo {
     /// second one waits rather than interleaving ref updates.
     pub fn lock_branch(&self, branch: &str, ui: &crate::Ui) -> Result<std::fs::File> {
         let dir = self.git_dir.join("agent-vm").join("locks");
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(format!("{}.lock", short_hash(branch.as_bytes())));
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
         if file.try_lock().is_err() {
-            ui.say(&format!("Waiting for another agent-vm command on branch {branch:?}…"));
+            ui.say(&format!(
+                "Waiting for another agent-vm command on branch {branch:?}…"
+            ));
             file.lock()?;
         }
         Ok(file)
@@ -99,7 +123,10 @@ impl HostRepo {
 
 /// Checks that `branch` is a name git accepts for a branch.
 pub fn validate_branch(branch: &str) -> Result<()> {
-    if branch.is_empty() || branch == "HEAD" || !git2::Reference::is_valid_name(&format!("refs/heads/{branch}")) {
+    if branch.is_empty()
+        || branch == "HEAD"
+        || !git2::Reference::is_valid_name(&format!("refs/heads/{branch}"))
+    {
         bail!("{branch:?} is not a valid branch name");
     }
     Ok(())
@@ -125,7 +152,11 @@ impl Workspace {
         let key = format!("{repo_id}\n{branch}");
         Workspace {
             branch: branch.to_owned(),
-            dir: format!("{WORKSPACE_ROOT}/{repo}-{}-{}", readable(branch, 40), short_hash(key.as_bytes())),
+            dir: format!(
+                "{WORKSPACE_ROOT}/{repo}-{}-{}",
+                readable(branch, 40),
+                short_hash(key.as_bytes())
+            ),
             cache: format!("{CACHE_ROOT}/{repo}-{}.git", short_hash(repo_id.as_bytes())),
         }
     }
@@ -142,12 +173,20 @@ fn short_hash(data: &[u8]) -> String {
 fn readable(text: &str, max: usize) -> String {
     let mut out = String::new();
     for c in text.chars() {
-        let c = if c.is_ascii_alphanumeric() || c == '.' || c == '_' { c } else { '-' };
+        let c = if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+            c
+        } else {
+            '-'
+        };
         if !(c == '-' && out.ends_with('-')) {
             out.push(c);
         }
     }
-    let out: String = out.trim_start_matches(['-', '.']).chars().take(max).collect();
+    let out: String = out
+        .trim_start_matches(['-', '.'])
+        .chars()
+        .take(max)
+        .collect();
     let out = out.trim_end_matches('-').to_owned();
     if out.is_empty() { "x".to_owned() } else { out }
 }
@@ -155,53 +194,96 @@ fn readable(text: &str, max: usize) -> String {
 /// Removes control characters from text that came from the VM before it
 /// reaches the terminal (no escape-sequence games).
 pub fn printable(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 // VM-side scripts. Fixed text; every variable part is a positional argument.
 
-/// $1 cache: make sure the bare cache exists; says "new" when this call
-/// created it. Built aside and renamed into place, so concurrent first
-/// pushes never see a half-made cache: one rename wins, the others use it.
-const PREPARE_CACHE: &str = r#"set -e
-[ -d "$1/objects" ] && exit 0
-mkdir -p "${1%/*}"
-tmp="$1.new.$$"
-rm -rf -- "$tmp"
-git init -q --bare "$tmp"
-git --git-dir="$tmp" config gc.auto 0
-if mv -T -- "$tmp" "$1" 2>/dev/null; then echo new; else rm -rf -- "$tmp"; fi"#;
-
-/// $1 repository, $2 ref, $3 commit: point the ref at the commit, which
-/// must be there.
-const SET_REF: &str = r#"git --git-dir="$1" update-ref "$2" "$3""#;
-
-/// $1 cache: unpack a tar of pack files and loose objects (stdin) into it.
-const UNPACK_OBJECTS: &str = r#"set -e
-tar -x --no-same-owner --no-same-permissions -f - -C "$1/objects""#;
-
-/// $1 cache, $2 workspace, $3 branch, $4 host repo (for display): clone the
-/// cache locally (hard links, no copy) into a new workspace on the branch,
-/// configured in the same step (each git process costs on a slow guest).
-const CREATE_WORKSPACE: &str = r#"set -e
-tmp="$2.agent-vm-new"
+/// Shell text that clones cache $1 locally (hard links, no copy) into a new
+/// workspace $2 on branch $3 (host repo $4, for display), configured in the
+/// same step (each git process costs on a slow guest).
+macro_rules! clone_workspace {
+    () => {
+        r#"tmp="$2.agent-vm-new"
 rm -rf -- "$tmp"
 mkdir -p -- "${2%/*}"
 git clone -q --local --branch="$3" -c receive.denyCurrentBranch=updateInstead -c core.untrackedCache=true \
     -c "agent-vm.branch=$3" -c "agent-vm.hostRepo=$4" -- "$1" "$tmp"
 git -C "$tmp" remote remove origin
-mv -T -- "$tmp" "$2""#;
+mv -T -- "$tmp" "$2"
+"#
+    };
+}
 
-/// $1 workspace, $2 branch, $3 "count" or not: "absent", or "present", the
-/// branch tip (or "-") and the number of uncommitted changes (when asked:
-/// `git status` walks the whole tree, the slow part), one per line.
+/// $1 cache, $2 workspace, $3 branch, $4 host repo (for display), $5 the
+/// host's tip: what a push needs when the workspace may not exist, in one
+/// round trip. Says "present" when it exists. Else makes sure the bare cache
+/// exists (built aside and renamed into place, so concurrent first pushes
+/// never see a half-made cache) and, when the cache already has the tip
+/// (another branch's workspace brought it), creates the workspace from it
+/// and says "created"; else says "new" (no pack yet: seed it) or "missing"
+/// (push the branch into the cache).
+const ENSURE_WORKSPACE: &str = concat!(
+    r#"set -e
+if [ -d "$2/.git" ]; then echo present; exit 0; fi
+if [ ! -d "$1/objects" ]; then
+  mkdir -p "${1%/*}"
+  t="$1.new.$$"
+  rm -rf -- "$t"
+  git init -q --bare "$t"
+  git --git-dir="$t" config gc.auto 0
+  mv -T -- "$t" "$1" 2>/dev/null || rm -rf -- "$t"
+fi
+if git --git-dir="$1" cat-file -e "$5^{commit}" 2>/dev/null; then
+  git --git-dir="$1" update-ref "refs/heads/$3" "$5"
+"#,
+    clone_workspace!(),
+    r#"echo created
+  exit 0
+fi
+for f in "$1"/objects/pack/*.idx; do if [ -e "$f" ]; then echo missing; exit 0; fi; done
+echo new"#
+);
+
+/// $1 cache: unpack a tar of pack files (`pack/…`) and loose objects
+/// (`xx/…`) from stdin into it. Unpacked aside, then moved in with each
+/// index last: an interrupted transfer never leaves git an index whose pack
+/// is incomplete.
+const UNPACK_OBJECTS: &str = r#"set -e
+o=$(cd -- "$1/objects" && pwd)
+tmp=$(mktemp -d "$o/incoming.XXXXXX")
+trap 'rm -rf -- "$tmp"' EXIT
+tar -x --no-same-owner --no-same-permissions -f - -C "$tmp"
+cd "$tmp"
+for d in ??; do
+  if [ -d "$d" ]; then mkdir -p "$o/$d" && find "$d" -type f -exec mv -f -t "$o/$d" -- {} +; fi
+done
+mkdir -p "$o/pack"
+for f in pack/*.pack pack/*.idx; do
+  if [ -f "$f" ]; then mv -f -- "$f" "$o/pack/"; fi
+done"#;
+
+/// $1 cache, $2 workspace, $3 branch, $4 host repo, $5 tip: point the
+/// cache's branch at the tip (which it has) and create the workspace.
+const CREATE_WORKSPACE: &str = concat!(
+    "set -e\n",
+    r#"git --git-dir="$1" update-ref "refs/heads/$3" "$5""#,
+    "\n",
+    clone_workspace!()
+);
+
+/// $1 workspace, $2 branch: "absent", or "present", the branch tip (or
+/// "-") and the number of uncommitted changes, one per line.
 const PROBE: &str = r#"if [ ! -d "$1/.git" ]; then echo absent; exit 0; fi
 echo present
 git -C "$1" rev-parse --verify -q "refs/heads/$2^{commit}" || echo -
-if [ "$3" = count ]; then git -C "$1" status --porcelain 2>/dev/null | wc -l; else echo 0; fi"#;
+git -C "$1" status --porcelain 2>/dev/null | wc -l"#;
 
 /// $1 workspace: delete it.
-const REMOVE: &str = r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
+const REMOVE: &str =
+    r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
 
 /// Every workspace: path, branch, host repo, tip, changes; NUL-separated.
 const LIST: &str = r#"for d in workspace/*; do
@@ -231,8 +313,8 @@ pub struct Vm {
 pub enum Objects {
     /// Only what the pushed branch's history needs (the default).
     Branch,
-    /// Every object in the host repository, copied verbatim: much faster
-    /// for a large repository, but other branches, stashes and unreachable
+    /// Every object in the host repository, its packs copied verbatim (no
+    /// walk over the history), but other branches, stashes and unreachable
     /// objects reach the VM too, and the agent can read them.
     All,
 }
@@ -243,6 +325,36 @@ pub enum Pushed {
     Created,
     Updated,
     UpToDate,
+}
+
+/// What a push checks on its own connection before sending anything.
+struct Guard {
+    refname: String,
+    tip: Oid,
+}
+
+/// Refs the VM rejected in a push, and why.
+type Rejected = Vec<(String, String)>;
+
+/// Pushes through `remote` (connected or not), with progress.
+fn push_through(remote: &mut git2::Remote, refspec: &str, bar: &Progress) -> Result<Rejected> {
+    let mut rejected = Vec::new();
+    let mut callbacks = git2::RemoteCallbacks::new();
+    callbacks.push_update_reference(|name, status| {
+        if let Some(msg) = status {
+            rejected.push((name.to_owned(), msg.to_owned()));
+        }
+        Ok(())
+    });
+    callbacks.pack_progress(|_stage, current, total| bar.objects("Packing", current, total));
+    callbacks.push_transfer_progress(|current, total, bytes| {
+        bar.transfer("Pushing", current, total, bytes);
+    });
+    let mut opts = git2::PushOptions::new();
+    opts.remote_callbacks(callbacks);
+    remote.push(&[refspec], Some(&mut opts))?;
+    drop(opts);
+    Ok(rejected)
 }
 
 impl Vm {
@@ -261,27 +373,33 @@ impl Vm {
     }
 
     async fn script(&self, script: &str, args: &[&str], what: &str) -> Result<String> {
-        let out = self.session.exec(&shell::script(script, args)?).await?.check(what)?;
+        let out = self
+            .session
+            .exec(&shell::script(script, args)?)
+            .await?
+            .check(what)?;
         Ok(out.stdout_str())
     }
 
     /// What the VM says about the workspace, with its uncommitted changes
     /// counted.
     pub async fn probe(&self, ws: &Workspace) -> Result<Probe> {
-        self.probe_with(ws, true).await
-    }
-
-    /// [`Vm::probe`], counting uncommitted changes only when `count` (else
-    /// `changes` is 0).
-    async fn probe_with(&self, ws: &Workspace, count: bool) -> Result<Probe> {
-        let mode = if count { "count" } else { "tip" };
-        let out = self.script(PROBE, &[&ws.dir, &ws.branch, mode], "inspecting the workspace").await?;
+        let out = self
+            .script(PROBE, &[&ws.dir, &ws.branch], "inspecting the workspace")
+            .await?;
         let mut lines = out.lines();
         match lines.next() {
             Some("absent") => Ok(Probe::Absent),
             Some("present") => {
-                let tip = lines.next().filter(|t| *t != "-").map(parse_oid).transpose()?;
-                let changes = lines.next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+                let tip = lines
+                    .next()
+                    .filter(|t| *t != "-")
+                    .map(parse_oid)
+                    .transpose()?;
+                let changes = lines
+                    .next()
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0);
                 Ok(Probe::Present { tip, changes })
             }
             _ => bail!("unexpected answer from the VM while inspecting {}", ws.dir),
@@ -291,128 +409,163 @@ impl Vm {
     /// Pushes the host branch into its workspace, creating the workspace
     /// (seeded through the repository's cache) when needed. Never forced:
     /// refuses when the VM branch has commits the host lacks.
-    pub async fn push(&self, host: &HostRepo, ws: &Workspace, objects: Objects, progress: &Progress) -> Result<Pushed> {
-        let tip = host.branch_tip(&ws.branch)?.ok_or_else(|| anyhow!("host branch {:?} does not exist", ws.branch))?;
-        // Uncommitted changes need no count here: the VM's updateInstead
-        // refuses the push itself when they are in the way.
-        match self.probe_with(ws, false).await? {
-            Probe::Absent => {
-                let fresh = self.script(PREPARE_CACHE, &[&ws.cache], "preparing the object cache").await?;
-                if fresh.trim() == "new" && objects == Objects::All {
-                    // Every object is there now: point the ref at the tip
-                    // instead of pushing (libgit2 would pack it all again).
-                    self.ship_all_objects(host, &ws.cache).await?;
-                    let (r, t) = (format!("refs/heads/{}", ws.branch), tip.to_string());
-                    self.script(SET_REF, &[&ws.cache, &r, &t], "recording the branch in the cache").await?;
-                } else {
-                    // The cache is agent-vm's own: overwrite its ref freely.
-                    let spec = format!("+refs/heads/{0}:refs/heads/{0}", ws.branch);
-                    self.git_push(host, &ws.cache, &spec, progress).await?;
-                }
-                let repo_label = host.git_dir.to_string_lossy().into_owned();
-                self.script(CREATE_WORKSPACE, &[&ws.cache, &ws.dir, &ws.branch, &repo_label], "creating the workspace")
-                    .await?;
-                Ok(Pushed::Created)
+    pub async fn push(
+        &self,
+        host: &HostRepo,
+        ws: &Workspace,
+        objects: Objects,
+        progress: &Progress,
+    ) -> Result<Pushed> {
+        let tip = host
+            .branch_tip(&ws.branch)?
+            .ok_or_else(|| anyhow!("host branch {:?} does not exist", ws.branch))?;
+        // The usual case first, in one round trip: the VM's tip comes from
+        // the ref advertisement of the push's own connection. Uncommitted
+        // changes need no check here: the VM's updateInstead refuses the
+        // push itself when they are in the way.
+        let spec = format!("refs/heads/{0}:refs/heads/{0}", ws.branch);
+        let guard = Guard {
+            refname: format!("refs/heads/{}", ws.branch),
+            tip,
+        };
+        let pushed = match self
+            .git_push(host, &ws.dir, &spec, progress, Some(guard))
+            .await
+        {
+            Ok(pushed) => pushed,
+            Err(e) => {
+                return self
+                    .create(host, ws, tip, objects, progress)
+                    .await?
+                    .ok_or(e);
             }
-            Probe::Present { tip: Some(vm_tip), .. } if vm_tip == tip => Ok(Pushed::UpToDate),
-            Probe::Present { tip: vm_tip, .. } => {
-                if let Some(vm_tip) = vm_tip {
-                    if !contains(&host.repo, tip, vm_tip) {
-                        bail!(
-                            "the VM's {0:?} has commits the host does not have: run `agent-vm fetch {0}` first, \
-                             then push again (nothing was changed)",
-                            ws.branch
-                        );
-                    }
-                }
-                let spec = format!("refs/heads/{0}:refs/heads/{0}", ws.branch);
-                self.git_push(host, &ws.dir, &spec, progress).await?;
-                Ok(Pushed::Updated)
-            }
-        }
+        };
+        // None: the guard found commits in the VM that the host lacks.
+        let Some(pushed) = pushed else {
+            bail!(
+                "the VM's {0:?} has commits the host does not have: run `agent-vm fetch {0}` first, \
+                 then push again (nothing was changed)",
+                ws.branch
+            );
+        };
+        Ok(pushed)
     }
 
-    /// Seeds a new cache with every object of the host repository, its
-    /// pack files and loose objects copied verbatim (no packing on the
-    /// host): fast, but it ships other branches, stashes and unreachable
-    /// objects too. Only on request ([`Objects::All`]).
-    async fn ship_all_objects(&self, host: &HostRepo, cache: &str) -> Result<()> {
-        let objects_dir = host.git_dir.join("objects");
-        let tarball = tokio::task::spawn_blocking(move || -> Result<tempfile::NamedTempFile> {
-            let file = tempfile::NamedTempFile::new()?;
-            let mut tar = tar::Builder::new(std::io::BufWriter::new(file.reopen()?));
-            for entry in std::fs::read_dir(&objects_dir)? {
-                let entry = entry?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let is_pack = name == "pack";
-                let is_loose = name.len() == 2 && name.bytes().all(|b| b.is_ascii_hexdigit());
-                if !(is_pack || is_loose) || !entry.file_type()?.is_dir() {
-                    continue;
-                }
-                for f in std::fs::read_dir(entry.path())? {
-                    let f = f?;
-                    let fname = f.file_name().to_string_lossy().into_owned();
-                    // Whole packs with their index; no temporary or partial files.
-                    let wanted = if is_pack {
-                        fname.starts_with("pack-") && (fname.ends_with(".pack") || fname.ends_with(".idx"))
-                    } else {
-                        fname.len() == 38 && fname.bytes().all(|b| b.is_ascii_hexdigit())
-                    };
-                    if wanted && f.file_type()?.is_file() {
-                        tar.append_path_with_name(f.path(), format!("{name}/{fname}"))?;
+    /// Creates the workspace if it does not exist (None when it does):
+    /// from the repository's cache when that has the tip already, else
+    /// after seeding the cache (when new) or pushing the branch into it.
+    async fn create(
+        &self,
+        host: &HostRepo,
+        ws: &Workspace,
+        tip: Oid,
+        objects: Objects,
+        progress: &Progress,
+    ) -> Result<Option<Pushed>> {
+        let label = host.git_dir.to_string_lossy().into_owned();
+        let t = tip.to_string();
+        let args = [ws.cache.as_str(), &ws.dir, &ws.branch, &label, &t];
+        match self
+            .script(ENSURE_WORKSPACE, &args, "preparing the workspace")
+            .await?
+            .trim()
+        {
+            "present" => return Ok(None),
+            "created" => return Ok(Some(Pushed::Created)),
+            "new" => {
+                // Seed the cache with a ready-made pack and its index: no
+                // packing by libgit2, no `git index-pack` in the VM.
+                let tarball = match objects {
+                    Objects::All => all_objects_tarball(host.git_dir.join("objects")).await?,
+                    Objects::Branch => {
+                        branch_pack_tarball(host.git_dir.clone(), tip, progress).await?
                     }
-                }
+                };
+                self.send_objects(tarball, &ws.cache).await?;
             }
-            tar.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-            Ok(file)
-        })
-        .await??;
+            _ => {
+                // The cache is agent-vm's own: overwrite its ref freely.
+                let spec = format!("+refs/heads/{0}:refs/heads/{0}", ws.branch);
+                self.git_push(host, &ws.cache, &spec, progress, None)
+                    .await?;
+            }
+        }
+        self.script(CREATE_WORKSPACE, &args, "creating the workspace")
+            .await?;
+        Ok(Some(Pushed::Created))
+    }
+
+    /// Streams a tar of objects (see [`UNPACK_OBJECTS`]) into `cache`.
+    async fn send_objects(&self, tarball: tempfile::NamedTempFile, cache: &str) -> Result<()> {
         let size = tarball.as_file().metadata()?.len();
-        tracing::debug!(size, "shipping all objects");
+        tracing::debug!(size, "shipping objects");
         let input = tokio::fs::File::open(tarball.path()).await?;
         let command = shell::script(UNPACK_OBJECTS, &[cache])?;
         let mut stderr = Vec::new();
-        let status = self.session.exec_io(&command, input, &mut tokio::io::sink(), &mut stderr).await?;
+        let status = self
+            .session
+            .exec_io(&command, input, &mut tokio::io::sink(), &mut stderr)
+            .await?;
         if status != 0 {
-            bail!("unpacking the repository's objects in the VM failed: {}", printable(String::from_utf8_lossy(&stderr).trim()));
+            bail!(
+                "unpacking the repository's objects in the VM failed: {}",
+                printable(String::from_utf8_lossy(&stderr).trim())
+            );
         }
         Ok(())
     }
 
-    async fn git_push(&self, host: &HostRepo, path: &str, refspec: &str, progress: &Progress) -> Result<()> {
+    /// Pushes `refspec` to the repository at `path`. With a guard, first
+    /// reads the VM's tip of the guarded ref from the same connection and
+    /// pushes only if the host tip is new and contains it (None when not).
+    async fn git_push(
+        &self,
+        host: &HostRepo,
+        path: &str,
+        refspec: &str,
+        progress: &Progress,
+        guard: Option<Guard>,
+    ) -> Result<Option<Pushed>> {
         let url = self.remote.url(path);
         let git_dir = host.git_dir.clone();
         let refspec = refspec.to_owned();
         let bar = progress.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>> {
+        let result = tokio::task::spawn_blocking(move || -> Result<(Option<Pushed>, Rejected)> {
             let repo = Repository::open(&git_dir)?;
             let mut remote = repo.remote_anonymous(&url)?;
-            let mut rejected = Vec::new();
-            let mut callbacks = git2::RemoteCallbacks::new();
-            callbacks.push_update_reference(|name, status| {
-                if let Some(msg) = status {
-                    rejected.push((name.to_owned(), msg.to_owned()));
-                }
-                Ok(())
-            });
-            callbacks.pack_progress(|_stage, current, total| bar.objects("Packing", current, total));
-            callbacks.push_transfer_progress(|current, total, bytes| {
-                bar.transfer("Pushing", current, total, bytes);
-            });
-            let mut opts = git2::PushOptions::new();
-            opts.remote_callbacks(callbacks);
-            remote.push(&[refspec.as_str()], Some(&mut opts))?;
-            drop(opts);
-            Ok(rejected)
+            let Some(guard) = guard else {
+                return Ok((
+                    Some(Pushed::Updated),
+                    push_through(&mut remote, &refspec, &bar)?,
+                ));
+            };
+            let mut conn = remote.connect_auth(git2::Direction::Push, None, None)?;
+            let vm_tip = conn
+                .list()?
+                .iter()
+                .find(|h| h.name() == guard.refname)
+                .map(|h| h.oid());
+            match vm_tip {
+                Some(t) if t == guard.tip => Ok((Some(Pushed::UpToDate), Vec::new())),
+                Some(t) if !contains(&repo, guard.tip, t) => Ok((None, Vec::new())),
+                _ => Ok((
+                    Some(Pushed::Updated),
+                    push_through(conn.remote(), &refspec, &bar)?,
+                )),
+            }
         })
         .await?;
         progress.finish();
         let stderr = self.remote.take_stderr();
-        let rejected = result.map_err(|e| with_remote_stderr(e, &stderr))?;
+        let (pushed, rejected) = result.map_err(|e| with_remote_stderr(e, &stderr))?;
         if let Some((name, why)) = rejected.first() {
-            bail!("the VM refused to update {}: {}", printable(name), printable(why));
+            bail!(
+                "the VM refused to update {}: {}",
+                printable(name),
+                printable(why)
+            );
         }
-        Ok(())
+        Ok(pushed)
     }
 
     /// Fetches the workspace's branch into `refs/remotes/agent-vm/<branch>`
@@ -428,7 +581,12 @@ impl Vm {
             let mut remote = repo.remote_anonymous(&url)?;
             let mut callbacks = git2::RemoteCallbacks::new();
             callbacks.transfer_progress(|p| {
-                progress2.transfer("Fetching", p.received_objects(), p.total_objects(), p.received_bytes())
+                progress2.transfer(
+                    "Fetching",
+                    p.received_objects(),
+                    p.total_objects(),
+                    p.received_bytes(),
+                )
             });
             let mut opts = git2::FetchOptions::new();
             opts.remote_callbacks(callbacks)
@@ -436,8 +594,11 @@ impl Vm {
                 .update_fetchhead(false)
                 .prune(git2::FetchPrune::Off);
             remote.fetch(&[refspec.as_str()], Some(&mut opts), Some("agent-vm fetch"))?;
-            let oid = repo.refname_to_id(&tracking).context("the VM's branch did not arrive")?;
-            repo.find_commit(oid).context("the VM's branch does not point to a commit")?;
+            let oid = repo
+                .refname_to_id(&tracking)
+                .context("the VM's branch did not arrive")?;
+            repo.find_commit(oid)
+                .context("the VM's branch does not point to a commit")?;
             Ok(oid)
         })
         .await?;
@@ -447,13 +608,18 @@ impl Vm {
     }
 
     pub async fn remove(&self, ws: &Workspace) -> Result<()> {
-        self.script(REMOVE, &[&ws.dir], "deleting the workspace").await?;
+        self.script(REMOVE, &[&ws.dir], "deleting the workspace")
+            .await?;
         Ok(())
     }
 
     /// Every workspace in the VM, as the VM describes it.
     pub async fn list(&self) -> Result<Vec<Listed>> {
-        let out = self.session.exec(&shell::script(LIST, &[] as &[&str])?).await?.check("listing workspaces")?;
+        let out = self
+            .session
+            .exec(&shell::script(LIST, &[] as &[&str])?)
+            .await?
+            .check("listing workspaces")?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let fields: Vec<&str> = text.split_terminator('\0').collect();
         Ok(fields
@@ -480,6 +646,83 @@ pub struct Listed {
     pub changes: u64,
 }
 
+/// A tar of the branch's pack and index ([`crate::pack`]): only objects
+/// reachable from `tip`.
+async fn branch_pack_tarball(
+    git_dir: PathBuf,
+    tip: Oid,
+    progress: &Progress,
+) -> Result<tempfile::NamedTempFile> {
+    let bar = progress.clone();
+    let tarball = tokio::task::spawn_blocking(move || -> Result<tempfile::NamedTempFile> {
+        let repo = Repository::open(&git_dir)?;
+        let dir = tempfile::tempdir()?;
+        let written =
+            crate::pack::write_branch_pack(&repo, tip, dir.path(), &|stage, n, total| {
+                bar.objects(stage, n, total)
+            })?;
+        tracing::debug!(
+            objects = written.objects,
+            reused = written.reused,
+            "branch pack written"
+        );
+        let file = tempfile::NamedTempFile::new()?;
+        let mut tar = tar::Builder::new(std::io::BufWriter::new(file.reopen()?));
+        for path in [&written.pack, &written.idx] {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            tar.append_path_with_name(path, format!("pack/{name}"))?;
+        }
+        tar.into_inner()?
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
+        Ok(file)
+    })
+    .await?;
+    progress.finish();
+    tarball
+}
+
+/// A tar of every object of the host repository, its pack files and loose
+/// objects copied verbatim (no packing on the host): fast, but it ships
+/// other branches, stashes and unreachable objects too. Only on request
+/// ([`Objects::All`]).
+async fn all_objects_tarball(objects_dir: PathBuf) -> Result<tempfile::NamedTempFile> {
+    tokio::task::spawn_blocking(move || -> Result<tempfile::NamedTempFile> {
+        let file = tempfile::NamedTempFile::new()?;
+        let mut tar = tar::Builder::new(std::io::BufWriter::new(file.reopen()?));
+        for entry in std::fs::read_dir(&objects_dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_pack = name == "pack";
+            let is_loose = name.len() == 2 && name.bytes().all(|b| b.is_ascii_hexdigit());
+            if !(is_pack || is_loose) || !entry.file_type()?.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(entry.path())? {
+                let f = f?;
+                let fname = f.file_name().to_string_lossy().into_owned();
+                // Whole packs with their index; no temporary or partial files.
+                let wanted = if is_pack {
+                    fname.starts_with("pack-")
+                        && (fname.ends_with(".pack") || fname.ends_with(".idx"))
+                } else {
+                    fname.len() == 38 && fname.bytes().all(|b| b.is_ascii_hexdigit())
+                };
+                if wanted && f.file_type()?.is_file() {
+                    tar.append_path_with_name(f.path(), format!("{name}/{fname}"))?;
+                }
+            }
+        }
+        tar.into_inner()?
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
+        Ok(file)
+    })
+    .await?
+}
+
 fn ser_oid<S: serde::Serializer>(oid: &Option<Oid>, s: S) -> Result<S::Ok, S::Error> {
     match oid {
         Some(o) => s.serialize_str(&o.to_string()),
@@ -496,13 +739,19 @@ fn parse_oid(text: &str) -> Result<Oid> {
 }
 
 fn with_remote_stderr(e: anyhow::Error, stderr: &str) -> anyhow::Error {
-    if stderr.is_empty() { e } else { e.context(format!("the VM said: {}", printable(stderr))) }
+    if stderr.is_empty() {
+        e
+    } else {
+        e.context(format!("the VM said: {}", printable(stderr)))
+    }
 }
 
 /// Whether `commit` is `tip` or one of its ancestors, in the host repo (an
 /// object the host does not have is not contained).
 pub fn contains(repo: &Repository, tip: Oid, commit: Oid) -> bool {
-    tip == commit || (repo.find_commit(commit).is_ok() && repo.graph_descendant_of(tip, commit).unwrap_or(false))
+    tip == commit
+        || (repo.find_commit(commit).is_ok()
+            && repo.graph_descendant_of(tip, commit).unwrap_or(false))
 }
 
 /// What fetch did to the host branch.
@@ -510,9 +759,15 @@ pub fn contains(repo: &Repository, tip: Oid, commit: Oid) -> bool {
 pub enum Integrated {
     UpToDate,
     /// The branch was checked out and clean: ref, index and files moved.
-    FastForwardedCheckout { from: Oid, to: Oid },
+    FastForwardedCheckout {
+        from: Oid,
+        to: Oid,
+    },
     /// The branch was not checked out: only the ref moved.
-    FastForwardedRef { from: Option<Oid>, to: Oid },
+    FastForwardedRef {
+        from: Option<Oid>,
+        to: Oid,
+    },
     /// Nothing changed on the host; the message says what to run.
     LeftAlone(String),
 }
@@ -526,7 +781,10 @@ pub fn integrate(host: &HostRepo, branch: &str, new: Oid) -> Result<Integrated> 
     let current = host.branch_tip(branch)?;
     let Some(old) = current else {
         repo.reference(&refname, new, false, "agent-vm fetch: branch from the VM")?;
-        return Ok(Integrated::FastForwardedRef { from: None, to: new });
+        return Ok(Integrated::FastForwardedRef {
+            from: None,
+            to: new,
+        });
     };
     if contains(repo, old, new) {
         return Ok(Integrated::UpToDate);
@@ -537,7 +795,12 @@ pub fn integrate(host: &HostRepo, branch: &str, new: Oid) -> Result<Integrated> 
              Merge or rebase yourself: `git merge {tracking}` or `git rebase {tracking}`"
         )));
     }
-    let checked_out = !repo.is_bare() && repo.head().ok().and_then(|h| h.name().ok().map(str::to_owned)) == Some(refname.clone());
+    let checked_out = !repo.is_bare()
+        && repo
+            .head()
+            .ok()
+            .and_then(|h| h.name().ok().map(str::to_owned))
+            == Some(refname.clone());
     if checked_out {
         let mut opts = git2::StatusOptions::new();
         opts.include_untracked(false).include_ignored(false);
@@ -562,7 +825,10 @@ pub fn integrate(host: &HostRepo, branch: &str, new: Oid) -> Result<Integrated> 
         return Ok(Integrated::FastForwardedCheckout { from: old, to: new });
     }
     repo.reference_matching(&refname, new, true, old, "agent-vm fetch: fast-forward")?;
-    Ok(Integrated::FastForwardedRef { from: Some(old), to: new })
+    Ok(Integrated::FastForwardedRef {
+        from: Some(old),
+        to: new,
+    })
 }
 
 /// Commits on `tip` that the host's `branch` (and its tracking ref) lack:
@@ -574,7 +840,10 @@ pub fn unfetched(host: &HostRepo, branch: &str, tip: Oid) -> Result<Option<usize
     }
     let mut walk = repo.revwalk()?;
     walk.push(tip)?;
-    for r in [format!("refs/heads/{branch}"), HostRepo::tracking_ref(branch)] {
+    for r in [
+        format!("refs/heads/{branch}"),
+        HostRepo::tracking_ref(branch),
+    ] {
         if let Ok(oid) = repo.refname_to_id(&r) {
             walk.hide(oid)?;
         }
@@ -603,9 +872,11 @@ impl Progress {
         } else {
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} objects {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "{prefix:>9} [{bar:30}] {pos}/{len} objects {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             bar
         };
@@ -647,18 +918,37 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::init(dir.path()).unwrap();
         std::mem::forget(dir);
-        HostRepo { repo, git_dir: PathBuf::from(path), name: name.to_owned() }
+        HostRepo {
+            repo,
+            git_dir: PathBuf::from(path),
+            name: name.to_owned(),
+        }
     }
 
     #[test]
     fn workspace_names_never_collide() {
         let h = host("/home/u/src/app/.git", "app");
-        let names = ["feature/x", "feature-x", "Feature-X", "feature x", "feature_x", "-x", "x", "ünï", "a..b"];
-        let dirs: std::collections::HashSet<String> = names.iter().map(|b| Workspace::new(&h, b).dir).collect();
+        let names = [
+            "feature/x",
+            "feature-x",
+            "Feature-X",
+            "feature x",
+            "feature_x",
+            "-x",
+            "x",
+            "ünï",
+            "a..b",
+        ];
+        let dirs: std::collections::HashSet<String> =
+            names.iter().map(|b| Workspace::new(&h, b).dir).collect();
         assert_eq!(dirs.len(), names.len());
         for d in &dirs {
             let leaf = d.strip_prefix("workspace/").unwrap();
-            assert!(leaf.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)), "{d}");
+            assert!(
+                leaf.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+                "{d}"
+            );
             assert!(!leaf.starts_with(['-', '.']), "{d}");
         }
     }
@@ -683,10 +973,32 @@ mod tests {
 
     #[test]
     fn branch_validation_follows_git() {
-        for ok in ["main", "feature/x", "-x", "ünï", "$(x)", "a;b", "`x`", "it's"] {
+        for ok in [
+            "main",
+            "feature/x",
+            "-x",
+            "ünï",
+            "$(x)",
+            "a;b",
+            "`x`",
+            "it's",
+        ] {
             validate_branch(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
-        for bad in ["", "HEAD", "with space", "a..b", "a~b", "a^b", "a:b", "x.lock", "/x", "x/", "a\\b", "a\x07b"] {
+        for bad in [
+            "",
+            "HEAD",
+            "with space",
+            "a..b",
+            "a~b",
+            "a^b",
+            "a:b",
+            "x.lock",
+            "/x",
+            "x/",
+            "a\\b",
+            "a\x07b",
+        ] {
             assert!(validate_branch(bad).is_err(), "{bad:?}");
         }
     }

@@ -24,18 +24,23 @@ pub struct Args {
 /// `--ship-all-objects`, shared with `connect`.
 #[derive(Debug, clap::Args)]
 pub struct ObjectsArg {
-    /// When this repository's first workspace is created, copy every object
-    /// of the host repository to the VM verbatim instead of packing only the
-    /// branch's history. Much faster for large repositories, but other
-    /// branches, stashes and unreachable objects (which can hold secrets)
-    /// reach the VM, where the agent can read them.
+    /// When this repository's first workspace is created, copy the host
+    /// repository's pack files to the VM verbatim instead of a pack of only
+    /// the branch's history. Skips walking that history (a little faster for
+    /// large repositories), but other branches, stashes and unreachable
+    /// objects (which can hold secrets) reach the VM, where the agent can
+    /// read them.
     #[arg(long, env = "AGENT_VM_SHIP_ALL_OBJECTS")]
     ship_all_objects: bool,
 }
 
 impl ObjectsArg {
     pub fn objects(&self) -> Objects {
-        if self.ship_all_objects { Objects::All } else { Objects::Branch }
+        if self.ship_all_objects {
+            Objects::All
+        } else {
+            Objects::Branch
+        }
     }
 }
 
@@ -73,12 +78,23 @@ pub(super) async fn push_branch(
     let ws = Workspace::new(host, branch);
     let (tip, created) = host.ensure_branch(branch)?;
     if created {
-        ctx.ui.say(&format!("Created branch {branch:?} on the host from HEAD ({:.10}).", tip.to_string()));
+        ctx.ui.say(&format!(
+            "Created branch {branch:?} on the host from HEAD ({:.10}).",
+            tip.to_string()
+        ));
     }
     let outcome = vm.push(host, &ws, objects, &Progress::new(&ctx.ui)).await?;
     ctx.ui.say(&match outcome {
-        Pushed::Created => format!("Created workspace ~/{} for {branch:?} at {:.10}.", ws.dir, tip.to_string()),
-        Pushed::Updated => format!("Pushed {branch:?} ({:.10}) to ~/{}.", tip.to_string(), ws.dir),
+        Pushed::Created => format!(
+            "Created workspace ~/{} for {branch:?} at {:.10}.",
+            ws.dir,
+            tip.to_string()
+        ),
+        Pushed::Updated => format!(
+            "Pushed {branch:?} ({:.10}) to ~/{}.",
+            tip.to_string(),
+            ws.dir
+        ),
         Pushed::UpToDate => format!("~/{} is up to date with {branch:?}.", ws.dir),
     });
     Ok((ws, tip))
