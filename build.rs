@@ -6,10 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 fn walk(root: &Path, rel: &Path, out: &mut Vec<(String, u32)>) {
-    let mut entries: Vec<_> = std::fs::read_dir(root.join(rel))
-        .unwrap()
-        .map(|e| e.unwrap())
-        .collect();
+    let mut entries: Vec<_> = std::fs::read_dir(root.join(rel)).unwrap().map(|e| e.unwrap()).collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let rel = rel.join(e.file_name());
@@ -17,10 +14,7 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<(String, u32)>) {
         if meta.is_dir() {
             walk(root, &rel, out);
         } else {
-            out.push((
-                rel.to_str().expect("UTF-8 paths").to_owned(),
-                meta.permissions().mode() & 0o777,
-            ));
+            out.push((rel.to_str().expect("UTF-8 paths").to_owned(), meta.permissions().mode() & 0o777));
         }
     }
 }
@@ -31,31 +25,15 @@ fn main() {
     let mut files = Vec::new();
     walk(root, Path::new("common"), &mut files);
     let script = "vm-template/lima-provision.sh";
-    files.push((
-        script.to_owned(),
-        std::fs::metadata(root.join(script))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-    ));
+    files.push((script.to_owned(), std::fs::metadata(root.join(script)).unwrap().permissions().mode() & 0o777));
     let mut code = String::from("pub static FILES: &[(&str, u32, &[u8])] = &[\n");
     for (rel, mode) in &files {
         // Modes are normalised to what git can record: executable or not.
         let mode = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
-        writeln!(
-            code,
-            "    ({rel:?}, 0o{mode:o}, include_bytes!({:?})),",
-            root.join(rel)
-        )
-        .unwrap();
+        writeln!(code, "    ({rel:?}, 0o{mode:o}, include_bytes!({:?})),", root.join(rel)).unwrap();
     }
     code.push_str("];\n");
-    std::fs::write(
-        Path::new(&std::env::var("OUT_DIR").unwrap()).join("embedded.rs"),
-        code,
-    )
-    .unwrap();
+    std::fs::write(Path::new(&std::env::var("OUT_DIR").unwrap()).join("embedded.rs"), code).unwrap();
     println!("cargo:rerun-if-changed=common");
     println!("cargo:rerun-if-changed={script}");
 }

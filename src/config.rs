@@ -49,9 +49,7 @@ pub fn path() -> Result<PathBuf> {
 /// user-facing files there, such as its ssh entries).
 pub fn dir() -> Result<PathBuf> {
     let p = path()?;
-    Ok(p.parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".")))
+    Ok(p.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")))
 }
 
 impl Config {
@@ -65,27 +63,20 @@ impl Config {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot read the config file {}", path.display()));
+                return Err(e).with_context(|| format!("cannot read the config file {}", path.display()));
             }
         };
         if text.trim().is_empty() {
             return Ok(Config::default());
         }
         serde_yaml_ng::from_str(&text).with_context(|| {
-            format!(
-                "invalid config file {} (see the README's \"Configuration\" section)",
-                path.display()
-            )
+            format!("invalid config file {} (see the README's \"Configuration\" section)", path.display())
         })
     }
 
     /// How `instance` is run: as configured, else a Lima VM.
     pub fn instance(&self, instance: &str) -> InstanceConfig {
-        self.instances
-            .get(instance)
-            .cloned()
-            .unwrap_or(InstanceConfig::Lima)
+        self.instances.get(instance).cloned().unwrap_or(InstanceConfig::Lima)
     }
 }
 
@@ -103,42 +94,28 @@ mod tests {
     fn backends_per_instance() {
         let c = parse("instances:\n  big:\n    backend: ssh\n    host: box\n    ssh_config: /x/cfg\n  agent-vm:\n    backend: lima\n")
             .unwrap();
-        assert_eq!(
-            c.instance("big"),
-            InstanceConfig::Ssh {
-                host: "box".into(),
-                ssh_config: Some("/x/cfg".into())
-            }
-        );
+        assert_eq!(c.instance("big"), InstanceConfig::Ssh { host: "box".into(), ssh_config: Some("/x/cfg".into()) });
         assert_eq!(c.instance("agent-vm"), InstanceConfig::Lima);
         assert_eq!(c.instance("unlisted"), InstanceConfig::Lima);
     }
 
     #[test]
     fn missing_or_empty_file_is_the_default() {
-        assert!(
-            Config::load_from(Path::new("/nonexistent/agent-vm.yaml"))
-                .unwrap()
-                .instances
-                .is_empty()
-        );
+        assert!(Config::load_from(Path::new("/nonexistent/agent-vm.yaml")).unwrap().instances.is_empty());
         assert!(parse("").unwrap().instances.is_empty());
     }
 
     #[test]
     fn mistakes_are_errors() {
         for bad in [
-            "instances:\n  big:\n    backend: ssh\n",  // no host
-            "instances:\n  big:\n    backend: vbox\n", // unknown backend
+            "instances:\n  big:\n    backend: ssh\n",                           // no host
+            "instances:\n  big:\n    backend: vbox\n",                          // unknown backend
             "instances:\n  big:\n    backend: ssh\n    host: b\n    hots: c\n", // typo
             "instancez: {}\n",
             "instances: [",
         ] {
             let err = parse(bad).unwrap_err();
-            assert!(
-                format!("{err:#}").contains("invalid config file"),
-                "{bad}: {err:#}"
-            );
+            assert!(format!("{err:#}").contains("invalid config file"), "{bad}: {err:#}");
         }
     }
 }

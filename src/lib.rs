@@ -23,10 +23,7 @@ use anyhow::{Result, anyhow};
 
 /// The user's home directory, from $HOME.
 pub fn home_dir() -> Result<PathBuf> {
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
-        .ok_or_else(|| anyhow!("HOME is not set"))
+    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from).ok_or_else(|| anyhow!("HOME is not set"))
 }
 
 /// Human-facing progress messages on stderr, silenced by `--quiet`.

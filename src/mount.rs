@@ -60,20 +60,13 @@ pub fn mount_point(instance: &str) -> Result<PathBuf> {
         return Ok(PathBuf::from(dir));
     }
     let base = crate::home_dir()?.join(".agent-vm-mounts");
-    Ok(if instance == "agent-vm" {
-        base.join("workspace")
-    } else {
-        base.join(instance).join("workspace")
-    })
+    Ok(if instance == "agent-vm" { base.join("workspace") } else { base.join(instance).join("workspace") })
 }
 
 impl Mount {
     /// The mount of the VM reached through SSH host alias `alias`.
     pub fn new(point: PathBuf, alias: &str) -> Mount {
-        Mount {
-            point,
-            source: format!("{alias}:{WORKSPACE_ROOT}"),
-        }
+        Mount { point, source: format!("{alias}:{WORKSPACE_ROOT}") }
     }
 
     pub fn state(&self) -> Result<State> {
@@ -107,16 +100,12 @@ impl Mount {
                 self.point.display()
             ),
             State::Stale(why) => {
-                ui.say(&format!(
-                    "Remounting {} (the old mount is stale: {why}).",
-                    self.point.display()
-                ));
+                ui.say(&format!("Remounting {} (the old mount is stale: {why}).", self.point.display()));
                 self.unmount(true)?;
             }
             State::NotMounted => {}
         }
-        std::fs::create_dir_all(&self.point)
-            .with_context(|| format!("cannot create {}", self.point.display()))?;
+        std::fs::create_dir_all(&self.point).with_context(|| format!("cannot create {}", self.point.display()))?;
         if std::fs::read_dir(&self.point)?.next().is_some() {
             bail!(
                 "{} is not empty and not mounted: agent-vm will not mount over files. Move them away, \
@@ -158,16 +147,13 @@ impl Mount {
     pub fn unmount(&self, lazy: bool) -> Result<bool> {
         match self.state()? {
             State::NotMounted => return Ok(false),
-            State::Foreign(what) => bail!(
-                "{} is not agent-vm's mount ({what}); not unmounting it",
-                self.point.display()
-            ),
+            State::Foreign(what) => {
+                bail!("{} is not agent-vm's mount ({what}); not unmounting it", self.point.display())
+            }
             State::Mounted | State::Stale(_) => {}
         }
-        let out = unmount_command(&self.point, lazy)
-            .stdin(Stdio::null())
-            .output()
-            .context("cannot run the unmount tool")?;
+        let out =
+            unmount_command(&self.point, lazy).stdin(Stdio::null()).output().context("cannot run the unmount tool")?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
             if err.contains("busy") {
@@ -231,11 +217,7 @@ fn unmount_command(point: &Path, lazy: bool) -> Command {
 
 #[cfg(not(target_os = "macos"))]
 fn unmount_command(point: &Path, lazy: bool) -> Command {
-    let tool = if crate::vm::find_on_path("fusermount3").is_some() {
-        "fusermount3"
-    } else {
-        "fusermount"
-    };
+    let tool = if crate::vm::find_on_path("fusermount3").is_some() { "fusermount3" } else { "fusermount" };
     let mut c = Command::new(tool);
     c.arg(if lazy { "-uz" } else { "-u" }).arg(point);
     c
@@ -244,8 +226,7 @@ fn unmount_command(point: &Path, lazy: bool) -> Command {
 /// The filesystem type and source mounted exactly at `point`, if any.
 #[cfg(not(target_os = "macos"))]
 fn mounted_at(point: &Path) -> Result<Option<(String, String)>> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("cannot read /proc/self/mountinfo")?;
+    let table = std::fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
     Ok(parse_mountinfo(&table, point))
 }
 
@@ -258,12 +239,7 @@ fn mounted_at(point: &Path) -> Result<Option<(String, String)>> {
     Ok(text.lines().rev().find_map(|line| {
         let (source, rest) = line.split_once(" on ")?;
         let (at, opts) = rest.rsplit_once(" (")?;
-        (at == want).then(|| {
-            (
-                opts.split(',').next().unwrap_or("").to_owned(),
-                source.to_owned(),
-            )
-        })
+        (at == want).then(|| (opts.split(',').next().unwrap_or("").to_owned(), source.to_owned()))
     }))
 }
 
@@ -276,10 +252,7 @@ fn parse_mountinfo(table: &str, point: &Path) -> Option<(String, String)> {
         if unescape(fields.get(4)?) != want {
             return None;
         }
-        Some((
-            unescape(fields.get(sep + 1)?),
-            unescape(fields.get(sep + 2)?),
-        ))
+        Some((unescape(fields.get(sep + 1)?), unescape(fields.get(sep + 2)?)))
     })
 }
 
@@ -289,12 +262,7 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
             out.push(u8::from_str_radix(&field[i + 1..i + 4], 8).unwrap_or(b'?'));
             i += 4;
         } else {
@@ -316,17 +284,8 @@ mod tests {
     #[test]
     fn finds_our_mount() {
         let got = parse_mountinfo(TABLE, Path::new("/home/u/.agent-vm-mounts/workspace"));
-        assert_eq!(
-            got,
-            Some((
-                "fuse.sshfs".to_owned(),
-                "lima-agent-vm:workspace".to_owned()
-            ))
-        );
-        assert_eq!(
-            parse_mountinfo(TABLE, Path::new("/home/u/.agent-vm-mounts")),
-            None
-        );
+        assert_eq!(got, Some(("fuse.sshfs".to_owned(), "lima-agent-vm:workspace".to_owned())));
+        assert_eq!(parse_mountinfo(TABLE, Path::new("/home/u/.agent-vm-mounts")), None);
     }
 
     #[test]
@@ -338,15 +297,7 @@ mod tests {
     #[test]
     fn options_are_safe_by_default() {
         let o = options(false);
-        for must in [
-            "follow_symlinks",
-            "nosuid",
-            "nodev",
-            "noexec",
-            "uid=65534",
-            "gid=65534",
-            "reconnect",
-        ] {
+        for must in ["follow_symlinks", "nosuid", "nodev", "noexec", "uid=65534", "gid=65534", "reconnect"] {
             assert!(o.split(',').any(|x| x == must), "{must} missing from {o}");
         }
         assert!(!options(true).contains("uid="));

@@ -91,12 +91,7 @@ struct HostPack {
 impl HostPack {
     fn open(idx_path: &Path) -> Result<HostPack> {
         let idx = std::fs::read(idx_path)?;
-        let bad = || {
-            anyhow::anyhow!(
-                "{} is not a pack index agent-vm can read",
-                idx_path.display()
-            )
-        };
+        let bad = || anyhow::anyhow!("{} is not a pack index agent-vm can read", idx_path.display());
         if idx.len() < 8 + 1024 + 40 || idx[..8] != [0xff, b't', b'O', b'c', 0, 0, 0, 2] {
             return Err(bad());
         }
@@ -126,24 +121,16 @@ impl HostPack {
         }
         entries.sort_unstable_by_key(|e| e.0);
         let pack_path = idx_path.with_extension("pack");
-        let pack = File::open(&pack_path)
-            .with_context(|| format!("cannot open {}", pack_path.display()))?;
+        let pack = File::open(&pack_path).with_context(|| format!("cannot open {}", pack_path.display()))?;
         let len = pack.metadata()?.len();
         if len < 32 || entries.last().is_some_and(|e| e.0 >= len - 20) {
             return Err(bad());
         }
-        Ok(HostPack {
-            pack,
-            entries,
-            data_end: len - 20,
-        })
+        Ok(HostPack { pack, entries, data_end: len - 20 })
     }
 
     fn oid_at(&self, offset: u64) -> Option<Oid> {
-        self.entries
-            .binary_search_by_key(&offset, |e| e.0)
-            .ok()
-            .map(|i| self.entries[i].1)
+        self.entries.binary_search_by_key(&offset, |e| e.0).ok().map(|i| self.entries[i].1)
     }
 }
 
@@ -193,13 +180,7 @@ fn parse_header(raw: &[u8], offset: u64) -> Option<Header> {
         OBJ_COMMIT | OBJ_TREE | OBJ_BLOB | OBJ_TAG => {}
         _ => return None,
     }
-    Some(Header {
-        kind,
-        size,
-        base_offset,
-        base_oid,
-        data_start: i,
-    })
+    Some(Header { kind, size, base_offset, base_oid, data_start: i })
 }
 
 fn encode_header(kind: u8, mut size: u64, out: &mut Vec<u8>) {
@@ -249,12 +230,7 @@ impl<W: Write> Write for Hashing<W> {
 
 /// Writes the pack of everything reachable from `tip` into `dir` (as
 /// `pack-<checksum>.pack` and `.idx`).
-pub fn write_branch_pack(
-    repo: &Repository,
-    tip: Oid,
-    dir: &Path,
-    progress: Progress,
-) -> Result<Written> {
+pub fn write_branch_pack(repo: &Repository, tip: Oid, dir: &Path, progress: Progress) -> Result<Written> {
     let objects = reachable(repo, tip, progress)?;
     let wanted: HashSet<Oid> = objects.iter().copied().collect();
     let odb = repo.odb()?;
@@ -276,18 +252,10 @@ pub fn write_branch_pack(
     }
 
     let tmp_pack = tempfile::NamedTempFile::new_in(dir)?;
-    let mut out = Hashing {
-        inner: BufWriter::new(tmp_pack.as_file()),
-        hash: Sha1::new(),
-        written: 0,
-    };
+    let mut out = Hashing { inner: BufWriter::new(tmp_pack.as_file()), hash: Sha1::new(), written: 0 };
     out.write_all(b"PACK")?;
     out.write_all(&2u32.to_be_bytes())?;
-    out.write_all(
-        &u32::try_from(objects.len())
-            .context("too many objects for one pack")?
-            .to_be_bytes(),
-    )?;
+    out.write_all(&u32::try_from(objects.len()).context("too many objects for one pack")?.to_be_bytes())?;
 
     // New offset of each written object; (oid, crc, offset) for the index.
     let mut written: HashMap<Oid, u64> = HashMap::with_capacity(objects.len());
@@ -295,11 +263,7 @@ pub fn write_branch_pack(
     let mut raw = Vec::new();
     let mut entry = Vec::new();
     let mut reused = 0;
-    let emit = |out: &mut Hashing<_>,
-                index: &mut Vec<_>,
-                written: &mut HashMap<_, _>,
-                oid: Oid,
-                bytes: &[u8]| {
+    let emit = |out: &mut Hashing<_>, index: &mut Vec<_>, written: &mut HashMap<_, _>, oid: Oid, bytes: &[u8]| {
         let at = out.written;
         out.write_all(bytes)?;
         index.push((oid, crc32fast::hash(bytes), at));
@@ -319,14 +283,11 @@ pub fn write_branch_pack(
             raw.resize(usize::try_from(end - offset)?, 0);
             pack.pack.read_exact_at(&mut raw, offset)?;
             // A damaged entry is not copied; libgit2 reads (and checks) the object instead.
-            let Some(h) = parse_header(&raw, offset).filter(|_| crc32fast::hash(&raw) == crc)
-            else {
+            let Some(h) = parse_header(&raw, offset).filter(|_| crc32fast::hash(&raw) == crc) else {
                 continue;
             };
             if h.kind == OBJ_OFS_DELTA || h.kind == OBJ_REF_DELTA {
-                let base = h
-                    .base_oid
-                    .or_else(|| h.base_offset.and_then(|o| pack.oid_at(o)));
+                let base = h.base_oid.or_else(|| h.base_offset.and_then(|o| pack.oid_at(o)));
                 // Keep the delta only if its base is already in the new pack.
                 let Some(&base_at) = base.and_then(|b| written.get(&b)) else {
                     continue;
@@ -348,9 +309,7 @@ pub fn write_branch_pack(
         if written.contains_key(&oid) {
             continue;
         }
-        let object = odb
-            .read(oid)
-            .with_context(|| format!("cannot read object {oid}"))?;
+        let object = odb.read(oid).with_context(|| format!("cannot read object {oid}"))?;
         let kind = match object.kind() {
             ObjectType::Commit => OBJ_COMMIT,
             ObjectType::Tree => OBJ_TREE,
@@ -360,10 +319,7 @@ pub fn write_branch_pack(
         };
         entry.clear();
         encode_header(kind, object.len() as u64, &mut entry);
-        let mut z = flate2::write::ZlibEncoder::new(
-            std::mem::take(&mut entry),
-            flate2::Compression::default(),
-        );
+        let mut z = flate2::write::ZlibEncoder::new(std::mem::take(&mut entry), flate2::Compression::default());
         z.write_all(object.data())?;
         entry = z.finish()?;
         emit(&mut out, &mut index, &mut written, oid, &entry)?;
@@ -380,30 +336,18 @@ pub fn write_branch_pack(
     let tmp_idx = tempfile::NamedTempFile::new_in(dir)?;
     write_index(tmp_idx.as_file(), &mut index, &checksum)?;
     let name = format!("pack-{}", hex(&checksum));
-    let (pack, idx) = (
-        dir.join(format!("{name}.pack")),
-        dir.join(format!("{name}.idx")),
-    );
+    let (pack, idx) = (dir.join(format!("{name}.pack")), dir.join(format!("{name}.idx")));
     tmp_pack.persist(&pack)?;
     tmp_idx.persist(&idx)?;
     progress("Writing", index.len(), objects.len());
-    Ok(Written {
-        pack,
-        idx,
-        objects: objects.len(),
-        reused,
-    })
+    Ok(Written { pack, idx, objects: objects.len(), reused })
 }
 
 /// Pack index version 2: fan-out, sorted names, CRCs, offsets (large ones
 /// in a second table), the pack's checksum, then this file's own.
 fn write_index(file: &File, index: &mut [(Oid, u32, u64)], pack_checksum: &[u8; 20]) -> Result<()> {
     index.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    let mut out = Hashing {
-        inner: BufWriter::new(file),
-        hash: Sha1::new(),
-        written: 0,
-    };
+    let mut out = Hashing { inner: BufWriter::new(file), hash: Sha1::new(), written: 0 };
     out.write_all(&[0xff, b't', b'O', b'c', 0, 0, 0, 2])?;
     let mut fanout = [0u32; 256];
     for (oid, _, _) in index.iter() {
@@ -455,22 +399,11 @@ mod tests {
     fn git(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git")
             .current_dir(dir)
-            .args([
-                "-c",
-                "user.name=T",
-                "-c",
-                "user.email=t@e",
-                "-c",
-                "init.defaultBranch=main",
-            ])
+            .args(["-c", "user.name=T", "-c", "user.email=t@e", "-c", "init.defaultBranch=main"])
             .args(args)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -482,16 +415,7 @@ mod tests {
 
     #[test]
     fn offsets_encode_as_git_decodes_them() {
-        for ofs in [
-            1u64,
-            127,
-            128,
-            129,
-            16511,
-            16512,
-            1 << 31,
-            u64::from(u32::MAX) * 3,
-        ] {
+        for ofs in [1u64, 127, 128, 129, 16511, 16512, 1 << 31, u64::from(u32::MAX) * 3] {
             let mut buf = vec![0x60];
             encode_ofs(ofs, &mut buf);
             let h = parse_header(&buf, 1 << 40).unwrap();
@@ -515,18 +439,12 @@ mod tests {
         let src = tmp.path().join("src");
         std::fs::create_dir(&src).unwrap();
         git(&src, &["init", "-q"]);
-        let body: String = (0..400)
-            .map(|i| format!("line {i} of a file that deltas well\n"))
-            .collect();
+        let body: String = (0..400).map(|i| format!("line {i} of a file that deltas well\n")).collect();
         for i in 0..30 {
             commit_file(&src, "common.txt", &format!("{body}version {i}\n"));
         }
         git(&src, &["checkout", "-q", "-b", "private"]);
-        commit_file(
-            &src,
-            "common.txt",
-            &format!("{body}version 29\nTOP-SECRET-TOKEN\n"),
-        );
+        commit_file(&src, "common.txt", &format!("{body}version 29\nTOP-SECRET-TOKEN\n"));
         std::fs::write(src.join("common.txt"), "stashed secret\n").unwrap();
         git(&src, &["stash", "-q"]);
         git(&src, &["checkout", "-q", "main"]);
@@ -534,12 +452,8 @@ mod tests {
         git(&src, &["repack", "-adq", "--window=50", "--depth=50"]);
         commit_file(&src, "later.txt", "loose\n");
 
-        let secret = git(&src, &["rev-parse", "private:common.txt"])
-            .trim()
-            .to_owned();
-        let shipped = git(&src, &["rev-parse", "main:common.txt"])
-            .trim()
-            .to_owned();
+        let secret = git(&src, &["rev-parse", "private:common.txt"]).trim().to_owned();
+        let shipped = git(&src, &["rev-parse", "main:common.txt"]).trim().to_owned();
         // The case that matters: the host stores the branch's blob as a delta
         // against the other branch's secret blob.
         let idx = std::fs::read_dir(src.join(".git/objects/pack"))
@@ -549,45 +463,24 @@ mod tests {
             .unwrap();
         let host_verify = git(&src, &["verify-pack", "-v", idx.to_str().unwrap()]);
         assert!(
-            host_verify
-                .lines()
-                .any(|l| l.starts_with(&shipped) && l.ends_with(&secret)),
+            host_verify.lines().any(|l| l.starts_with(&shipped) && l.ends_with(&secret)),
             "precondition: {shipped} is a delta against {secret} on the host"
         );
         let main = Oid::from_str(git(&src, &["rev-parse", "main"]).trim()).unwrap();
         let repo = Repository::open(&src).unwrap();
         let out = tmp.path().join("out.git");
         git(tmp.path(), &["init", "-q", "--bare", "out.git"]);
-        let written =
-            write_branch_pack(&repo, main, &out.join("objects/pack"), &|_, _, _| {}).unwrap();
-        assert!(
-            written.reused > 0,
-            "nothing was reused from the host's pack: {written:?}"
-        );
+        let written = write_branch_pack(&repo, main, &out.join("objects/pack"), &|_, _, _| {}).unwrap();
+        assert!(written.reused > 0, "nothing was reused from the host's pack: {written:?}");
 
-        let verify = git(
-            tmp.path(),
-            &["verify-pack", "-v", written.idx.to_str().unwrap()],
-        );
-        let listed: HashSet<String> = verify
-            .lines()
-            .filter_map(|l| l.split(' ').next())
-            .filter(|w| w.len() == 40)
-            .map(str::to_owned)
-            .collect();
-        let expected: HashSet<String> = git(&src, &["rev-list", "--objects", "main"])
-            .lines()
-            .map(|l| l[..40].to_owned())
-            .collect();
-        assert_eq!(
-            listed, expected,
-            "the pack holds exactly the branch's objects"
-        );
+        let verify = git(tmp.path(), &["verify-pack", "-v", written.idx.to_str().unwrap()]);
+        let listed: HashSet<String> =
+            verify.lines().filter_map(|l| l.split(' ').next()).filter(|w| w.len() == 40).map(str::to_owned).collect();
+        let expected: HashSet<String> =
+            git(&src, &["rev-list", "--objects", "main"]).lines().map(|l| l[..40].to_owned()).collect();
+        assert_eq!(listed, expected, "the pack holds exactly the branch's objects");
         assert!(!listed.contains(&secret));
-        assert!(
-            verify.contains(" delta") || verify.contains("chain length"),
-            "deltas were kept: {verify}"
-        );
+        assert!(verify.contains(" delta") || verify.contains("chain length"), "deltas were kept: {verify}");
 
         git(&out, &["update-ref", "refs/heads/main", &main.to_string()]);
         git(&out, &["fsck", "--full", "--strict", "--no-dangling"]);

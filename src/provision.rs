@@ -30,11 +30,7 @@ const STATE_DIR: &str = ".agent-vm";
 const ADC_PATH: &str = "/etc/google/application_default_credentials.json";
 const PROFILE_PATH: &str = "/etc/profile.d/ai-agent-env.sh";
 /// Host variables written to the profile next to the credentials.
-const VERTEX_VARS: &[&str] = &[
-    "CLAUDE_CODE_USE_VERTEX",
-    "ANTHROPIC_VERTEX_PROJECT_ID",
-    "CLOUD_ML_REGION",
-];
+const VERTEX_VARS: &[&str] = &["CLAUDE_CODE_USE_VERTEX", "ANTHROPIC_VERTEX_PROJECT_ID", "CLOUD_ML_REGION"];
 
 /// Writes the template into `dir` (created if needed) and returns its path.
 pub fn write_template(dir: &Path) -> Result<PathBuf> {
@@ -57,11 +53,7 @@ pub struct File {
 pub fn files() -> Result<Vec<File>> {
     let mut files: Vec<File> = embedded::FILES
         .iter()
-        .map(|(path, mode, data)| File {
-            path: path.to_string(),
-            mode: *mode,
-            data: data.to_vec(),
-        })
+        .map(|(path, mode, data)| File { path: path.to_string(), mode: *mode, data: data.to_vec() })
         .collect();
     if let Some(dir) = std::env::var_os(COMMON_DIR_ENV).filter(|d| !d.is_empty()) {
         let dir = PathBuf::from(dir);
@@ -77,26 +69,15 @@ fn read_tree(dir: &Path, prefix: &str, out: &mut Vec<File>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        let name = entry
-            .file_name()
-            .into_string()
-            .map_err(|n| anyhow!("non-UTF-8 file name {n:?}"))?;
+        let name = entry.file_name().into_string().map_err(|n| anyhow!("non-UTF-8 file name {n:?}"))?;
         let path = format!("{prefix}/{name}");
         // Follows symlinks: a customised common/ may link to the stock one.
         let meta = std::fs::metadata(entry.path())?;
         if meta.is_dir() {
             read_tree(&entry.path(), &path, out)?;
         } else {
-            let mode = if meta.permissions().mode() & 0o111 != 0 {
-                0o755
-            } else {
-                0o644
-            };
-            out.push(File {
-                path,
-                mode,
-                data: std::fs::read(entry.path())?,
-            });
+            let mode = if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 };
+            out.push(File { path, mode, data: std::fs::read(entry.path())? });
         }
     }
     Ok(())
@@ -108,10 +89,7 @@ fn under(files: &[File], prefix: &str) -> Vec<File> {
         .iter()
         .filter_map(|f| {
             let rest = f.path.strip_prefix(prefix)?.strip_prefix('/')?;
-            Some(File {
-                path: rest.to_owned(),
-                ..f.clone()
-            })
+            Some(File { path: rest.to_owned(), ..f.clone() })
         })
         .collect()
 }
@@ -121,26 +99,13 @@ fn under(files: &[File], prefix: &str) -> Vec<File> {
 pub fn tarball(files: &[File]) -> Result<Vec<u8>> {
     let mut sorted: Vec<&File> = files.iter().collect();
     sorted.sort_by(|a, b| a.path.cmp(&b.path));
-    let gz = flate2::GzBuilder::new()
-        .mtime(0)
-        .write(Vec::new(), flate2::Compression::default());
+    let gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::default());
     let mut tar = tar::Builder::new(gz);
     let mut dirs = std::collections::BTreeSet::new();
     for f in sorted {
         let mut parent = String::new();
-        for part in f
-            .path
-            .split('/')
-            .collect::<Vec<_>>()
-            .split_last()
-            .map(|(_, p)| p)
-            .unwrap_or(&[])
-        {
-            parent = if parent.is_empty() {
-                part.to_string()
-            } else {
-                format!("{parent}/{part}")
-            };
+        for part in f.path.split('/').collect::<Vec<_>>().split_last().map(|(_, p)| p).unwrap_or(&[]) {
+            parent = if parent.is_empty() { part.to_string() } else { format!("{parent}/{part}") };
             if dirs.insert(parent.clone()) {
                 tar.append_data(
                     &mut header(tar::EntryType::Directory, 0o755, 0),
@@ -149,11 +114,7 @@ pub fn tarball(files: &[File]) -> Result<Vec<u8>> {
                 )?;
             }
         }
-        tar.append_data(
-            &mut header(tar::EntryType::Regular, f.mode, f.data.len() as u64),
-            &f.path,
-            &f.data[..],
-        )?;
+        tar.append_data(&mut header(tar::EntryType::Regular, f.mode, f.data.len() as u64), &f.path, &f.data[..])?;
     }
     let mut gz = tar.into_inner()?;
     gz.flush()?;
@@ -180,9 +141,7 @@ pub fn envvar_names(files: &[File]) -> Vec<String> {
             String::from_utf8_lossy(&f.data)
                 .lines()
                 .map(|l| l.split('#').next().unwrap_or("").trim().to_owned())
-                .filter(|l| {
-                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                })
+                .filter(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
                 .collect()
         })
         .unwrap_or_default()
@@ -190,10 +149,7 @@ pub fn envvar_names(files: &[File]) -> Vec<String> {
 
 /// The listed variables that are set on the host, for a connected session.
 pub fn session_env() -> Result<Vec<(String, String)>> {
-    Ok(envvar_names(&files()?)
-        .into_iter()
-        .filter_map(|name| std::env::var(&name).ok().map(|v| (name, v)))
-        .collect())
+    Ok(envvar_names(&files()?).into_iter().filter_map(|name| std::env::var(&name).ok().map(|v| (name, v))).collect())
 }
 
 // VM-side scripts; every variable part is a positional argument.
@@ -203,8 +159,7 @@ const UNPACK_STAGE: &str = r#"set -e
 rm -rf -- "$1"; mkdir -p -- "$1"; tar -xzf - -C "$1" --no-same-owner"#;
 
 /// $1 staging dir: run the provision script as root.
-const RUN_PROVISION: &str =
-    r#"exec sudo -n bash "$1/vm-template/lima-provision.sh" "$HOME/$1" "$(id -un)" "$2""#;
+const RUN_PROVISION: &str = r#"exec sudo -n bash "$1/vm-template/lima-provision.sh" "$HOME/$1" "$(id -un)" "$2""#;
 
 /// $1 staging dir, $2 sentinel: install the home files from the tarball on
 /// stdin, leaving identical files alone and an existing sentinel (the
@@ -266,10 +221,7 @@ impl Options {
     /// that create the VM without asking.
     pub fn from_env() -> Options {
         let on = std::env::var(HOST_ACCESS_ENV).is_ok_and(|v| {
-            !matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "" | "0" | "false" | "no" | "off" | "n" | "f"
-            )
+            !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false" | "no" | "off" | "n" | "f")
         });
         Options { host_access: on }
     }
@@ -297,34 +249,14 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
 
     ui.say("Provisioning the VM: tools and agents (the first time takes a while)…");
     let stage = format!("{STATE_DIR}/stage");
-    let staged: Vec<File> = files
-        .iter()
-        .filter(|f| !f.path.starts_with("common/homedir/"))
-        .cloned()
-        .collect();
-    run_script(
-        session,
-        UNPACK_STAGE,
-        &[&stage],
-        &tarball(&staged)?,
-        "staging the provisioning files",
-    )
-    .await?;
-    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if ui.quiet {
-        Box::new(tokio::io::sink())
-    } else {
-        Box::new(tokio::io::stderr())
-    };
+    let staged: Vec<File> = files.iter().filter(|f| !f.path.starts_with("common/homedir/")).cloned().collect();
+    run_script(session, UNPACK_STAGE, &[&stage], &tarball(&staged)?, "staging the provisioning files").await?;
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
+        if ui.quiet { Box::new(tokio::io::sink()) } else { Box::new(tokio::io::stderr()) };
     let mut err = Vec::new();
     let status = session
         .exec_io(
-            &shell::script(
-                RUN_PROVISION,
-                &[
-                    stage.as_str(),
-                    if options.host_access { "open" } else { "guard" },
-                ],
-            )?,
+            &shell::script(RUN_PROVISION, &[stage.as_str(), if options.host_access { "open" } else { "guard" }])?,
             &[][..],
             &mut out,
             &mut err,
@@ -356,42 +288,24 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
         None => ui.say("Provisioning the VM: no GCP application-default credentials on this machine (skipped)."),
     }
     let profile = profile(adc.is_some())?;
-    run_root(
-        session,
-        INSTALL_SYSTEM_FILE,
-        &[PROFILE_PATH, "644"],
-        profile.as_bytes(),
-        "writing the agent environment",
-    )
-    .await?;
+    run_root(session, INSTALL_SYSTEM_FILE, &[PROFILE_PATH, "644"], profile.as_bytes(), "writing the agent environment")
+        .await?;
 
     if let Some(zone) = host_timezone() {
         run_root(session, SET_TIMEZONE, &[&zone], &[], "setting the timezone").await?;
     }
     if let Some(source) = host_terminfo() {
         // A terminal the VM cannot describe is an inconvenience, not a failure.
-        if let Err(e) = run_script(
-            session,
-            INSTALL_TERMINFO,
-            &[] as &[&str],
-            &source,
-            "installing terminfo",
-        )
-        .await
-        {
+        if let Err(e) = run_script(session, INSTALL_TERMINFO, &[] as &[&str], &source, "installing terminfo").await {
             ui.say(&format!("warning: {e:#}"));
         }
     }
-    Ok(Report {
-        credentials: adc.is_some(),
-    })
+    Ok(Report { credentials: adc.is_some() })
 }
 
 /// Whether the VM has GCP credentials installed.
 pub async fn has_credentials(session: &Session) -> Result<bool> {
-    let out = session
-        .exec(&shell::quote(&["test", "-f", ADC_PATH])?)
-        .await?;
+    let out = session.exec(&shell::quote(&["test", "-f", ADC_PATH])?).await?;
     Ok(out.status == 0)
 }
 
@@ -402,46 +316,27 @@ async fn run_script<S: AsRef<str>>(
     input: &[u8],
     what: &str,
 ) -> Result<String> {
-    let out = session
-        .exec_with_input(&shell::script(script, args)?, input)
-        .await?
-        .check(what)?;
+    let out = session.exec_with_input(&shell::script(script, args)?, input).await?.check(what)?;
     Ok(out.stdout_str())
 }
 
-async fn run_root(
-    session: &Session,
-    script: &str,
-    args: &[&str],
-    input: &[u8],
-    what: &str,
-) -> Result<String> {
-    let out = session
-        .exec_with_input(&shell::script_as_root(script, args)?, input)
-        .await?
-        .check(what)?;
+async fn run_root(session: &Session, script: &str, args: &[&str], input: &[u8], what: &str) -> Result<String> {
+    let out = session.exec_with_input(&shell::script_as_root(script, args)?, input).await?.check(what)?;
     Ok(out.stdout_str())
 }
 
 /// The host's GCP application-default credentials, if any: from
 /// $GOOGLE_APPLICATION_CREDENTIALS, else gcloud's default location.
 fn credentials() -> Result<Option<(PathBuf, Vec<u8>)>> {
-    let (path, explicit) =
-        match std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").filter(|p| !p.is_empty()) {
-            Some(p) => (PathBuf::from(p), true),
-            None => (
-                crate::home_dir()?.join(".config/gcloud/application_default_credentials.json"),
-                false,
-            ),
-        };
+    let (path, explicit) = match std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").filter(|p| !p.is_empty()) {
+        Some(p) => (PathBuf::from(p), true),
+        None => (crate::home_dir()?.join(".config/gcloud/application_default_credentials.json"), false),
+    };
     if !explicit && !path.exists() {
         return Ok(None);
     }
     let data = std::fs::read(&path).with_context(|| {
-        format!(
-            "cannot read GCP credentials {} (GOOGLE_APPLICATION_CREDENTIALS): fix or unset it",
-            path.display()
-        )
+        format!("cannot read GCP credentials {} (GOOGLE_APPLICATION_CREDENTIALS): fix or unset it", path.display())
     })?;
     serde_json::from_slice::<serde_json::Value>(&data)
         .with_context(|| format!("GCP credentials {} are not JSON", path.display()))?;
@@ -453,9 +348,7 @@ fn credentials() -> Result<Option<(PathBuf, Vec<u8>)>> {
 fn profile(credentials: bool) -> Result<String> {
     let mut text = String::from("# Written by `agent-vm provision`.\n");
     if credentials {
-        text.push_str(&format!(
-            "export GOOGLE_APPLICATION_CREDENTIALS={ADC_PATH}\n"
-        ));
+        text.push_str(&format!("export GOOGLE_APPLICATION_CREDENTIALS={ADC_PATH}\n"));
     }
     for name in VERTEX_VARS {
         if let Ok(value) = std::env::var(name) {
@@ -470,22 +363,15 @@ fn host_timezone() -> Option<String> {
     let target = std::fs::read_link("/etc/localtime").ok()?;
     let text = target.to_string_lossy();
     let zone = &text[text.find("zoneinfo/")? + "zoneinfo/".len()..];
-    zone.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c))
-        .then(|| zone.to_owned())
+    zone.chars().all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c)).then(|| zone.to_owned())
 }
 
 /// The terminfo source of the host's $TERM, for modern terminals the VM
 /// does not know.
 fn host_terminfo() -> Option<Vec<u8>> {
-    let term = std::env::var("TERM")
-        .ok()
-        .filter(|t| !t.is_empty() && t != "dumb")?;
-    let out = std::process::Command::new("infocmp")
-        .args(["-x", &term])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
+    let term = std::env::var("TERM").ok().filter(|t| !t.is_empty() && t != "dumb")?;
+    let out =
+        std::process::Command::new("infocmp").args(["-x", &term]).stderr(std::process::Stdio::null()).output().ok()?;
     out.status.success().then_some(out.stdout)
 }
 
@@ -494,11 +380,7 @@ mod tests {
     use super::*;
 
     fn f(path: &str, mode: u32, data: &str) -> File {
-        File {
-            path: path.to_owned(),
-            mode,
-            data: data.as_bytes().to_vec(),
-        }
+        File { path: path.to_owned(), mode, data: data.as_bytes().to_vec() }
     }
 
     #[test]
@@ -513,20 +395,10 @@ mod tests {
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
-                (
-                    e.path().unwrap().display().to_string(),
-                    e.header().mode().unwrap(),
-                )
+                (e.path().unwrap().display().to_string(), e.header().mode().unwrap())
             })
             .collect();
-        assert_eq!(
-            got,
-            vec![
-                ("a".into(), 0o644),
-                ("b/".into(), 0o755),
-                ("b/x.sh".into(), 0o755)
-            ]
-        );
+        assert_eq!(got, vec![("a".into(), 0o644), ("b/".into(), 0o755), ("b/x.sh".into(), 0o755)]);
     }
 
     #[test]
@@ -534,25 +406,14 @@ mod tests {
         let files = files().unwrap();
         let home = under(&files, "common/homedir");
         assert!(home.iter().any(|f| f.path == SENTINEL));
-        let start = home
-            .iter()
-            .find(|f| f.path == ".local/bin/start-claude")
-            .unwrap();
+        let start = home.iter().find(|f| f.path == ".local/bin/start-claude").unwrap();
         assert_eq!(start.mode, 0o755);
-        assert!(
-            files
-                .iter()
-                .any(|f| f.path == "vm-template/lima-provision.sh" && f.mode == 0o755)
-        );
+        assert!(files.iter().any(|f| f.path == "vm-template/lima-provision.sh" && f.mode == 0o755));
     }
 
     #[test]
     fn envvar_names_skip_comments() {
-        let files = vec![f(
-            "common/packages/envvars.txt",
-            0o644,
-            "# c\nA_B\n\n  C # x\nbad-name\n",
-        )];
+        let files = vec![f("common/packages/envvars.txt", 0o644, "# c\nA_B\n\n  C # x\nbad-name\n")];
         assert_eq!(envvar_names(&files), vec!["A_B", "C"]);
     }
 }

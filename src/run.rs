@@ -95,25 +95,13 @@ pub async fn run_all(
     output: &Output,
     stop: watch::Receiver<bool>,
 ) -> Vec<Outcome> {
-    let width = jobs
-        .iter()
-        .map(|j| printable(&j.branch).chars().count())
-        .max()
-        .unwrap_or(0);
+    let width = jobs.iter().map(|j| printable(&j.branch).chars().count()).max().unwrap_or(0);
     let count = jobs.len();
-    let queue = Arc::new(std::sync::Mutex::new(
-        jobs.into_iter()
-            .enumerate()
-            .collect::<std::collections::VecDeque<_>>(),
-    ));
+    let queue =
+        Arc::new(std::sync::Mutex::new(jobs.into_iter().enumerate().collect::<std::collections::VecDeque<_>>()));
     let workers: Vec<_> = (0..parallel.clamp(1, count.max(1)))
         .map(|_| {
-            let (endpoint, argv, env, output) = (
-                endpoint.clone(),
-                argv.to_vec(),
-                env.to_vec(),
-                output.clone(),
-            );
+            let (endpoint, argv, env, output) = (endpoint.clone(), argv.to_vec(), env.to_vec(), output.clone());
             let (queue, stop) = (queue.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut done = Vec::new();
@@ -125,12 +113,7 @@ pub async fn run_all(
                     if *stop.borrow() {
                         done.push((
                             index,
-                            Outcome {
-                                job,
-                                status: Status::NotRun,
-                                duration: Duration::ZERO,
-                                commits: None,
-                            },
+                            Outcome { job, status: Status::NotRun, duration: Duration::ZERO, commits: None },
                         ));
                         continue;
                     }
@@ -147,21 +130,11 @@ pub async fn run_all(
                     done.push((
                         index,
                         match result {
-                            Ok((status, commits)) => Outcome {
-                                job,
-                                status,
-                                duration,
-                                commits,
-                            },
+                            Ok((status, commits)) => Outcome { job, status, duration, commits },
                             Err(e) => {
                                 // Start afresh on the next job: the connection may be what failed.
                                 session = None;
-                                Outcome {
-                                    job,
-                                    status: Status::Failed(format!("{e:#}")),
-                                    duration,
-                                    commits: None,
-                                }
+                                Outcome { job, status: Status::Failed(format!("{e:#}")), duration, commits: None }
                             }
                         },
                     ));
@@ -200,9 +173,7 @@ async fn run_one(
     let mut sink = Sink::new(output, &job.branch, width)?;
     let mut args: Vec<&str> = vec![&job.dir];
     args.extend(argv.iter().map(String::as_str));
-    let channel = session
-        .open_exec_env(&shell::login_script(WRAPPER, &args)?, env)
-        .await?;
+    let channel = session.open_exec_env(&shell::login_script(WRAPPER, &args)?, env).await?;
     let (mut read, write) = channel.split();
     let mut status = None;
     let mut interrupted = false;
@@ -227,10 +198,7 @@ async fn run_one(
     if interrupted {
         return Ok((Status::Interrupted, None));
     }
-    let commits = match session
-        .exec(&shell::script(COUNT_COMMITS, &[&job.dir, &job.base])?)
-        .await
-    {
+    let commits = match session.exec(&shell::script(COUNT_COMMITS, &[&job.dir, &job.base])?).await {
         Ok(out) if out.status == 0 => out.stdout_str().trim().parse().ok(),
         _ => None,
     };
@@ -241,10 +209,7 @@ async fn run_one(
 /// (VM output is untrusted: control characters are neutralised), or raw
 /// into its log file.
 enum Sink {
-    Prefixed {
-        prefix: String,
-        partial: [Vec<u8>; 2],
-    },
+    Prefixed { prefix: String, partial: [Vec<u8>; 2] },
     Log(std::fs::File),
 }
 
@@ -254,21 +219,14 @@ impl Sink {
             Output::Prefixed => {
                 let name = printable(branch);
                 let pad = width.saturating_sub(name.chars().count());
-                Sink::Prefixed {
-                    prefix: format!("{name}{} | ", " ".repeat(pad)),
-                    partial: [Vec::new(), Vec::new()],
-                }
+                Sink::Prefixed { prefix: format!("{name}{} | ", " ".repeat(pad)), partial: [Vec::new(), Vec::new()] }
             }
             Output::Logs(dir) => {
                 let path = log_path(dir, branch);
                 if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)
-                        .with_context(|| format!("cannot create {}", parent.display()))?;
+                    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
                 }
-                Sink::Log(
-                    std::fs::File::create(&path)
-                        .with_context(|| format!("cannot create {}", path.display()))?,
-                )
+                Sink::Log(std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?)
             }
         })
     }
@@ -305,10 +263,8 @@ impl Sink {
 }
 
 fn emit(stderr: bool, prefix: &str, line: &[u8]) {
-    let text: String = String::from_utf8_lossy(line)
-        .chars()
-        .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
-        .collect();
+    let text: String =
+        String::from_utf8_lossy(line).chars().map(|c| if c.is_control() && c != '\t' { '?' } else { c }).collect();
     if stderr {
         eprintln!("{prefix}{text}");
     } else {
@@ -330,10 +286,7 @@ mod tests {
     #[test]
     fn log_paths_stay_inside_the_directory() {
         let dir = std::path::Path::new("/logs");
-        assert_eq!(
-            log_path(dir, "feature/x"),
-            PathBuf::from("/logs/feature/x.log")
-        );
+        assert_eq!(log_path(dir, "feature/x"), PathBuf::from("/logs/feature/x.log"));
         for b in ["-x", "a b", "$(x)", "ü"] {
             let p = log_path(dir, b);
             assert_eq!(p.parent(), Some(dir), "{b}");
@@ -344,15 +297,11 @@ mod tests {
     fn prefixed_output_keeps_partial_lines_until_complete() {
         let mut sink = Sink::new(&Output::Prefixed, "b", 3).unwrap();
         sink.write(false, b"ab").unwrap();
-        let Sink::Prefixed { partial, prefix } = &sink else {
-            panic!()
-        };
+        let Sink::Prefixed { partial, prefix } = &sink else { panic!() };
         assert_eq!(prefix, "b   | ");
         assert_eq!(partial[0], b"ab");
         sink.write(false, b"c\nd").unwrap();
-        let Sink::Prefixed { partial, .. } = &sink else {
-            panic!()
-        };
+        let Sink::Prefixed { partial, .. } = &sink else { panic!() };
         assert_eq!(partial[0], b"d");
     }
 }

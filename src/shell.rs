@@ -11,11 +11,7 @@ pub fn quote<S: AsRef<str>>(words: &[S]) -> Result<String> {
 }
 
 fn first_bad<S: AsRef<str>>(words: &[S]) -> &str {
-    words
-        .iter()
-        .map(|w| w.as_ref())
-        .find(|w| w.contains('\0'))
-        .unwrap_or("")
+    words.iter().map(|w| w.as_ref()).find(|w| w.contains('\0')).unwrap_or("")
 }
 
 /// A command line that runs `argv` in a login shell (so /etc/profile.d is
@@ -69,11 +65,7 @@ mod tests {
             .output()
             .unwrap();
         assert!(out.status.success());
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .split_terminator('\0')
-            .map(str::to_owned)
-            .collect()
+        String::from_utf8(out.stdout).unwrap().split_terminator('\0').map(str::to_owned).collect()
     }
 
     const HOSTILE: &[&str] = &[
@@ -112,11 +104,8 @@ mod tests {
     fn script_passes_arguments_verbatim() {
         let line = script("printf '%s\\0' \"$@\"", HOSTILE).unwrap();
         let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
-        let got: Vec<String> = String::from_utf8(out.stdout)
-            .unwrap()
-            .split_terminator('\0')
-            .map(str::to_owned)
-            .collect();
+        let got: Vec<String> =
+            String::from_utf8(out.stdout).unwrap().split_terminator('\0').map(str::to_owned).collect();
         assert_eq!(got, HOSTILE);
     }
 
@@ -127,9 +116,6 @@ mod tests {
         std::fs::create_dir(&weird).unwrap();
         let line = login_command(Some(weird.to_str().unwrap()), &["pwd"]).unwrap();
         let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
-        assert_eq!(
-            String::from_utf8(out.stdout).unwrap().trim_end(),
-            weird.to_str().unwrap()
-        );
+        assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end(), weird.to_str().unwrap());
     }
 }

@@ -54,36 +54,23 @@ pub enum Defaults {
 impl Endpoint {
     /// Reads `alias` from an OpenSSH config file such as Lima's ssh.config.
     pub fn from_config_file(path: &Path, alias: &str, defaults: Defaults) -> Result<Self> {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("cannot read the SSH config {}", path.display()))?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot read the SSH config {}", path.display()))?;
         let config = SshConfig::default()
-            .parse(
-                &mut BufReader::new(file),
-                ParseRule::ALLOW_UNKNOWN_FIELDS | ParseRule::ALLOW_UNSUPPORTED_FIELDS,
-            )
+            .parse(&mut BufReader::new(file), ParseRule::ALLOW_UNKNOWN_FIELDS | ParseRule::ALLOW_UNSUPPORTED_FIELDS)
             .with_context(|| format!("malformed SSH config {}", path.display()))?;
         // Only a Host line naming the alias counts: the implicit `Host *`
         // matches anything and would hide a config for another instance.
-        let named =
-            |h: &ssh2_config::Host| h.pattern.iter().any(|c| c.pattern == alias && !c.negated);
+        let named = |h: &ssh2_config::Host| h.pattern.iter().any(|c| c.pattern == alias && !c.negated);
         if !config.get_hosts().iter().any(named) {
             bail!("SSH config {} has no `Host {alias}` entry", path.display());
         }
         let params = config.query(alias);
-        let missing = |what: &str| {
-            anyhow::anyhow!("SSH config {} sets no {what} for {alias}", path.display())
-        };
-        let field = |name: &str| {
-            params
-                .unsupported_fields
-                .get(name)
-                .and_then(|v| v.first())
-                .cloned()
-        };
+        let missing = |what: &str| anyhow::anyhow!("SSH config {} sets no {what} for {alias}", path.display());
+        let field = |name: &str| params.unsupported_fields.get(name).and_then(|v| v.first()).cloned();
         let known_hosts = field("userknownhostsfile");
         let strict = field("stricthostkeychecking").map(|v| v.to_ascii_lowercase());
-        let host_key = if matches!(strict.as_deref(), Some("no" | "off"))
-            || known_hosts.as_deref() == Some("/dev/null")
+        let host_key = if matches!(strict.as_deref(), Some("no" | "off")) || known_hosts.as_deref() == Some("/dev/null")
         {
             HostKeyPolicy::AcceptAny
         } else {
@@ -97,30 +84,19 @@ impl Endpoint {
                 params.host_name.ok_or_else(|| missing("HostName"))?,
                 params.port.ok_or_else(|| missing("Port"))?,
                 params.user.ok_or_else(|| missing("User"))?,
-                params
-                    .identity_file
-                    .filter(|f| !f.is_empty())
-                    .ok_or_else(|| missing("IdentityFile"))?,
+                params.identity_file.filter(|f| !f.is_empty()).ok_or_else(|| missing("IdentityFile"))?,
             ),
             Defaults::OpenSsh => {
                 let home = crate::home_dir()?;
-                let default_keys = || {
-                    ["id_ed25519", "id_ecdsa", "id_rsa"]
-                        .map(|k| home.join(".ssh").join(k))
-                        .to_vec()
-                };
+                let default_keys = || ["id_ed25519", "id_ecdsa", "id_rsa"].map(|k| home.join(".ssh").join(k)).to_vec();
                 (
                     params.host_name.unwrap_or_else(|| alias.to_owned()),
                     params.port.unwrap_or(22),
                     match params.user {
                         Some(u) => u,
-                        None => whoami::username()
-                            .map_err(|_| missing("User (and the local user has no name)"))?,
+                        None => whoami::username().map_err(|_| missing("User (and the local user has no name)"))?,
                     },
-                    params
-                        .identity_file
-                        .filter(|f| !f.is_empty())
-                        .unwrap_or_else(default_keys),
+                    params.identity_file.filter(|f| !f.is_empty()).unwrap_or_else(default_keys),
                 )
             }
         };
@@ -182,10 +158,7 @@ struct Client {
 impl client::Handler for Client {
     type Error = russh::Error;
 
-    async fn check_server_key(
-        &mut self,
-        key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
+    async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
         let HostKeyPolicy::KnownHosts(file) = &self.policy else {
             return Ok(true);
         };
@@ -194,14 +167,11 @@ impl client::Handler for Client {
                 Some("it presented a certificate; agent-vm checks plain host keys only".into());
             return Ok(false);
         };
-        let why = match russh::keys::known_hosts::check_known_hosts_path(
-            &self.host, self.port, key, file,
-        ) {
+        let why = match russh::keys::known_hosts::check_known_hosts_path(&self.host, self.port, key, file) {
             Ok(true) => return Ok(true),
-            Ok(false) => format!(
-                "its host key is not in {}: connect once with `ssh` to check and record it",
-                file.display()
-            ),
+            Ok(false) => {
+                format!("its host key is not in {}: connect once with `ssh` to check and record it", file.display())
+            }
             Err(russh::keys::Error::KeyChanged { line }) => format!(
                 "ITS HOST KEY CHANGED (it differs from {} line {line}): someone may be impersonating it. \
                  If the change is expected, remove that line",
@@ -240,10 +210,7 @@ impl Session {
             keepalive_interval: Some(Duration::from_secs(15)),
             keepalive_max: 4,
             nodelay: true,
-            preferred: russh::Preferred {
-                cipher: std::borrow::Cow::Borrowed(CIPHERS),
-                ..Default::default()
-            },
+            preferred: russh::Preferred { cipher: std::borrow::Cow::Borrowed(CIPHERS), ..Default::default() },
             ..Default::default()
         });
         let addr = (endpoint.host.as_str(), endpoint.port);
@@ -258,9 +225,7 @@ impl Session {
                 policy: endpoint.host_key.clone(),
                 refusal: refusal.clone(),
             };
-            match tokio::time::timeout_at(deadline, client::connect(config.clone(), addr, client))
-                .await
-            {
+            match tokio::time::timeout_at(deadline, client::connect(config.clone(), addr, client)).await {
                 Err(_) => bail!(
                     "timed out after {} s connecting to the VM at {}:{}; check `agent-vm status`",
                     timeout.as_secs(),
@@ -274,25 +239,16 @@ impl Session {
                 ),
                 // sshd drops handshakes beyond MaxStartups when many
                 // commands connect at once: try again shortly.
-                Ok(Err(russh::Error::Disconnect))
-                    if attempt < 8 && refusal.lock().unwrap().is_none() =>
-                {
+                Ok(Err(russh::Error::Disconnect)) if attempt < 8 && refusal.lock().unwrap().is_none() => {
                     tracing::debug!(attempt, "the SSH server dropped the handshake; retrying");
                     tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
                 }
                 Ok(Err(e)) => {
                     if let Some(why) = refusal.lock().unwrap().take() {
-                        bail!(
-                            "refusing to connect to {}:{}: {why}",
-                            endpoint.host,
-                            endpoint.port
-                        );
+                        bail!("refusing to connect to {}:{}: {why}", endpoint.host, endpoint.port);
                     }
                     return Err(e).with_context(|| {
-                        format!(
-                            "SSH handshake with the VM at {}:{} failed",
-                            endpoint.host, endpoint.port
-                        )
+                        format!("SSH handshake with the VM at {}:{} failed", endpoint.host, endpoint.port)
                     });
                 }
                 Ok(Ok(h)) => break h,
@@ -301,26 +257,14 @@ impl Session {
         for (path, key) in keys {
             let hash = handle.best_supported_rsa_hash().await?.flatten();
             let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
-            if handle
-                .authenticate_publickey(&endpoint.user, key)
-                .await?
-                .success()
-            {
+            if handle.authenticate_publickey(&endpoint.user, key).await?.success() {
                 tracing::debug!(key = %path.display(), user = %endpoint.user, "authenticated");
-                return Ok(Session {
-                    handle,
-                    endpoint: endpoint.clone(),
-                });
+                return Ok(Session { handle, endpoint: endpoint.clone() });
             }
         }
         bail!(
             "authentication failed: the VM did not accept key {} for user {}",
-            endpoint
-                .identity_files
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            endpoint.identity_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
             endpoint.user
         )
     }
@@ -337,26 +281,13 @@ impl Session {
     /// Like [`Session::open_exec`], with environment variables passed in the
     /// SSH session (the VM's sshd must `AcceptEnv` them): values never
     /// appear on a command line or in logs.
-    pub async fn open_exec_env(
-        &self,
-        command: &str,
-        env: &[(String, String)],
-    ) -> Result<russh::Channel<client::Msg>> {
+    pub async fn open_exec_env(&self, command: &str, env: &[(String, String)]) -> Result<russh::Channel<client::Msg>> {
         tracing::debug!(command, env = ?env.iter().map(|(k, _)| k).collect::<Vec<_>>(), "exec");
-        let channel = self
-            .handle
-            .channel_open_session()
-            .await
-            .context("cannot open an SSH channel to the VM")?;
+        let channel = self.handle.channel_open_session().await.context("cannot open an SSH channel to the VM")?;
         for (name, value) in env {
-            channel
-                .set_env(false, name.as_str(), value.as_str())
-                .await?;
+            channel.set_env(false, name.as_str(), value.as_str()).await?;
         }
-        channel
-            .exec(true, command)
-            .await
-            .context("the VM refused to run a command")?;
+        channel.exec(true, command).await.context("the VM refused to run a command")?;
         Ok(channel)
     }
 
@@ -369,30 +300,13 @@ impl Session {
     pub async fn exec_with_input(&self, command: &str, input: &[u8]) -> Result<Output> {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
-        let status = self
-            .exec_io(
-                command,
-                std::io::Cursor::new(input.to_vec()),
-                &mut stdout,
-                &mut stderr,
-            )
-            .await?;
-        Ok(Output {
-            status,
-            stdout,
-            stderr,
-        })
+        let status = self.exec_io(command, std::io::Cursor::new(input.to_vec()), &mut stdout, &mut stderr).await?;
+        Ok(Output { status, stdout, stderr })
     }
 
     /// Runs `command`, streaming `stdin` to it and its output to `stdout` and
     /// `stderr` as it comes. Returns the exit status (255 for a signal).
-    pub async fn exec_io<R, W, E>(
-        &self,
-        command: &str,
-        stdin: R,
-        stdout: &mut W,
-        stderr: &mut E,
-    ) -> Result<u32>
+    pub async fn exec_io<R, W, E>(&self, command: &str, stdin: R, stdout: &mut W, stderr: &mut E) -> Result<u32>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin,
@@ -453,17 +367,12 @@ impl Session {
         let script = r#"umask 077; tmp="$1.agent-vm-tmp.$$"; cat > "$tmp" && chmod "$2" "$tmp" && mv -f "$tmp" "$1""#;
         let mode = format!("{mode:o}");
         let command = crate::shell::script(script, &[path, mode.as_str()])?;
-        self.exec_with_input(&command, data)
-            .await?
-            .check(&format!("writing {path}"))?;
+        self.exec_with_input(&command, data).await?.check(&format!("writing {path}"))?;
         Ok(())
     }
 
     pub async fn close(self) {
-        let _ = self
-            .handle
-            .disconnect(Disconnect::ByApplication, "", "en")
-            .await;
+        let _ = self.handle.disconnect(Disconnect::ByApplication, "", "en").await;
     }
 }
 
@@ -474,11 +383,7 @@ fn load_keys(endpoint: &Endpoint) -> Result<Vec<(PathBuf, russh::keys::PrivateKe
             continue;
         }
         let key = load_secret_key(path, None).with_context(|| {
-            format!(
-                "cannot load SSH key {} (IdentityFile in {})",
-                path.display(),
-                endpoint.config_file.display()
-            )
+            format!("cannot load SSH key {} (IdentityFile in {})", path.display(), endpoint.config_file.display())
         })?;
         keys.push((path.clone(), key));
     }
@@ -486,12 +391,7 @@ fn load_keys(endpoint: &Endpoint) -> Result<Vec<(PathBuf, russh::keys::PrivateKe
         bail!(
             "SSH key {} is missing (IdentityFile in {}). Lima creates it with the first instance; \
              if it was deleted, recreate the VM (`agent-vm destroy`, then `agent-vm start`)",
-            endpoint
-                .identity_files
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            endpoint.identity_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
             endpoint.config_file.display()
         );
     }
@@ -534,27 +434,20 @@ Host lima-agent-vm
         assert_eq!(ep.host, "127.0.0.1");
         assert_eq!(ep.port, 60022);
         assert_eq!(ep.user, "alice");
-        assert_eq!(
-            ep.identity_files,
-            vec![PathBuf::from("/home/u/.lima/_config/user")]
-        );
+        assert_eq!(ep.identity_files, vec![PathBuf::from("/home/u/.lima/_config/user")]);
     }
 
     #[test]
     fn wrong_alias_is_an_error() {
         let f = write(LIMA_CONFIG);
         let err = Endpoint::from_config_file(f.path(), "lima-other", Defaults::None).unwrap_err();
-        assert!(
-            format!("{err:#}").contains("no `Host lima-other` entry"),
-            "{err:#}"
-        );
+        assert!(format!("{err:#}").contains("no `Host lima-other` entry"), "{err:#}");
     }
 
     #[test]
     fn missing_port_is_an_error() {
         let f = write(&LIMA_CONFIG.replace("  Port 60022\n", ""));
-        let err =
-            Endpoint::from_config_file(f.path(), "lima-agent-vm", Defaults::None).unwrap_err();
+        let err = Endpoint::from_config_file(f.path(), "lima-agent-vm", Defaults::None).unwrap_err();
         assert!(format!("{err:#}").contains("sets no Port"), "{err:#}");
     }
 
@@ -573,26 +466,14 @@ Host lima-agent-vm
 
     #[test]
     fn user_config_gets_openssh_defaults_and_checks_host_keys() {
-        let f = write(
-            "Host box\n  HostName 10.0.0.7\n\nHost other\n  Port 2222\n  UserKnownHostsFile /tmp/kh\n",
-        );
+        let f = write("Host box\n  HostName 10.0.0.7\n\nHost other\n  Port 2222\n  UserKnownHostsFile /tmp/kh\n");
         let ep = Endpoint::from_config_file(f.path(), "box", Defaults::OpenSsh).unwrap();
         assert_eq!((ep.host.as_str(), ep.port), ("10.0.0.7", 22));
-        assert!(
-            ep.identity_files
-                .iter()
-                .any(|k| k.ends_with(".ssh/id_ed25519"))
-        );
-        assert_eq!(
-            ep.host_key,
-            HostKeyPolicy::KnownHosts(crate::home_dir().unwrap().join(".ssh/known_hosts"))
-        );
+        assert!(ep.identity_files.iter().any(|k| k.ends_with(".ssh/id_ed25519")));
+        assert_eq!(ep.host_key, HostKeyPolicy::KnownHosts(crate::home_dir().unwrap().join(".ssh/known_hosts")));
         let ep = Endpoint::from_config_file(f.path(), "other", Defaults::OpenSsh).unwrap();
         assert_eq!((ep.host.as_str(), ep.port), ("other", 2222));
-        assert_eq!(
-            ep.host_key,
-            HostKeyPolicy::KnownHosts(PathBuf::from("/tmp/kh"))
-        );
+        assert_eq!(ep.host_key, HostKeyPolicy::KnownHosts(PathBuf::from("/tmp/kh")));
         // Lima's strictness: a user config lacking settings is an error there.
         assert!(Endpoint::from_config_file(f.path(), "box", Defaults::None).is_err());
     }

@@ -46,24 +46,14 @@ impl Remote {
             .lock()
             .unwrap()
             .get_or_insert_with(HashMap::new)
-            .insert(
-                id,
-                Registered {
-                    session,
-                    stderr: stderr.clone(),
-                },
-            );
+            .insert(id, Registered { session, stderr: stderr.clone() });
         Ok(Remote { id, stderr })
     }
 
     /// The URL of the repository at `path` (relative to the VM home). Paths
     /// are ones agent-vm derives, never raw user input.
     pub fn url(&self, path: &str) -> String {
-        debug_assert!(
-            path.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c)),
-            "{path}"
-        );
+        debug_assert!(path.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c)), "{path}");
         format!("{SCHEME}://{}/{path}", self.id)
     }
 
@@ -90,13 +80,7 @@ fn register_scheme() -> Result<()> {
         // SAFETY: runs once, before any agent-vm transport can be created.
         unsafe {
             git2::transport::register(SCHEME, |remote| {
-                Transport::smart(
-                    remote,
-                    false,
-                    Subtransport {
-                        current: Mutex::new(None),
-                    },
-                )
+                Transport::smart(remote, false, Subtransport { current: Mutex::new(None) })
             })
         }
         .map_err(|e| e.to_string())
@@ -118,11 +102,7 @@ struct Subtransport {
 }
 
 impl SmartSubtransport for Subtransport {
-    fn action(
-        &self,
-        url: &str,
-        action: Service,
-    ) -> Result<Box<dyn SmartSubtransportStream>, Error> {
+    fn action(&self, url: &str, action: Service) -> Result<Box<dyn SmartSubtransportStream>, Error> {
         let mut current = self.current.lock().unwrap();
         if matches!(action, Service::UploadPack | Service::ReceivePack)
             && let Some(pipe) = current.as_ref()
@@ -132,12 +112,8 @@ impl SmartSubtransport for Subtransport {
         let rest = url
             .strip_prefix(&format!("{SCHEME}://"))
             .ok_or_else(|| net_error(format!("not an agent-vm URL: {url}")))?;
-        let (id, path) = rest
-            .split_once('/')
-            .ok_or_else(|| net_error(format!("no path in {url}")))?;
-        let id: u64 = id
-            .parse()
-            .map_err(|_| net_error(format!("bad session in {url}")))?;
+        let (id, path) = rest.split_once('/').ok_or_else(|| net_error(format!("no path in {url}")))?;
+        let id: u64 = id.parse().map_err(|_| net_error(format!("bad session in {url}")))?;
         let (session, stderr) = {
             let registry = REGISTRY.lock().unwrap();
             let reg = registry
@@ -171,10 +147,7 @@ const MAX_RECEIVE_ENV: &str = "AGENT_VM_MAX_RECEIVE_BYTES";
 const MAX_STDERR: usize = 64 << 10;
 
 fn max_receive_bytes() -> u64 {
-    std::env::var(MAX_RECEIVE_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(DEFAULT_MAX_RECEIVE)
+    std::env::var(MAX_RECEIVE_ENV).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(DEFAULT_MAX_RECEIVE)
 }
 
 struct Pipe {
@@ -185,16 +158,10 @@ struct Pipe {
 }
 
 impl Pipe {
-    fn open(
-        session: Arc<Session>,
-        command: String,
-        stderr: Arc<Mutex<Vec<u8>>>,
-    ) -> Result<Pipe, Error> {
-        let rt = tokio::runtime::Handle::try_current()
-            .map_err(|_| net_error("git transfer outside the async runtime"))?;
-        let channel = rt
-            .block_on(session.open_exec(&command))
-            .map_err(|e| net_error(format!("{e:#}")))?;
+    fn open(session: Arc<Session>, command: String, stderr: Arc<Mutex<Vec<u8>>>) -> Result<Pipe, Error> {
+        let rt =
+            tokio::runtime::Handle::try_current().map_err(|_| net_error("git transfer outside the async runtime"))?;
+        let channel = rt.block_on(session.open_exec(&command)).map_err(|e| net_error(format!("{e:#}")))?;
         let (to_remote, mut outgoing) = tmpsc::channel::<Vec<u8>>(16);
         let (incoming, from_remote) = mpsc::sync_channel::<Result<Vec<u8>, String>>(64);
         let limit = max_receive_bytes();
@@ -249,12 +216,7 @@ impl Pipe {
             };
             tokio::join!(writer, reader);
         });
-        Ok(Pipe {
-            to_remote: Some(to_remote),
-            from_remote,
-            pending: Vec::new(),
-            offset: 0,
-        })
+        Ok(Pipe { to_remote: Some(to_remote), from_remote, pending: Vec::new(), offset: 0 })
     }
 }
 
@@ -284,16 +246,10 @@ impl Read for Stream {
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let pipe = self.0.lock().unwrap();
-        let sender = pipe
-            .to_remote
-            .as_ref()
-            .ok_or(std::io::ErrorKind::BrokenPipe)?;
-        sender.blocking_send(buf.to_vec()).map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::BrokenPipe,
-                "the VM closed the git connection",
-            )
-        })?;
+        let sender = pipe.to_remote.as_ref().ok_or(std::io::ErrorKind::BrokenPipe)?;
+        sender
+            .blocking_send(buf.to_vec())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the VM closed the git connection"))?;
         Ok(buf.len())
     }
 

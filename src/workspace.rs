@@ -38,26 +38,20 @@ impl HostRepo {
     /// The repository containing the current directory.
     pub fn discover() -> Result<HostRepo> {
         let repo = Repository::discover(".").map_err(|e| {
-            anyhow!("not in a git repository ({}): run agent-vm inside the repository whose branch you want", e.message())
+            anyhow!(
+                "not in a git repository ({}): run agent-vm inside the repository whose branch you want",
+                e.message()
+            )
         })?;
-        let git_dir = repo
-            .commondir()
-            .canonicalize()
-            .context("cannot resolve the repository's git dir")?;
+        let git_dir = repo.commondir().canonicalize().context("cannot resolve the repository's git dir")?;
         let base = match repo.workdir() {
             Some(w) => w.to_path_buf(),
             None => git_dir.clone(),
         };
         let base = base.canonicalize().unwrap_or(base);
-        let name = base
-            .file_name()
-            .map(|n| n.to_string_lossy().trim_end_matches(".git").to_owned())
-            .unwrap_or_default();
-        Ok(HostRepo {
-            repo,
-            git_dir,
-            name,
-        })
+        let name =
+            base.file_name().map(|n| n.to_string_lossy().trim_end_matches(".git").to_owned()).unwrap_or_default();
+        Ok(HostRepo { repo, git_dir, name })
     }
 
     /// The tip of host branch `branch`, if it exists.
@@ -79,18 +73,11 @@ impl HostRepo {
             .repo
             .head()
             .and_then(|h| h.peel_to_commit())
-            .map_err(|_| {
-                anyhow!("branch {branch:?} does not exist and HEAD has no commit to create it from")
-            })?;
+            .map_err(|_| anyhow!("branch {branch:?} does not exist and HEAD has no commit to create it from"))?;
         // A plain ref, not `branch()`: libgit2 refuses names git accepts as
         // refs (a leading `-`) there.
         self.repo
-            .reference(
-                &format!("refs/heads/{branch}"),
-                head.id(),
-                false,
-                "agent-vm: branch from HEAD",
-            )
+            .reference(&format!("refs/heads/{branch}"), head.id(), false, "agent-vm: branch from HEAD")
             .with_context(|| format!("cannot create branch {branch:?}"))?;
         Ok((head.id(), true))
     }
@@ -99,18 +86,11 @@ impl HostRepo {
     /// second one waits rather than interleaving ref updates.
     pub fn lock_branch(&self, branch: &str, ui: &crate::Ui) -> Result<std::fs::File> {
         let dir = self.git_dir.join("agent-vm").join("locks");
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(format!("{}.lock", short_hash(branch.as_bytes())));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)?;
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
         if file.try_lock().is_err() {
-            ui.say(&format!(
-                "Waiting for another agent-vm command on branch {branch:?}…"
-            ));
+            ui.say(&format!("Waiting for another agent-vm command on branch {branch:?}…"));
             file.lock()?;
         }
         Ok(file)
@@ -123,10 +103,7 @@ impl HostRepo {
 
 /// Checks that `branch` is a name git accepts for a branch.
 pub fn validate_branch(branch: &str) -> Result<()> {
-    if branch.is_empty()
-        || branch == "HEAD"
-        || !git2::Reference::is_valid_name(&format!("refs/heads/{branch}"))
-    {
+    if branch.is_empty() || branch == "HEAD" || !git2::Reference::is_valid_name(&format!("refs/heads/{branch}")) {
         bail!("{branch:?} is not a valid branch name");
     }
     Ok(())
@@ -152,11 +129,7 @@ impl Workspace {
         let key = format!("{repo_id}\n{branch}");
         Workspace {
             branch: branch.to_owned(),
-            dir: format!(
-                "{WORKSPACE_ROOT}/{repo}-{}-{}",
-                readable(branch, 40),
-                short_hash(key.as_bytes())
-            ),
+            dir: format!("{WORKSPACE_ROOT}/{repo}-{}-{}", readable(branch, 40), short_hash(key.as_bytes())),
             cache: format!("{CACHE_ROOT}/{repo}-{}.git", short_hash(repo_id.as_bytes())),
         }
     }
@@ -173,20 +146,12 @@ fn short_hash(data: &[u8]) -> String {
 fn readable(text: &str, max: usize) -> String {
     let mut out = String::new();
     for c in text.chars() {
-        let c = if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
-            c
-        } else {
-            '-'
-        };
+        let c = if c.is_ascii_alphanumeric() || c == '.' || c == '_' { c } else { '-' };
         if !(c == '-' && out.ends_with('-')) {
             out.push(c);
         }
     }
-    let out: String = out
-        .trim_start_matches(['-', '.'])
-        .chars()
-        .take(max)
-        .collect();
+    let out: String = out.trim_start_matches(['-', '.']).chars().take(max).collect();
     let out = out.trim_end_matches('-').to_owned();
     if out.is_empty() { "x".to_owned() } else { out }
 }
@@ -194,9 +159,7 @@ fn readable(text: &str, max: usize) -> String {
 /// Removes control characters from text that came from the VM before it
 /// reaches the terminal (no escape-sequence games).
 pub fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    text.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 // VM-side scripts. Fixed text; every variable part is a positional argument.
@@ -267,12 +230,8 @@ done"#;
 
 /// $1 cache, $2 workspace, $3 branch, $4 host repo, $5 tip: point the
 /// cache's branch at the tip (which it has) and create the workspace.
-const CREATE_WORKSPACE: &str = concat!(
-    "set -e\n",
-    r#"git --git-dir="$1" update-ref "refs/heads/$3" "$5""#,
-    "\n",
-    clone_workspace!()
-);
+const CREATE_WORKSPACE: &str =
+    concat!("set -e\n", r#"git --git-dir="$1" update-ref "refs/heads/$3" "$5""#, "\n", clone_workspace!());
 
 /// $1 workspace, $2 branch: "absent", or "present", the branch tip (or
 /// "-") and the number of uncommitted changes, one per line.
@@ -282,8 +241,7 @@ git -C "$1" rev-parse --verify -q "refs/heads/$2^{commit}" || echo -
 git -C "$1" status --porcelain 2>/dev/null | wc -l"#;
 
 /// $1 workspace: delete it.
-const REMOVE: &str =
-    r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
+const REMOVE: &str = r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
 
 /// Every workspace: path, branch, host repo, tip, changes; NUL-separated.
 const LIST: &str = r#"for d in workspace/*; do
@@ -373,33 +331,20 @@ impl Vm {
     }
 
     async fn script(&self, script: &str, args: &[&str], what: &str) -> Result<String> {
-        let out = self
-            .session
-            .exec(&shell::script(script, args)?)
-            .await?
-            .check(what)?;
+        let out = self.session.exec(&shell::script(script, args)?).await?.check(what)?;
         Ok(out.stdout_str())
     }
 
     /// What the VM says about the workspace, with its uncommitted changes
     /// counted.
     pub async fn probe(&self, ws: &Workspace) -> Result<Probe> {
-        let out = self
-            .script(PROBE, &[&ws.dir, &ws.branch], "inspecting the workspace")
-            .await?;
+        let out = self.script(PROBE, &[&ws.dir, &ws.branch], "inspecting the workspace").await?;
         let mut lines = out.lines();
         match lines.next() {
             Some("absent") => Ok(Probe::Absent),
             Some("present") => {
-                let tip = lines
-                    .next()
-                    .filter(|t| *t != "-")
-                    .map(parse_oid)
-                    .transpose()?;
-                let changes = lines
-                    .next()
-                    .and_then(|n| n.trim().parse().ok())
-                    .unwrap_or(0);
+                let tip = lines.next().filter(|t| *t != "-").map(parse_oid).transpose()?;
+                let changes = lines.next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
                 Ok(Probe::Present { tip, changes })
             }
             _ => bail!("unexpected answer from the VM while inspecting {}", ws.dir),
@@ -409,35 +354,18 @@ impl Vm {
     /// Pushes the host branch into its workspace, creating the workspace
     /// (seeded through the repository's cache) when needed. Never forced:
     /// refuses when the VM branch has commits the host lacks.
-    pub async fn push(
-        &self,
-        host: &HostRepo,
-        ws: &Workspace,
-        objects: Objects,
-        progress: &Progress,
-    ) -> Result<Pushed> {
-        let tip = host
-            .branch_tip(&ws.branch)?
-            .ok_or_else(|| anyhow!("host branch {:?} does not exist", ws.branch))?;
+    pub async fn push(&self, host: &HostRepo, ws: &Workspace, objects: Objects, progress: &Progress) -> Result<Pushed> {
+        let tip = host.branch_tip(&ws.branch)?.ok_or_else(|| anyhow!("host branch {:?} does not exist", ws.branch))?;
         // The usual case first, in one round trip: the VM's tip comes from
         // the ref advertisement of the push's own connection. Uncommitted
         // changes need no check here: the VM's updateInstead refuses the
         // push itself when they are in the way.
         let spec = format!("refs/heads/{0}:refs/heads/{0}", ws.branch);
-        let guard = Guard {
-            refname: format!("refs/heads/{}", ws.branch),
-            tip,
-        };
-        let pushed = match self
-            .git_push(host, &ws.dir, &spec, progress, Some(guard))
-            .await
-        {
+        let guard = Guard { refname: format!("refs/heads/{}", ws.branch), tip };
+        let pushed = match self.git_push(host, &ws.dir, &spec, progress, Some(guard)).await {
             Ok(pushed) => pushed,
             Err(e) => {
-                return self
-                    .create(host, ws, tip, objects, progress)
-                    .await?
-                    .ok_or(e);
+                return self.create(host, ws, tip, objects, progress).await?.ok_or(e);
             }
         };
         // None: the guard found commits in the VM that the host lacks.
@@ -465,11 +393,7 @@ impl Vm {
         let label = host.git_dir.to_string_lossy().into_owned();
         let t = tip.to_string();
         let args = [ws.cache.as_str(), &ws.dir, &ws.branch, &label, &t];
-        match self
-            .script(ENSURE_WORKSPACE, &args, "preparing the workspace")
-            .await?
-            .trim()
-        {
+        match self.script(ENSURE_WORKSPACE, &args, "preparing the workspace").await?.trim() {
             "present" => return Ok(None),
             "created" => return Ok(Some(Pushed::Created)),
             "new" => {
@@ -477,21 +401,17 @@ impl Vm {
                 // packing by libgit2, no `git index-pack` in the VM.
                 let tarball = match objects {
                     Objects::All => all_objects_tarball(host.git_dir.join("objects")).await?,
-                    Objects::Branch => {
-                        branch_pack_tarball(host.git_dir.clone(), tip, progress).await?
-                    }
+                    Objects::Branch => branch_pack_tarball(host.git_dir.clone(), tip, progress).await?,
                 };
                 self.send_objects(tarball, &ws.cache).await?;
             }
             _ => {
                 // The cache is agent-vm's own: overwrite its ref freely.
                 let spec = format!("+refs/heads/{0}:refs/heads/{0}", ws.branch);
-                self.git_push(host, &ws.cache, &spec, progress, None)
-                    .await?;
+                self.git_push(host, &ws.cache, &spec, progress, None).await?;
             }
         }
-        self.script(CREATE_WORKSPACE, &args, "creating the workspace")
-            .await?;
+        self.script(CREATE_WORKSPACE, &args, "creating the workspace").await?;
         Ok(Some(Pushed::Created))
     }
 
@@ -502,10 +422,7 @@ impl Vm {
         let input = tokio::fs::File::open(tarball.path()).await?;
         let command = shell::script(UNPACK_OBJECTS, &[cache])?;
         let mut stderr = Vec::new();
-        let status = self
-            .session
-            .exec_io(&command, input, &mut tokio::io::sink(), &mut stderr)
-            .await?;
+        let status = self.session.exec_io(&command, input, &mut tokio::io::sink(), &mut stderr).await?;
         if status != 0 {
             bail!(
                 "unpacking the repository's objects in the VM failed: {}",
@@ -534,24 +451,14 @@ impl Vm {
             let repo = Repository::open(&git_dir)?;
             let mut remote = repo.remote_anonymous(&url)?;
             let Some(guard) = guard else {
-                return Ok((
-                    Some(Pushed::Updated),
-                    push_through(&mut remote, &refspec, &bar)?,
-                ));
+                return Ok((Some(Pushed::Updated), push_through(&mut remote, &refspec, &bar)?));
             };
             let mut conn = remote.connect_auth(git2::Direction::Push, None, None)?;
-            let vm_tip = conn
-                .list()?
-                .iter()
-                .find(|h| h.name() == guard.refname)
-                .map(|h| h.oid());
+            let vm_tip = conn.list()?.iter().find(|h| h.name() == guard.refname).map(|h| h.oid());
             match vm_tip {
                 Some(t) if t == guard.tip => Ok((Some(Pushed::UpToDate), Vec::new())),
                 Some(t) if !contains(&repo, guard.tip, t) => Ok((None, Vec::new())),
-                _ => Ok((
-                    Some(Pushed::Updated),
-                    push_through(conn.remote(), &refspec, &bar)?,
-                )),
+                _ => Ok((Some(Pushed::Updated), push_through(conn.remote(), &refspec, &bar)?)),
             }
         })
         .await?;
@@ -559,11 +466,7 @@ impl Vm {
         let stderr = self.remote.take_stderr();
         let (pushed, rejected) = result.map_err(|e| with_remote_stderr(e, &stderr))?;
         if let Some((name, why)) = rejected.first() {
-            bail!(
-                "the VM refused to update {}: {}",
-                printable(name),
-                printable(why)
-            );
+            bail!("the VM refused to update {}: {}", printable(name), printable(why));
         }
         Ok(pushed)
     }
@@ -581,12 +484,7 @@ impl Vm {
             let mut remote = repo.remote_anonymous(&url)?;
             let mut callbacks = git2::RemoteCallbacks::new();
             callbacks.transfer_progress(|p| {
-                progress2.transfer(
-                    "Fetching",
-                    p.received_objects(),
-                    p.total_objects(),
-                    p.received_bytes(),
-                )
+                progress2.transfer("Fetching", p.received_objects(), p.total_objects(), p.received_bytes())
             });
             let mut opts = git2::FetchOptions::new();
             opts.remote_callbacks(callbacks)
@@ -594,11 +492,8 @@ impl Vm {
                 .update_fetchhead(false)
                 .prune(git2::FetchPrune::Off);
             remote.fetch(&[refspec.as_str()], Some(&mut opts), Some("agent-vm fetch"))?;
-            let oid = repo
-                .refname_to_id(&tracking)
-                .context("the VM's branch did not arrive")?;
-            repo.find_commit(oid)
-                .context("the VM's branch does not point to a commit")?;
+            let oid = repo.refname_to_id(&tracking).context("the VM's branch did not arrive")?;
+            repo.find_commit(oid).context("the VM's branch does not point to a commit")?;
             Ok(oid)
         })
         .await?;
@@ -608,18 +503,13 @@ impl Vm {
     }
 
     pub async fn remove(&self, ws: &Workspace) -> Result<()> {
-        self.script(REMOVE, &[&ws.dir], "deleting the workspace")
-            .await?;
+        self.script(REMOVE, &[&ws.dir], "deleting the workspace").await?;
         Ok(())
     }
 
     /// Every workspace in the VM, as the VM describes it.
     pub async fn list(&self) -> Result<Vec<Listed>> {
-        let out = self
-            .session
-            .exec(&shell::script(LIST, &[] as &[&str])?)
-            .await?
-            .check("listing workspaces")?;
+        let out = self.session.exec(&shell::script(LIST, &[] as &[&str])?).await?.check("listing workspaces")?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let fields: Vec<&str> = text.split_terminator('\0').collect();
         Ok(fields
@@ -648,34 +538,21 @@ pub struct Listed {
 
 /// A tar of the branch's pack and index ([`crate::pack`]): only objects
 /// reachable from `tip`.
-async fn branch_pack_tarball(
-    git_dir: PathBuf,
-    tip: Oid,
-    progress: &Progress,
-) -> Result<tempfile::NamedTempFile> {
+async fn branch_pack_tarball(git_dir: PathBuf, tip: Oid, progress: &Progress) -> Result<tempfile::NamedTempFile> {
     let bar = progress.clone();
     let tarball = tokio::task::spawn_blocking(move || -> Result<tempfile::NamedTempFile> {
         let repo = Repository::open(&git_dir)?;
         let dir = tempfile::tempdir()?;
         let written =
-            crate::pack::write_branch_pack(&repo, tip, dir.path(), &|stage, n, total| {
-                bar.objects(stage, n, total)
-            })?;
-        tracing::debug!(
-            objects = written.objects,
-            reused = written.reused,
-            "branch pack written"
-        );
+            crate::pack::write_branch_pack(&repo, tip, dir.path(), &|stage, n, total| bar.objects(stage, n, total))?;
+        tracing::debug!(objects = written.objects, reused = written.reused, "branch pack written");
         let file = tempfile::NamedTempFile::new()?;
         let mut tar = tar::Builder::new(std::io::BufWriter::new(file.reopen()?));
         for path in [&written.pack, &written.idx] {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             tar.append_path_with_name(path, format!("pack/{name}"))?;
         }
-        tar.into_inner()?
-            .into_inner()
-            .map_err(|e| e.into_error())?
-            .sync_all()?;
+        tar.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         Ok(file)
     })
     .await?;
@@ -704,8 +581,7 @@ async fn all_objects_tarball(objects_dir: PathBuf) -> Result<tempfile::NamedTemp
                 let fname = f.file_name().to_string_lossy().into_owned();
                 // Whole packs with their index; no temporary or partial files.
                 let wanted = if is_pack {
-                    fname.starts_with("pack-")
-                        && (fname.ends_with(".pack") || fname.ends_with(".idx"))
+                    fname.starts_with("pack-") && (fname.ends_with(".pack") || fname.ends_with(".idx"))
                 } else {
                     fname.len() == 38 && fname.bytes().all(|b| b.is_ascii_hexdigit())
                 };
@@ -714,10 +590,7 @@ async fn all_objects_tarball(objects_dir: PathBuf) -> Result<tempfile::NamedTemp
                 }
             }
         }
-        tar.into_inner()?
-            .into_inner()
-            .map_err(|e| e.into_error())?
-            .sync_all()?;
+        tar.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         Ok(file)
     })
     .await?
@@ -739,19 +612,13 @@ fn parse_oid(text: &str) -> Result<Oid> {
 }
 
 fn with_remote_stderr(e: anyhow::Error, stderr: &str) -> anyhow::Error {
-    if stderr.is_empty() {
-        e
-    } else {
-        e.context(format!("the VM said: {}", printable(stderr)))
-    }
+    if stderr.is_empty() { e } else { e.context(format!("the VM said: {}", printable(stderr))) }
 }
 
 /// Whether `commit` is `tip` or one of its ancestors, in the host repo (an
 /// object the host does not have is not contained).
 pub fn contains(repo: &Repository, tip: Oid, commit: Oid) -> bool {
-    tip == commit
-        || (repo.find_commit(commit).is_ok()
-            && repo.graph_descendant_of(tip, commit).unwrap_or(false))
+    tip == commit || (repo.find_commit(commit).is_ok() && repo.graph_descendant_of(tip, commit).unwrap_or(false))
 }
 
 /// What fetch did to the host branch.
@@ -781,10 +648,7 @@ pub fn integrate(host: &HostRepo, branch: &str, new: Oid) -> Result<Integrated> 
     let current = host.branch_tip(branch)?;
     let Some(old) = current else {
         repo.reference(&refname, new, false, "agent-vm fetch: branch from the VM")?;
-        return Ok(Integrated::FastForwardedRef {
-            from: None,
-            to: new,
-        });
+        return Ok(Integrated::FastForwardedRef { from: None, to: new });
     };
     if contains(repo, old, new) {
         return Ok(Integrated::UpToDate);
@@ -795,12 +659,8 @@ pub fn integrate(host: &HostRepo, branch: &str, new: Oid) -> Result<Integrated> 
              Merge or rebase yourself: `git merge {tracking}` or `git rebase {tracking}`"
         )));
     }
-    let checked_out = !repo.is_bare()
-        && repo
-            .head()
-            .ok()
-            .and_then(|h| h.name().ok().map(str::to_owned))
-            == Some(refname.clone());
+    let checked_out =
+        !repo.is_bare() && repo.head().ok().and_then(|h| h.name().ok().map(str::to_owned)) == Some(refname.clone());
     if checked_out {
         let mut opts = git2::StatusOptions::new();
         opts.include_untracked(false).include_ignored(false);
@@ -825,10 +685,7 @@ pub fn integrate(host: &HostRepo, branch: &str, new: Oid) -> Result<Integrated> 
         return Ok(Integrated::FastForwardedCheckout { from: old, to: new });
     }
     repo.reference_matching(&refname, new, true, old, "agent-vm fetch: fast-forward")?;
-    Ok(Integrated::FastForwardedRef {
-        from: Some(old),
-        to: new,
-    })
+    Ok(Integrated::FastForwardedRef { from: Some(old), to: new })
 }
 
 /// Commits on `tip` that the host's `branch` (and its tracking ref) lack:
@@ -840,10 +697,7 @@ pub fn unfetched(host: &HostRepo, branch: &str, tip: Oid) -> Result<Option<usize
     }
     let mut walk = repo.revwalk()?;
     walk.push(tip)?;
-    for r in [
-        format!("refs/heads/{branch}"),
-        HostRepo::tracking_ref(branch),
-    ] {
+    for r in [format!("refs/heads/{branch}"), HostRepo::tracking_ref(branch)] {
         if let Ok(oid) = repo.refname_to_id(&r) {
             walk.hide(oid)?;
         }
@@ -872,11 +726,9 @@ impl Progress {
         } else {
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix:>9} [{bar:30}] {pos}/{len} objects {msg}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} objects {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
             );
             bar
         };
@@ -918,37 +770,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::init(dir.path()).unwrap();
         std::mem::forget(dir);
-        HostRepo {
-            repo,
-            git_dir: PathBuf::from(path),
-            name: name.to_owned(),
-        }
+        HostRepo { repo, git_dir: PathBuf::from(path), name: name.to_owned() }
     }
 
     #[test]
     fn workspace_names_never_collide() {
         let h = host("/home/u/src/app/.git", "app");
-        let names = [
-            "feature/x",
-            "feature-x",
-            "Feature-X",
-            "feature x",
-            "feature_x",
-            "-x",
-            "x",
-            "ünï",
-            "a..b",
-        ];
-        let dirs: std::collections::HashSet<String> =
-            names.iter().map(|b| Workspace::new(&h, b).dir).collect();
+        let names = ["feature/x", "feature-x", "Feature-X", "feature x", "feature_x", "-x", "x", "ünï", "a..b"];
+        let dirs: std::collections::HashSet<String> = names.iter().map(|b| Workspace::new(&h, b).dir).collect();
         assert_eq!(dirs.len(), names.len());
         for d in &dirs {
             let leaf = d.strip_prefix("workspace/").unwrap();
-            assert!(
-                leaf.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
-                "{d}"
-            );
+            assert!(leaf.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)), "{d}");
             assert!(!leaf.starts_with(['-', '.']), "{d}");
         }
     }
@@ -973,32 +806,10 @@ mod tests {
 
     #[test]
     fn branch_validation_follows_git() {
-        for ok in [
-            "main",
-            "feature/x",
-            "-x",
-            "ünï",
-            "$(x)",
-            "a;b",
-            "`x`",
-            "it's",
-        ] {
+        for ok in ["main", "feature/x", "-x", "ünï", "$(x)", "a;b", "`x`", "it's"] {
             validate_branch(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
-        for bad in [
-            "",
-            "HEAD",
-            "with space",
-            "a..b",
-            "a~b",
-            "a^b",
-            "a:b",
-            "x.lock",
-            "/x",
-            "x/",
-            "a\\b",
-            "a\x07b",
-        ] {
+        for bad in ["", "HEAD", "with space", "a..b", "a~b", "a^b", "a:b", "x.lock", "/x", "x/", "a\\b", "a\x07b"] {
             assert!(validate_branch(bad).is_err(), "{bad:?}");
         }
     }

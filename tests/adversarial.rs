@@ -38,10 +38,7 @@ impl Suite {
                 .unwrap_or_default())
         });
         let verdict = if outcome.is_ok() { "pass" } else { "FAIL" };
-        eprintln!(
-            "[{verdict}] {category}: {name} ({:.1}s)",
-            started.elapsed().as_secs_f64()
-        );
+        eprintln!("[{verdict}] {category}: {name} ({:.1}s)", started.elapsed().as_secs_f64());
         if let Err(e) = &outcome {
             eprintln!("       {e}");
         }
@@ -55,32 +52,20 @@ impl Suite {
                 categories.push(c);
             }
         }
-        let mut table =
-            String::from("| category | cases tried | cases passed |\n|---|---:|---:|\n");
+        let mut table = String::from("| category | cases tried | cases passed |\n|---|---:|---:|\n");
         for c in &categories {
             let tried = self.results.iter().filter(|r| r.0 == *c).count();
-            let passed = self
-                .results
-                .iter()
-                .filter(|r| r.0 == *c && r.2.is_ok())
-                .count();
+            let passed = self.results.iter().filter(|r| r.0 == *c && r.2.is_ok()).count();
             table.push_str(&format!("| {c} | {tried} | {passed} |\n"));
         }
         let passed = self.results.iter().filter(|r| r.2.is_ok()).count();
-        table.push_str(&format!(
-            "| **all** | **{}** | **{passed}** |\n",
-            self.results.len()
-        ));
+        table.push_str(&format!("| **all** | **{}** | **{passed}** |\n", self.results.len()));
         println!("{table}");
         if let Some(path) = std::env::var_os("AGENT_VM_ADVERSARIAL_TABLE") {
             std::fs::write(path, &table).unwrap();
         }
-        let failed: Vec<String> = self
-            .results
-            .iter()
-            .filter(|r| r.2.is_err())
-            .map(|r| format!("{}: {}", r.0, r.1))
-            .collect();
+        let failed: Vec<String> =
+            self.results.iter().filter(|r| r.2.is_err()).map(|r| format!("{}: {}", r.0, r.1)).collect();
         assert!(failed.is_empty(), "failed cases:\n{}", failed.join("\n"));
     }
 }
@@ -100,58 +85,34 @@ impl Host {
         std::fs::write(ssh.join("id_ed25519"), "HOST-PRIVATE-KEY-not-for-the-vm\n").unwrap();
         std::fs::write(home.join(".bashrc"), "# host bashrc\n").unwrap();
         std::fs::write(home.join(".gitconfig"), "[user]\n\tname = Host\n").unwrap();
-        let sentinels = [
-            ssh.join("id_ed25519"),
-            home.join(".bashrc"),
-            home.join(".gitconfig"),
-        ]
-        .into_iter()
-        .map(|p| {
-            let data = std::fs::read(&p).unwrap();
-            (p, data)
-        })
-        .collect();
-        Host {
-            marker: home.join("pwned"),
-            sentinels,
-        }
+        let sentinels = [ssh.join("id_ed25519"), home.join(".bashrc"), home.join(".gitconfig")]
+            .into_iter()
+            .map(|p| {
+                let data = std::fs::read(&p).unwrap();
+                (p, data)
+            })
+            .collect();
+        Host { marker: home.join("pwned"), sentinels }
     }
 
     /// No marker, no sentinel changed, nothing new in ~/.ssh.
     fn clean(&self) -> Outcome {
         if self.marker.exists() {
-            let found: Vec<_> = std::fs::read_dir(&self.marker)
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .collect();
+            let found: Vec<_> = std::fs::read_dir(&self.marker).unwrap().map(|e| e.unwrap().file_name()).collect();
             return Err(format!("code from the VM ran on the host: {found:?}"));
         }
         for (path, data) in &self.sentinels {
-            check!(
-                std::fs::read(path).ok().as_ref() == Some(data),
-                "{} changed",
-                path.display()
-            );
+            check!(std::fs::read(path).ok().as_ref() == Some(data), "{} changed", path.display());
         }
-        let ssh: Vec<_> = std::fs::read_dir(self.sentinels[0].0.parent().unwrap())
-            .unwrap()
-            .collect();
+        let ssh: Vec<_> = std::fs::read_dir(self.sentinels[0].0.parent().unwrap()).unwrap().collect();
         check!(ssh.len() == 1, "files appeared in the host's ~/.ssh");
         Ok(())
     }
 }
 
 fn fsck(repo: &Path) -> Outcome {
-    let out = Command::new("git")
-        .args(["fsck", "--no-dangling", "--no-progress"])
-        .current_dir(repo)
-        .output()
-        .unwrap();
-    check!(
-        out.status.success(),
-        "git fsck failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("git").args(["fsck", "--no-dangling", "--no-progress"]).current_dir(repo).output().unwrap();
+    check!(out.status.success(), "git fsck failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
 
@@ -162,8 +123,7 @@ fn tip(repo: &Path, rev: &str) -> String {
 /// Host refs other than `branch` and its tracking ref are as before.
 fn other_refs_untouched(before: &[String], after: &[String], branch: &str) -> Outcome {
     let keep = |r: &&String| {
-        !r.starts_with(&format!("refs/heads/{branch} "))
-            && !r.starts_with(&format!("refs/remotes/agent-vm/{branch} "))
+        !r.starts_with(&format!("refs/heads/{branch} ")) && !r.starts_with(&format!("refs/remotes/agent-vm/{branch} "))
     };
     let b: Vec<_> = before.iter().filter(keep).collect();
     let a: Vec<_> = after.iter().filter(keep).collect();
@@ -172,39 +132,18 @@ fn other_refs_untouched(before: &[String], after: &[String], branch: &str) -> Ou
 }
 
 fn ok(r: &Run) -> Outcome {
-    check!(
-        r.code == Some(0),
-        "`{}` failed:\n{}\n{}",
-        r.what,
-        r.stdout,
-        r.stderr
-    );
+    check!(r.code == Some(0), "`{}` failed:\n{}\n{}", r.what, r.stdout, r.stderr);
     Ok(())
 }
 
 fn fails_clearly(r: &Run, needle: &str) -> Outcome {
-    check!(
-        r.code != Some(0),
-        "`{}` should have failed:\n{}",
-        r.what,
-        r.stdout
-    );
-    check!(
-        r.stderr.contains(needle),
-        "`{}` should say {needle:?}:\n{}",
-        r.what,
-        r.stderr
-    );
+    check!(r.code != Some(0), "`{}` should have failed:\n{}", r.what, r.stdout);
+    check!(r.stderr.contains(needle), "`{}` should say {needle:?}:\n{}", r.what, r.stderr);
     Ok(())
 }
 
 fn spawn_in(w: &World, dir: &Path, args: &[&str]) -> Child {
-    w.agent_vm(args)
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    w.agent_vm(args).current_dir(dir).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
 fn kill9(child: &mut Child) {
@@ -249,9 +188,7 @@ fn adversarial_suite() {
     let w = World::with_vm("adv");
     w.run(&["start", "--vcpu", "1", "--memory", "2"]).ok();
     let host = Host::new(&w);
-    let mut s = Suite {
-        results: Vec::new(),
-    };
+    let mut s = Suite { results: Vec::new() };
     // AGENT_VM_ADVERSARIAL_ONLY="faults,secrets" runs only those categories.
     let only = std::env::var("AGENT_VM_ADVERSARIAL_ONLY").unwrap_or_default();
     let want = |c: &str| only.is_empty() || only.split(',').any(|o| o.trim() == c);
@@ -320,46 +257,29 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
     w.guest_args(PLANT, &[&marker, &ws, &home]).ok();
     let before = refs(&repo);
 
-    s.case(
-        C,
-        "status and status --json over a planted workspace",
-        || {
-            ok(&w.run_in(&repo, &["status"]))?;
-            ok(&w.run_in(&repo, &["status", "--json"]))?;
-            host.clean()
-        },
-    );
-    s.case(
-        C,
-        "fetch of a planted branch: only that branch and its tracking ref move",
-        || {
-            ok(&w.run_in(&repo, &["fetch", "victim"]))?;
-            host.clean()?;
-            other_refs_untouched(&before, &refs(&repo), "victim")?;
-            check!(
-                !refs(&repo)
-                    .iter()
-                    .any(|r| r.contains("evil-tag") || r.contains("other-branch")),
-                "VM refs arrived"
-            );
-            fsck(&repo)
-        },
-    );
-    s.case(
-        C,
-        "host git over fetched attributes, hooks and symlinks stays inert",
-        || {
-            git(&repo, &["checkout", "-q", "victim"]);
-            git(&repo, &["status"]);
-            git(&repo, &["diff", "HEAD~1"]);
-            git(&repo, &["log", "-p", "-1"]);
-            std::fs::write(repo.join("host-file"), "x\n").unwrap();
-            git(&repo, &["add", "host-file"]);
-            git(&repo, &["commit", "-qm", "host commit"]);
-            git(&repo, &["checkout", "-q", "main"]);
-            host.clean()
-        },
-    );
+    s.case(C, "status and status --json over a planted workspace", || {
+        ok(&w.run_in(&repo, &["status"]))?;
+        ok(&w.run_in(&repo, &["status", "--json"]))?;
+        host.clean()
+    });
+    s.case(C, "fetch of a planted branch: only that branch and its tracking ref move", || {
+        ok(&w.run_in(&repo, &["fetch", "victim"]))?;
+        host.clean()?;
+        other_refs_untouched(&before, &refs(&repo), "victim")?;
+        check!(!refs(&repo).iter().any(|r| r.contains("evil-tag") || r.contains("other-branch")), "VM refs arrived");
+        fsck(&repo)
+    });
+    s.case(C, "host git over fetched attributes, hooks and symlinks stays inert", || {
+        git(&repo, &["checkout", "-q", "victim"]);
+        git(&repo, &["status"]);
+        git(&repo, &["diff", "HEAD~1"]);
+        git(&repo, &["log", "-p", "-1"]);
+        std::fs::write(repo.join("host-file"), "x\n").unwrap();
+        git(&repo, &["add", "host-file"]);
+        git(&repo, &["commit", "-qm", "host commit"]);
+        git(&repo, &["checkout", "-q", "main"]);
+        host.clean()
+    });
     s.case(C, "push into a workspace with VM-side hooks", || {
         ok(&w.run_in(&repo, &["push", "victim"]))?;
         host.clean()
@@ -368,57 +288,24 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
         ok(&w.run_in(&repo, &["connect", "victim", "--no-mount", "--", "true"]))?;
         host.clean()
     });
-    s.case(
-        C,
-        "host git inside the mount refuses or ignores VM config",
-        || {
-            ok(&w.run_in(&repo, &["mount"]))?;
-            let dir = w
-                .home
-                .path()
-                .join(".agent-vm-mounts/adv/workspace")
-                .join(ws.strip_prefix("workspace/").unwrap());
-            for args in [
-                &["status"][..],
-                &["log", "-1"],
-                &["diff"],
-                &["st"],
-                &["fetch"],
-            ] {
-                let _ = Command::new("git")
-                    .args(args)
-                    .current_dir(&dir)
-                    .env("GIT_PAGER", "")
-                    .output()
-                    .unwrap();
-            }
-            host.clean()
-        },
-    );
-    s.case(
-        C,
-        "symlinks to host paths do not expose or change host files",
-        || {
-            let dir = w
-                .home
-                .path()
-                .join(".agent-vm-mounts/adv/workspace")
-                .join(ws.strip_prefix("workspace/").unwrap());
-            let read = std::fs::read_to_string(dir.join("ssh-link/id_ed25519")).unwrap_or_default();
-            check!(
-                !read.contains("HOST-PRIVATE-KEY"),
-                "the host key was readable through the mount"
-            );
-            let _ = std::fs::write(dir.join("ssh-link/planted"), "x");
-            let _ = std::fs::write(dir.join("bashrc-link"), "echo pwned\n");
-            let etc = std::fs::read_to_string(dir.join("etc-link/hostname")).unwrap_or_default();
-            check!(
-                etc.is_empty() || etc.trim() == "agent-vm-test",
-                "etc-link showed the host's /etc: {etc}"
-            );
-            host.clean()
-        },
-    );
+    s.case(C, "host git inside the mount refuses or ignores VM config", || {
+        ok(&w.run_in(&repo, &["mount"]))?;
+        let dir = w.home.path().join(".agent-vm-mounts/adv/workspace").join(ws.strip_prefix("workspace/").unwrap());
+        for args in [&["status"][..], &["log", "-1"], &["diff"], &["st"], &["fetch"]] {
+            let _ = Command::new("git").args(args).current_dir(&dir).env("GIT_PAGER", "").output().unwrap();
+        }
+        host.clean()
+    });
+    s.case(C, "symlinks to host paths do not expose or change host files", || {
+        let dir = w.home.path().join(".agent-vm-mounts/adv/workspace").join(ws.strip_prefix("workspace/").unwrap());
+        let read = std::fs::read_to_string(dir.join("ssh-link/id_ed25519")).unwrap_or_default();
+        check!(!read.contains("HOST-PRIVATE-KEY"), "the host key was readable through the mount");
+        let _ = std::fs::write(dir.join("ssh-link/planted"), "x");
+        let _ = std::fs::write(dir.join("bashrc-link"), "echo pwned\n");
+        let etc = std::fs::read_to_string(dir.join("etc-link/hostname")).unwrap_or_default();
+        check!(etc.is_empty() || etc.trim() == "agent-vm-test", "etc-link showed the host's /etc: {etc}");
+        host.clean()
+    });
     s.case(C, "a rewritten (non-fast-forward) VM branch never rewinds the host", || {
         let host_tip = tip(&repo, "victim");
         w.guest_args(
@@ -432,32 +319,20 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
         host.clean()?;
         fsck(&repo)
     });
-    s.case(
-        C,
-        "a malformed pack from the VM fails the fetch cleanly",
-        || {
-            let before = refs(&repo);
-            fake_upload_pack(w, "#!/bin/sh\nhead -c 100000 /dev/urandom\n");
-            let r = w.run_in(&repo, &["fetch", "victim"]);
-            w.guest("sudo rm -f /usr/local/bin/git-upload-pack").ok();
-            check!(
-                r.code != Some(0) && !r.stderr.is_empty(),
-                "fetch should fail: {}",
-                r.stderr
-            );
-            check!(refs(&repo) == before, "refs changed after a malformed pack");
-            host.clean()?;
-            fsck(&repo)
-        },
-    );
+    s.case(C, "a malformed pack from the VM fails the fetch cleanly", || {
+        let before = refs(&repo);
+        fake_upload_pack(w, "#!/bin/sh\nhead -c 100000 /dev/urandom\n");
+        let r = w.run_in(&repo, &["fetch", "victim"]);
+        w.guest("sudo rm -f /usr/local/bin/git-upload-pack").ok();
+        check!(r.code != Some(0) && !r.stderr.is_empty(), "fetch should fail: {}", r.stderr);
+        check!(refs(&repo) == before, "refs changed after a malformed pack");
+        host.clean()?;
+        fsck(&repo)
+    });
     s.case(C, "an enormous pack stops at the receive limit", || {
         let before = refs(&repo);
         // The agent-side branch gets 24 MiB; the limit is 4 MB.
-        w.guest_args(
-            r#"cd "$1" && git reset -q --hard refs/heads/victim"#,
-            &[&ws],
-        )
-        .ok();
+        w.guest_args(r#"cd "$1" && git reset -q --hard refs/heads/victim"#, &[&ws]).ok();
         guest_big_commit(w, &ws, 24, "huge.bin");
         let r = Run::from(
             w.agent_vm(&["fetch", "victim"])
@@ -468,35 +343,22 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
             &["fetch"],
         );
         fails_clearly(&r, "more than 4000000 bytes")?;
-        check!(
-            refs(&repo) == before,
-            "refs changed after an over-limit pack"
-        );
+        check!(refs(&repo) == before, "refs changed after an over-limit pack");
         host.clean()?;
         fsck(&repo)
     });
-    s.case(
-        C,
-        "a workspace deleted during fetch: clear error, then recovery",
-        || {
-            let before = refs(&repo);
-            fake_upload_pack(
-                w,
-                "#!/bin/sh\nrm -rf \"$1\"\nexec /usr/bin/git-upload-pack \"$@\"\n",
-            );
-            let r = w.run_in(&repo, &["fetch", "victim"]);
-            w.guest("sudo rm -f /usr/local/bin/git-upload-pack").ok();
-            check!(
-                r.code != Some(0),
-                "fetch from a vanished workspace should fail"
-            );
-            check!(refs(&repo) == before, "refs changed");
-            fsck(&repo)?;
-            // The next push recreates the workspace.
-            ok(&w.run_in(&repo, &["push", "victim"]))?;
-            host.clean()
-        },
-    );
+    s.case(C, "a workspace deleted during fetch: clear error, then recovery", || {
+        let before = refs(&repo);
+        fake_upload_pack(w, "#!/bin/sh\nrm -rf \"$1\"\nexec /usr/bin/git-upload-pack \"$@\"\n");
+        let r = w.run_in(&repo, &["fetch", "victim"]);
+        w.guest("sudo rm -f /usr/local/bin/git-upload-pack").ok();
+        check!(r.code != Some(0), "fetch from a vanished workspace should fail");
+        check!(refs(&repo) == before, "refs changed");
+        fsck(&repo)?;
+        // The next push recreates the workspace.
+        ok(&w.run_in(&repo, &["push", "victim"]))?;
+        host.clean()
+    });
     s.case(C, "clean of a planted workspace", || {
         ok(&w.run_in(&repo, &["unmount"]))?;
         ok(&w.run_in(&repo, &["clean", "victim", "--yes", "--force"]))?;
@@ -594,11 +456,7 @@ fn hostile_input(w: &World, host: &Host, s: &mut Suite) {
     // own: planted VM payloads above already created the marker in the VM.
     let marker = host.marker.join("by-name").to_str().unwrap().to_owned();
     let names = corpus(&marker);
-    assert!(
-        names.len() >= 200,
-        "the corpus has only {} names",
-        names.len()
-    );
+    assert!(names.len() >= 200, "the corpus has only {} names", names.len());
 
     s.case(C, &format!("{} hostile branch names through run --fetch: 0 injections, 0 collisions", names.len()), || {
         // Each workspace commits its own branch name; fetching it back
@@ -627,60 +485,36 @@ fn hostile_input(w: &World, host: &Host, s: &mut Suite) {
         check!(dirs.len() == names.len(), "{} workspaces for {} names", dirs.len(), names.len());
         fsck(&repo)
     });
-    s.case(
-        C,
-        "hostile names through push, fetch, connect and clean",
-        || {
-            // `--` makes any name a branch, even one spelled like an option.
-            for n in names.iter().step_by(24) {
-                ok(&w.run_in(&repo, &["push", "--", n]))?;
-                if !n.starts_with("--") {
-                    ok(&w.run_in(&repo, &["connect", "--no-mount", n, "--", "true"]))?;
-                }
-                ok(&w.run_in(&repo, &["fetch", "--", n]))?;
-                ok(&w.run_in(&repo, &["clean", "--yes", "--", n]))?;
+    s.case(C, "hostile names through push, fetch, connect and clean", || {
+        // `--` makes any name a branch, even one spelled like an option.
+        for n in names.iter().step_by(24) {
+            ok(&w.run_in(&repo, &["push", "--", n]))?;
+            if !n.starts_with("--") {
+                ok(&w.run_in(&repo, &["connect", "--no-mount", n, "--", "true"]))?;
             }
-            host.clean()
-        },
-    );
-    s.case(
-        C,
-        "malformed ssh.config: clear error, nothing changed",
-        || {
-            let path = w.instance_dir().join("ssh.config");
-            let good = std::fs::read_to_string(&path).unwrap();
-            let before = refs(&repo);
-            std::fs::write(&path, good.replace("  Port ", "  Port x")).unwrap();
-            let r = w.run_in(&repo, &["push", "main"]);
-            std::fs::write(&path, &good).unwrap();
-            check!(
-                r.code != Some(0) && r.stderr.contains("ssh.config")
-                    || r.stderr.contains("SSH config"),
-                "{}",
-                r.stderr
-            );
-            check!(refs(&repo) == before, "refs changed");
-            Ok(())
-        },
-    );
-    s.case(
-        C,
-        "limactl list JSON with missing fields: clear error",
-        || {
-            let fake = w.home.path().join("fake-limactl");
-            std::fs::write(&fake, "#!/bin/sh\necho '{\"status\":\"Running\"}'\n").unwrap();
-            std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .unwrap();
-            let r = Run::from(
-                w.agent_vm(&["status"])
-                    .env("AGENT_VM_LIMACTL", &fake)
-                    .output()
-                    .unwrap(),
-                &["status"],
-            );
-            fails_clearly(&r, "unexpected output from `limactl list --json`")
-        },
-    );
+            ok(&w.run_in(&repo, &["fetch", "--", n]))?;
+            ok(&w.run_in(&repo, &["clean", "--yes", "--", n]))?;
+        }
+        host.clean()
+    });
+    s.case(C, "malformed ssh.config: clear error, nothing changed", || {
+        let path = w.instance_dir().join("ssh.config");
+        let good = std::fs::read_to_string(&path).unwrap();
+        let before = refs(&repo);
+        std::fs::write(&path, good.replace("  Port ", "  Port x")).unwrap();
+        let r = w.run_in(&repo, &["push", "main"]);
+        std::fs::write(&path, &good).unwrap();
+        check!(r.code != Some(0) && r.stderr.contains("ssh.config") || r.stderr.contains("SSH config"), "{}", r.stderr);
+        check!(refs(&repo) == before, "refs changed");
+        Ok(())
+    });
+    s.case(C, "limactl list JSON with missing fields: clear error", || {
+        let fake = w.home.path().join("fake-limactl");
+        std::fs::write(&fake, "#!/bin/sh\necho '{\"status\":\"Running\"}'\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let r = Run::from(w.agent_vm(&["status"]).env("AGENT_VM_LIMACTL", &fake).output().unwrap(), &["status"]);
+        fails_clearly(&r, "unexpected output from `limactl list --json`")
+    });
     s.case(C, "config file errors: clear error", || {
         let cfg = w.home.path().join(".config/agent-vm/config.yaml");
         std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
@@ -689,34 +523,22 @@ fn hostile_input(w: &World, host: &Host, s: &mut Suite) {
         std::fs::remove_file(&cfg).unwrap();
         fails_clearly(&r, "invalid config file")
     });
-    s.case(
-        C,
-        "unreadable credentials file: clear error, VM unchanged",
-        || {
-            let before = w
-                .guest("sudo ls -l --time-style=+%s /etc/profile.d/ai-agent-env.sh 2>&1")
-                .stdout
-                .clone();
-            let r = Run::from(
-                w.agent_vm(&["provision"])
-                    .env(
-                        "GOOGLE_APPLICATION_CREDENTIALS",
-                        w.home.path().join("nope.json"),
-                    )
-                    .output()
-                    .unwrap(),
-                &["provision"],
-            );
-            fails_clearly(&r, "cannot read GCP credentials")?;
-            check!(
-                w.guest("sudo ls -l --time-style=+%s /etc/profile.d/ai-agent-env.sh 2>&1")
-                    .stdout
-                    == before,
-                "the VM changed"
-            );
-            Ok(())
-        },
-    );
+    s.case(C, "unreadable credentials file: clear error, VM unchanged", || {
+        let before = w.guest("sudo ls -l --time-style=+%s /etc/profile.d/ai-agent-env.sh 2>&1").stdout.clone();
+        let r = Run::from(
+            w.agent_vm(&["provision"])
+                .env("GOOGLE_APPLICATION_CREDENTIALS", w.home.path().join("nope.json"))
+                .output()
+                .unwrap(),
+            &["provision"],
+        );
+        fails_clearly(&r, "cannot read GCP credentials")?;
+        check!(
+            w.guest("sudo ls -l --time-style=+%s /etc/profile.d/ai-agent-env.sh 2>&1").stdout == before,
+            "the VM changed"
+        );
+        Ok(())
+    });
 }
 
 // -------------------------------------------------------------------- faults
@@ -729,28 +551,15 @@ fn faults(w: &World, host: &Host, s: &mut Suite) {
 
     s.case(C, "kill -9 during push", || {
         host_big_commit(&repo, "f", 24, "push-big.bin");
-        let before_vm = w
-            .guest_args(r#"git -C "$1" rev-parse HEAD"#, &[&ws])
-            .stdout
-            .clone();
+        let before_vm = w.guest_args(r#"git -C "$1" rev-parse HEAD"#, &[&ws]).stdout.clone();
         let mut child = spawn_in(w, &repo, &["push", "f"]);
         std::thread::sleep(Duration::from_millis(1500));
         kill9(&mut child);
         fsck(&repo)?;
-        let vm = w.guest_args(
-            r#"git -C "$1" rev-parse HEAD && git -C "$1" fsck --no-dangling --no-progress"#,
-            &[&ws],
-        );
-        check!(
-            vm.code == Some(0),
-            "the VM workspace is broken: {}",
-            vm.stderr
-        );
+        let vm = w.guest_args(r#"git -C "$1" rev-parse HEAD && git -C "$1" fsck --no-dangling --no-progress"#, &[&ws]);
+        check!(vm.code == Some(0), "the VM workspace is broken: {}", vm.stderr);
         let head = vm.stdout.lines().next().unwrap_or_default().to_owned();
-        check!(
-            head == before_vm.trim() || head == tip(&repo, "f"),
-            "VM branch neither old nor new"
-        );
+        check!(head == before_vm.trim() || head == tip(&repo, "f"), "VM branch neither old nor new");
         ok(&w.run_in(&repo, &["push", "f"]))?;
         host.clean()
     });
@@ -762,15 +571,9 @@ fn faults(w: &World, host: &Host, s: &mut Suite) {
         kill9(&mut child);
         fsck(&repo)?;
         let now = tip(&repo, "f");
-        check!(
-            now == before || now == new,
-            "host branch neither old nor new"
-        );
+        check!(now == before || now == new, "host branch neither old nor new");
         ok(&w.run_in(&repo, &["fetch", "f"]))?;
-        check!(
-            tip(&repo, "f") == new,
-            "the next fetch did not finish the job"
-        );
+        check!(tip(&repo, "f") == new, "the next fetch did not finish the job");
         Ok(())
     });
     s.case(C, "kill -9 during provision", || {
@@ -785,11 +588,7 @@ fn faults(w: &World, host: &Host, s: &mut Suite) {
         kill9(&mut child);
         ok(&w.run(&["mount"]))?;
         let st = w.run(&["status", "--json"]).json();
-        check!(
-            st["mount"]["mounted"] == true,
-            "not mounted: {}",
-            st["mount"]
-        );
+        check!(st["mount"]["mounted"] == true, "not mounted: {}", st["mount"]);
         ok(&w.run(&["unmount"]))
     });
     s.case(C, "disk full in the guest: push fails clearly, then recovers", || {
@@ -804,74 +603,57 @@ fn faults(w: &World, host: &Host, s: &mut Suite) {
         fsck(&repo)?;
         ok(&w.run_in(&repo, &["push", "f"]))
     });
-    s.case(
-        C,
-        "10 concurrent pushes of new branches (fresh repo) and 2 of the same",
-        || {
-            let fresh = w.repo("crowd");
-            let mut children: Vec<(String, Child)> = (0..10)
-                .map(|i| {
-                    let b = format!("c{i}");
-                    (b.clone(), spawn_in(w, &fresh, &["push", &b]))
-                })
-                .collect();
-            children.push(("same".into(), spawn_in(w, &fresh, &["push", "same"])));
-            children.push(("same".into(), spawn_in(w, &fresh, &["push", "same"])));
-            for (b, child) in children {
-                let r = finish(child, &b);
-                check!(r.code == Some(0), "push {b}: {}", r.stderr);
-            }
-            fsck(&fresh)?;
-            let status = w.run_in(&fresh, &["status", "--json"]).json();
-            for i in 0..10 {
+    s.case(C, "10 concurrent pushes of new branches (fresh repo) and 2 of the same", || {
+        let fresh = w.repo("crowd");
+        let mut children: Vec<(String, Child)> = (0..10)
+            .map(|i| {
                 let b = format!("c{i}");
-                let ws = status["workspaces"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|ws| ws["branch"] == b.as_str() && ws["this_repo"] == true);
-                let head = ws
-                    .map(|ws| ws["tip"].as_str().unwrap_or_default().to_owned())
-                    .unwrap_or_default();
-                check!(head == tip(&fresh, "main"), "workspace {b} at {head:?}");
+                (b.clone(), spawn_in(w, &fresh, &["push", &b]))
+            })
+            .collect();
+        children.push(("same".into(), spawn_in(w, &fresh, &["push", "same"])));
+        children.push(("same".into(), spawn_in(w, &fresh, &["push", "same"])));
+        for (b, child) in children {
+            let r = finish(child, &b);
+            check!(r.code == Some(0), "push {b}: {}", r.stderr);
+        }
+        fsck(&fresh)?;
+        let status = w.run_in(&fresh, &["status", "--json"]).json();
+        for i in 0..10 {
+            let b = format!("c{i}");
+            let ws = status["workspaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|ws| ws["branch"] == b.as_str() && ws["this_repo"] == true);
+            let head = ws.map(|ws| ws["tip"].as_str().unwrap_or_default().to_owned()).unwrap_or_default();
+            check!(head == tip(&fresh, "main"), "workspace {b} at {head:?}");
+        }
+        Ok(())
+    });
+    s.case(C, "the guest killed mid-push: host intact, next push succeeds", || {
+        host_big_commit(&repo, "f", 24, "guest-killed.bin");
+        let before = refs(&repo);
+        let mut child = spawn_in(w, &repo, &["push", "f"]);
+        std::thread::sleep(Duration::from_millis(1500));
+        let pid = std::fs::read_to_string(w.instance_dir().join("qemu.pid")).unwrap();
+        Command::new("kill").args(["-9", pid.trim()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                kill9(&mut child);
+                return Err("push hung after the guest died".into());
             }
-            Ok(())
-        },
-    );
-    s.case(
-        C,
-        "the guest killed mid-push: host intact, next push succeeds",
-        || {
-            host_big_commit(&repo, "f", 24, "guest-killed.bin");
-            let before = refs(&repo);
-            let mut child = spawn_in(w, &repo, &["push", "f"]);
-            std::thread::sleep(Duration::from_millis(1500));
-            let pid = std::fs::read_to_string(w.instance_dir().join("qemu.pid")).unwrap();
-            Command::new("kill")
-                .args(["-9", pid.trim()])
-                .status()
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    kill9(&mut child);
-                    return Err("push hung after the guest died".into());
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            let r = finish(child, "push");
-            check!(
-                r.code != Some(0) || r.stderr.contains("Pushed"),
-                "unclear outcome: {}",
-                r.stderr
-            );
-            check!(refs(&repo) == before, "host refs changed");
-            fsck(&repo)?;
-            ok(&w.run(&["start"]))?;
-            ok(&w.run_in(&repo, &["push", "f"]))?;
-            host.clean()
-        },
-    );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let r = finish(child, "push");
+        check!(r.code != Some(0) || r.stderr.contains("Pushed"), "unclear outcome: {}", r.stderr);
+        check!(refs(&repo) == before, "host refs changed");
+        fsck(&repo)?;
+        ok(&w.run(&["start"]))?;
+        ok(&w.run_in(&repo, &["push", "f"]))?;
+        host.clean()
+    });
 }
 
 // ------------------------------------------------------------------- secrets
@@ -879,30 +661,14 @@ fn faults(w: &World, host: &Host, s: &mut Suite) {
 /// Runs agent-vm with a secret in its environment at the most verbose
 /// level, sampling host and guest command lines once the remote command
 /// (`sleep 30`, or provisioning) is running.
-fn watch_for_secret(
-    w: &World,
-    dir: &Path,
-    args: &[&str],
-    env: (&str, &str),
-    secret: &str,
-) -> Outcome {
+fn watch_for_secret(w: &World, dir: &Path, args: &[&str], env: (&str, &str), secret: &str) -> Outcome {
     // Output goes to files: trace logs would fill a pipe nobody reads yet.
-    let (out_file, err_file) = (
-        tempfile::NamedTempFile::new().unwrap(),
-        tempfile::NamedTempFile::new().unwrap(),
-    );
+    let (out_file, err_file) = (tempfile::NamedTempFile::new().unwrap(), tempfile::NamedTempFile::new().unwrap());
     let mut cmd = w.agent_vm(args);
-    cmd.current_dir(dir)
-        .env(env.0, env.1)
-        .env("RUST_LOG", "trace");
-    cmd.stdout(out_file.reopen().unwrap())
-        .stderr(err_file.reopen().unwrap());
+    cmd.current_dir(dir).env(env.0, env.1).env("RUST_LOG", "trace");
+    cmd.stdout(out_file.reopen().unwrap()).stderr(err_file.reopen().unwrap());
     let mut child = cmd.spawn().unwrap();
-    let busy = if args.contains(&"provision") {
-        "lima-provision"
-    } else {
-        "sleep 30"
-    };
+    let busy = if args.contains(&"provision") { "lima-provision" } else { "sleep 30" };
     let deadline = Instant::now() + Duration::from_secs(180);
     let (mut guest, mut hostp) = (String::new(), String::new());
     while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
@@ -916,20 +682,10 @@ fn watch_for_secret(
     let status = child.wait().unwrap();
     let logs = std::fs::read_to_string(err_file.path()).unwrap_or_default();
     let printed = std::fs::read_to_string(out_file.path()).unwrap_or_default();
-    check!(
-        status.success(),
-        "{args:?} failed: {}",
-        &logs[logs.len().saturating_sub(2000)..]
-    );
+    check!(status.success(), "{args:?} failed: {}", &logs[logs.len().saturating_sub(2000)..]);
     check!(guest.contains(busy), "never saw {busy:?} running in the VM");
-    check!(
-        !guest.contains(secret),
-        "the secret is on a guest command line"
-    );
-    check!(
-        !hostp.contains(secret),
-        "the secret is on a host command line"
-    );
+    check!(!guest.contains(secret), "the secret is on a guest command line");
+    check!(!hostp.contains(secret), "the secret is on a host command line");
     check!(!logs.contains(secret), "the secret is in the -vv logs");
     check!(!printed.contains(secret), "the secret was printed");
     Ok(())
@@ -940,88 +696,45 @@ fn secrets(w: &World, s: &mut Suite) {
     let repo = w.repo("secret");
     s.case(C, "connect: API key not in argv or -vv logs", || {
         let env = ("ANTHROPIC_API_KEY", "sk-ant-c0nnect-5ecret");
-        watch_for_secret(
-            w,
-            &repo,
-            &["-vv", "connect", "s1", "--no-mount", "--", "sleep", "30"],
-            env,
-            env.1,
-        )
+        watch_for_secret(w, &repo, &["-vv", "connect", "s1", "--no-mount", "--", "sleep", "30"], env, env.1)
     });
     s.case(C, "run: API key not in argv or -vv logs", || {
         let env = ("OPENAI_API_KEY", "sk-0penai-run-5ecret");
-        watch_for_secret(
-            w,
-            &repo,
-            &["-vv", "run", "s1", "s2", "--", "sleep", "30"],
-            env,
-            env.1,
-        )
+        watch_for_secret(w, &repo, &["-vv", "run", "s1", "s2", "--", "sleep", "30"], env, env.1)
     });
-    s.case(
-        C,
-        "provision: credentials not in argv or -vv logs; files 0640 / 0600",
-        || {
-            let adc = w.home.path().join("adc.json");
-            std::fs::write(&adc, "{\"client_secret\": \"adc-pr0vision-5ecret\"}\n").unwrap();
-            let env = ("GOOGLE_APPLICATION_CREDENTIALS", adc.to_str().unwrap());
-            watch_for_secret(w, &repo, &["-vv", "provision"], env, "adc-pr0vision-5ecret")?;
-            let mode = w
-                .guest("stat -c '%a %U' /etc/google/application_default_credentials.json")
-                .ok()
-                .stdout
-                .clone();
-            check!(mode == "640 root\n", "credentials mode {mode}");
-            let profile = w
-                .guest("cat /etc/profile.d/ai-agent-env.sh")
-                .ok()
-                .stdout
-                .clone();
-            check!(
-                !profile.contains("adc-pr0vision-5ecret"),
-                "the secret is in the profile"
-            );
-            ok(&w.run(&["ssh-config", "--install"]))?;
-            let entry = w.home.path().join(".config/agent-vm/ssh/adv.conf");
-            let m = std::os::unix::fs::PermissionsExt::mode(
-                &std::fs::metadata(&entry).unwrap().permissions(),
-            ) & 0o777;
-            check!(m == 0o600, "ssh entry mode {m:o}");
-            Ok(())
-        },
-    );
+    s.case(C, "provision: credentials not in argv or -vv logs; files 0640 / 0600", || {
+        let adc = w.home.path().join("adc.json");
+        std::fs::write(&adc, "{\"client_secret\": \"adc-pr0vision-5ecret\"}\n").unwrap();
+        let env = ("GOOGLE_APPLICATION_CREDENTIALS", adc.to_str().unwrap());
+        watch_for_secret(w, &repo, &["-vv", "provision"], env, "adc-pr0vision-5ecret")?;
+        let mode = w.guest("stat -c '%a %U' /etc/google/application_default_credentials.json").ok().stdout.clone();
+        check!(mode == "640 root\n", "credentials mode {mode}");
+        let profile = w.guest("cat /etc/profile.d/ai-agent-env.sh").ok().stdout.clone();
+        check!(!profile.contains("adc-pr0vision-5ecret"), "the secret is in the profile");
+        ok(&w.run(&["ssh-config", "--install"]))?;
+        let entry = w.home.path().join(".config/agent-vm/ssh/adv.conf");
+        let m = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&entry).unwrap().permissions()) & 0o777;
+        check!(m == 0o600, "ssh entry mode {m:o}");
+        Ok(())
+    });
 }
 
 // ------------------------------------------------------------------- network
 
 fn network(w: &World, s: &mut Suite) {
-    s.case(
-        "network",
-        "a service on the host's loopback is unreachable from the guest",
-        || {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let port = listener.local_addr().unwrap().port();
-            std::thread::spawn(move || {
-                for conn in listener.incoming() {
-                    let _ = std::io::Write::write_all(&mut conn.unwrap(), b"host-only-service\n");
-                }
-            });
-            let gateway = w
-                .guest("ip -4 route show default | awk '{ print $3; exit }'")
-                .ok()
-                .stdout
-                .trim()
-                .to_owned();
-            for addr in ["192.168.5.2", gateway.as_str()] {
-                let r = w.guest(&format!(
-                    "timeout 10 bash -c 'exec 3<>/dev/tcp/{addr}/{port} && head -n1 <&3' 2>&1"
-                ));
-                check!(
-                    !r.stdout.contains("host-only-service"),
-                    "the guest reached the host through {addr}"
-                );
+    s.case("network", "a service on the host's loopback is unreachable from the guest", || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let _ = std::io::Write::write_all(&mut conn.unwrap(), b"host-only-service\n");
             }
-            Ok(())
-        },
-    );
+        });
+        let gateway = w.guest("ip -4 route show default | awk '{ print $3; exit }'").ok().stdout.trim().to_owned();
+        for addr in ["192.168.5.2", gateway.as_str()] {
+            let r = w.guest(&format!("timeout 10 bash -c 'exec 3<>/dev/tcp/{addr}/{port} && head -n1 <&3' 2>&1"));
+            check!(!r.stdout.contains("host-only-service"), "the guest reached the host through {addr}");
+        }
+        Ok(())
+    });
 }

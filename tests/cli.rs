@@ -7,10 +7,7 @@ use std::process::{Command, Stdio};
 
 fn bare(args: &[&str], envs: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .env_remove("AGENT_VM_LIMACTL")
-        .env_remove("AGENT_VM_INSTANCE");
+    cmd.args(args).stdin(Stdio::null()).env_remove("AGENT_VM_LIMACTL").env_remove("AGENT_VM_INSTANCE");
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -37,11 +34,7 @@ fn help_lists_every_subcommand() {
         "completions",
         "man",
     ] {
-        assert!(
-            r.stdout.contains(&format!("\n  {sub} ")),
-            "--help lacks {sub}:\n{}",
-            r.stdout
-        );
+        assert!(r.stdout.contains(&format!("\n  {sub} ")), "--help lacks {sub}:\n{}", r.stdout);
     }
 }
 
@@ -49,33 +42,19 @@ fn help_lists_every_subcommand() {
 fn limactl_missing_is_a_clear_error() {
     let empty = tempfile::tempdir().unwrap();
     let path = empty.path().to_str().unwrap();
-    for args in [
-        &["status"][..],
-        &["start"],
-        &["destroy", "--yes"],
-        &["connect", "--", "true"],
-    ] {
+    for args in [&["status"][..], &["start"], &["destroy", "--yes"], &["connect", "--", "true"]] {
         bare(args, &[("PATH", path)]).fails_with("limactl not found on PATH");
     }
-    bare(&["status"], &[("AGENT_VM_LIMACTL", "/nonexistent/limactl")])
-        .fails_with("AGENT_VM_LIMACTL points to");
+    bare(&["status"], &[("AGENT_VM_LIMACTL", "/nonexistent/limactl")]).fails_with("AGENT_VM_LIMACTL points to");
 }
 
 #[test]
 fn doctor_reports_missing_tools_and_fails() {
     let empty = tempfile::tempdir().unwrap();
-    let r = bare(
-        &["doctor", "--json"],
-        &[("PATH", empty.path().to_str().unwrap())],
-    );
+    let r = bare(&["doctor", "--json"], &[("PATH", empty.path().to_str().unwrap())]);
     assert_eq!(r.code, Some(1));
     let checks = r.json();
-    let lima = checks
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "limactl")
-        .unwrap();
+    let lima = checks.as_array().unwrap().iter().find(|c| c["name"] == "limactl").unwrap();
     assert_eq!(lima["ok"], false);
     assert!(lima["fix"].as_str().unwrap().contains("lima"));
 }
@@ -94,18 +73,15 @@ fn unknown_instance_is_a_clear_error() {
     let w = World::new("nope");
     w.run(&["status"]).fails_with("VM 'nope' does not exist");
     w.run(&["status", "--json"]).fails_with("does not exist");
-    w.run(&["destroy", "--yes"])
-        .fails_with("VM 'nope' does not exist");
-    w.run(&["connect", "--no-start", "--", "true"])
-        .fails_with("does not exist");
+    w.run(&["destroy", "--yes"]).fails_with("VM 'nope' does not exist");
+    w.run(&["connect", "--no-start", "--", "true"]).fails_with("does not exist");
 }
 
 #[test]
 fn invalid_instance_names_are_refused() {
     let w = World::new("x");
     for bad in ["../etc", "a b", "-rf", "a;b"] {
-        w.run(&[&format!("--instance={bad}"), "status"])
-            .fails_with("invalid instance name");
+        w.run(&[&format!("--instance={bad}"), "status"]).fails_with("invalid instance name");
     }
 }
 
@@ -132,19 +108,8 @@ fn bad_resource_values_are_refused_before_anything_runs() {
 #[test]
 fn workspace_commands_outside_a_repository_say_so() {
     let w = World::new("norepo");
-    for args in [
-        &["push", "main"][..],
-        &["fetch", "main"],
-        &["clean", "main", "--yes"],
-        &["clean-all", "--yes"],
-    ] {
-        let r = Run::from(
-            w.agent_vm(args)
-                .current_dir(w.home.path())
-                .output()
-                .unwrap(),
-            args,
-        );
+    for args in [&["push", "main"][..], &["fetch", "main"], &["clean", "main", "--yes"], &["clean-all", "--yes"]] {
+        let r = Run::from(w.agent_vm(args).current_dir(w.home.path()).output().unwrap(), args);
         r.fails_with("not in a git repository");
     }
 }
@@ -153,47 +118,26 @@ fn workspace_commands_outside_a_repository_say_so() {
 fn invalid_branch_names_are_refused_before_anything_runs() {
     let w = World::new("badbranch");
     for bad in ["with space", "a..b", "x.lock", "HEAD", "a:b"] {
-        w.run(&["push", bad])
-            .fails_with("is not a valid branch name");
+        w.run(&["push", bad]).fails_with("is not a valid branch name");
     }
     assert!(w.lima_list().is_empty());
 }
 
 #[test]
 fn completions_and_man_pages_come_from_the_cli_definition() {
-    for (shell, needle) in [
-        ("bash", "complete -F"),
-        ("zsh", "#compdef agent-vm"),
-        ("fish", "complete -c agent-vm"),
-    ] {
+    for (shell, needle) in [("bash", "complete -F"), ("zsh", "#compdef agent-vm"), ("fish", "complete -c agent-vm")] {
         let r = bare(&["completions", shell], &[]);
         r.ok();
-        assert!(
-            r.stdout.contains(needle),
-            "{shell}: {}",
-            &r.stdout[..r.stdout.len().min(300)]
-        );
-        assert!(
-            r.stdout.contains("ssh-config") && r.stdout.contains("snapshot"),
-            "{shell} lacks subcommands"
-        );
+        assert!(r.stdout.contains(needle), "{shell}: {}", &r.stdout[..r.stdout.len().min(300)]);
+        assert!(r.stdout.contains("ssh-config") && r.stdout.contains("snapshot"), "{shell} lacks subcommands");
     }
     bare(&["completions", "tcsh"], &[]).fails_with("invalid value");
     let r = bare(&["man"], &[]);
     r.ok();
-    assert!(
-        r.stdout.contains(".TH agent-vm 1") && r.stdout.contains("connect"),
-        "{}",
-        r.stdout
-    );
+    assert!(r.stdout.contains(".TH agent-vm 1") && r.stdout.contains("connect"), "{}", r.stdout);
     let dir = tempfile::tempdir().unwrap();
     bare(&["man", "--dir", dir.path().to_str().unwrap()], &[]).ok();
-    for page in [
-        "agent-vm.1",
-        "agent-vm-connect.1",
-        "agent-vm-run.1",
-        "agent-vm-snapshot.1",
-    ] {
+    for page in ["agent-vm.1", "agent-vm-connect.1", "agent-vm-run.1", "agent-vm-snapshot.1"] {
         assert!(dir.path().join(page).is_file(), "{page} missing");
     }
 }
@@ -203,42 +147,24 @@ fn config_file_mistakes_are_clear_errors_and_change_nothing() {
     let w = World::new("cfg");
     let cfg = w.home.path().join(".config/agent-vm/config.yaml");
     std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
-    for bad in [
-        "instances:\n  cfg:\n    backend: ssh\n",
-        "instances:\n  cfg: {backend: vbox}\n",
-        "instances: [",
-    ] {
+    for bad in ["instances:\n  cfg:\n    backend: ssh\n", "instances:\n  cfg: {backend: vbox}\n", "instances: ["] {
         std::fs::write(&cfg, bad).unwrap();
         w.run(&["status"]).fails_with("invalid config file");
     }
     // The ssh backend never creates, stops or deletes the machine.
-    std::fs::write(
-        &cfg,
-        "instances:\n  cfg:\n    backend: ssh\n    host: nowhere\n    ssh_config: /nonexistent\n",
-    )
-    .unwrap();
-    w.run(&["status"])
-        .fails_with("cannot read the SSH config /nonexistent");
+    std::fs::write(&cfg, "instances:\n  cfg:\n    backend: ssh\n    host: nowhere\n    ssh_config: /nonexistent\n")
+        .unwrap();
+    w.run(&["status"]).fails_with("cannot read the SSH config /nonexistent");
     let ssh_cfg = w.home.path().join("ssh_config");
-    std::fs::write(
-        &ssh_cfg,
-        "Host nowhere\n  HostName 127.0.0.1\n  Port 9\n  User u\n",
-    )
-    .unwrap();
+    std::fs::write(&ssh_cfg, "Host nowhere\n  HostName 127.0.0.1\n  Port 9\n  User u\n").unwrap();
     std::fs::write(
         &cfg,
-        format!(
-            "instances:\n  cfg:\n    backend: ssh\n    host: nowhere\n    ssh_config: {}\n",
-            ssh_cfg.display()
-        ),
+        format!("instances:\n  cfg:\n    backend: ssh\n    host: nowhere\n    ssh_config: {}\n", ssh_cfg.display()),
     )
     .unwrap();
-    w.run(&["destroy", "--yes"])
-        .fails_with("agent-vm cannot delete it");
-    w.run(&["start"])
-        .fails_with("does not start machines of the ssh backend");
-    w.run(&["snapshot", "list"])
-        .fails_with("agent-vm cannot snapshot it");
+    w.run(&["destroy", "--yes"]).fails_with("agent-vm cannot delete it");
+    w.run(&["start"]).fails_with("does not start machines of the ssh backend");
+    w.run(&["snapshot", "list"]).fails_with("agent-vm cannot snapshot it");
     assert!(w.lima_list().is_empty());
 }
 
@@ -247,9 +173,7 @@ fn run_needs_branches_and_a_command() {
     let w = World::new("runargs");
     w.run(&["run", "a", "b"]).fails_with("COMMAND");
     w.run(&["run", "--", "true"]).fails_with("BRANCH");
-    w.run(&["run", "a", "a", "--", "true"])
-        .fails_with("given twice");
-    w.run(&["run", "ok", "a..b", "--", "true"])
-        .fails_with("is not a valid branch name");
+    w.run(&["run", "a", "a", "--", "true"]).fails_with("given twice");
+    w.run(&["run", "ok", "a..b", "--", "true"]).fails_with("is not a valid branch name");
     assert!(w.lima_list().is_empty());
 }

@@ -16,20 +16,14 @@ fn mount_point(w: &World) -> PathBuf {
 fn mounted(point: &Path) -> Option<String> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let want = point.to_string_lossy().into_owned();
-    table
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some(want.as_str()))
-        .map(str::to_owned)
+    table.lines().find(|l| l.split(' ').nth(4) == Some(want.as_str())).map(str::to_owned)
 }
 
 /// Polls `f` for up to 15 s (sshfs caches names and attributes briefly).
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "timed out waiting for {what}"
-        );
+        assert!(start.elapsed() < Duration::from_secs(15), "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(300));
     }
 }
@@ -45,36 +39,21 @@ fn mount_against_a_real_guest() {
     r.ok();
     let line = mounted(&point).unwrap_or_else(|| panic!("connect did not mount:\n{}", r.stderr));
     for opt in ["nosuid", "nodev", "noexec"] {
-        assert!(
-            line.split(' ').nth(5).unwrap().split(',').any(|o| o == opt),
-            "{opt} missing: {line}"
-        );
+        assert!(line.split(' ').nth(5).unwrap().split(',').any(|o| o == opt), "{opt} missing: {line}");
     }
     let ws = w.workspace_dir(&repo, "work");
     let host_ws = point.join(ws.strip_prefix("workspace/").unwrap());
-    assert!(
-        r.stderr.contains(&host_ws.display().to_string()),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains(&host_ws.display().to_string()), "{}", r.stderr);
     let status = w.run_in(&repo, &["status", "--json"]).json();
     assert_eq!(status["mount"]["mounted"], true, "{status:#}");
 
     // Edits flow both ways.
-    assert_eq!(
-        std::fs::read_to_string(host_ws.join("README")).unwrap(),
-        "hello\n"
-    );
+    assert_eq!(std::fs::read_to_string(host_ws.join("README")).unwrap(), "hello\n");
     std::fs::write(host_ws.join("from-host.txt"), "written on the host\n").unwrap();
-    assert_eq!(
-        w.guest_args("cat \"$1/from-host.txt\"", &[&ws]).ok().stdout,
-        "written on the host\n"
-    );
-    w.guest_args("echo written in the vm > \"$1/from-vm.txt\"", &[&ws])
-        .ok();
+    assert_eq!(w.guest_args("cat \"$1/from-host.txt\"", &[&ws]).ok().stdout, "written on the host\n");
+    w.guest_args("echo written in the vm > \"$1/from-vm.txt\"", &[&ws]).ok();
     eventually("a VM-written file on the host", || {
-        std::fs::read_to_string(host_ws.join("from-vm.txt"))
-            .is_ok_and(|s| s == "written in the vm\n")
+        std::fs::read_to_string(host_ws.join("from-vm.txt")).is_ok_and(|s| s == "written in the vm\n")
     });
 
     hostile_git_config_does_not_run_on_the_host(&w, &ws, &host_ws);
@@ -105,15 +84,8 @@ fn hostile_git_config_does_not_run_on_the_host(w: &World, ws: &str, host_ws: &Pa
     plant_fsmonitor(w, ws, &marker);
     std::thread::sleep(Duration::from_secs(6)); // past the attribute cache
     for args in [&["status"][..], &["log", "-1"], &["st"], &["diff"]] {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(host_ws)
-            .output()
-            .unwrap();
-        assert!(
-            !out.status.success(),
-            "host git accepted the VM's repository: {args:?}"
-        );
+        let out = std::process::Command::new("git").args(args).current_dir(host_ws).output().unwrap();
+        assert!(!out.status.success(), "host git accepted the VM's repository: {args:?}");
         if args[0] == "status" || args[0] == "log" {
             // (the others fail as outside any repository: diff falls back to
             // --no-index usage, the VM-defined alias does not exist)
@@ -121,23 +93,14 @@ fn hostile_git_config_does_not_run_on_the_host(w: &World, ws: &str, host_ws: &Pa
             assert!(err.contains("dubious ownership"), "git {args:?}: {err}");
         }
     }
-    assert!(
-        !marker.exists(),
-        "a VM-written core.fsmonitor ran on the host"
-    );
+    assert!(!marker.exists(), "a VM-written core.fsmonitor ran on the host");
     let meta = std::fs::metadata(host_ws.join(".git/config")).unwrap();
-    assert_ne!(
-        std::os::unix::fs::MetadataExt::uid(&meta),
-        unsafe_getuid(),
-        "files must not look like the host user's"
-    );
+    assert_ne!(std::os::unix::fs::MetadataExt::uid(&meta), unsafe_getuid(), "files must not look like the host user's");
 }
 
 fn unsafe_getuid() -> u32 {
     // The test user's uid, without a libc dependency.
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-        .unwrap()
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap()
 }
 
 fn symlinks_never_reach_host_files(w: &World, ws: &str, host_ws: &Path) {
@@ -150,16 +113,8 @@ fn symlinks_never_reach_host_files(w: &World, ws: &str, host_ws: &Path) {
     .ok();
     eventually("the VM's symlinks", || host_ws.join("to-etc").exists());
     // Resolved in the VM: the VM's /etc/hostname, never the host's.
-    assert_eq!(
-        std::fs::read_to_string(host_ws.join("to-etc")).unwrap(),
-        "agent-vm-test\n"
-    );
-    assert!(
-        !std::fs::symlink_metadata(host_ws.join("to-etc"))
-            .unwrap()
-            .file_type()
-            .is_symlink()
-    );
+    assert_eq!(std::fs::read_to_string(host_ws.join("to-etc")).unwrap(), "agent-vm-test\n");
+    assert!(!std::fs::symlink_metadata(host_ws.join("to-etc")).unwrap().file_type().is_symlink());
     // The host path does not exist in the VM: nothing to read, nothing to write.
     assert!(std::fs::read_to_string(host_ws.join("to-host-secret")).is_err());
     let _ = std::fs::write(host_ws.join("to-host-secret"), "overwritten\n");
@@ -176,9 +131,7 @@ fn nothing_executes_from_the_mount(w: &World, ws: &str, host_ws: &Path) {
     )
     .ok();
     eventually("run.sh", || host_ws.join("run.sh").exists());
-    let err = std::process::Command::new(host_ws.join("run.sh"))
-        .status()
-        .unwrap_err();
+    let err = std::process::Command::new(host_ws.join("run.sh")).status().unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
     assert!(!marker.exists());
 }
@@ -187,17 +140,12 @@ fn a_restarted_vm_gets_its_mount_back(w: &World, repo: &Path, point: &Path, host
     let port_before = w.lima_list()[0]["sshLocalPort"].clone();
     w.limactl(&["stop", "mnt"]).ok();
     w.limactl(&["start", "mnt"]).ok();
-    assert_ne!(
-        w.lima_list()[0]["sshLocalPort"],
-        port_before,
-        "the stand-in should move the port, as Lima does"
-    );
+    assert_ne!(w.lima_list()[0]["sshLocalPort"], port_before, "the stand-in should move the port, as Lima does");
     // The next command notices and heals the mount.
     w.run_in(repo, &["mount"]).ok();
     assert!(mounted(point).is_some());
     eventually("the file through the healed mount", || {
-        std::fs::read_to_string(host_ws.join("from-host.txt"))
-            .is_ok_and(|s| s == "written on the host\n")
+        std::fs::read_to_string(host_ws.join("from-host.txt")).is_ok_and(|s| s == "written on the host\n")
     });
 }
 
@@ -217,24 +165,12 @@ fn busy_foreign_and_occupied_mount_points(w: &World, repo: &Path, point: &Path, 
     std::fs::remove_file(point.join("mine")).unwrap();
 
     // Foreign: someone else's mount there is left alone.
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "tmpfs"])
-        .arg(point)
-        .status()
-        .unwrap();
+    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(point).status().unwrap();
     assert!(st.success(), "the mount tests run as root (as CI does)");
-    w.run_in(repo, &["mount"])
-        .fails_with("mount point for something else");
-    w.run_in(repo, &["unmount"])
-        .fails_with("not agent-vm's mount");
+    w.run_in(repo, &["mount"]).fails_with("mount point for something else");
+    w.run_in(repo, &["unmount"]).fails_with("not agent-vm's mount");
     assert!(mounted(point).unwrap().contains("tmpfs"));
-    assert!(
-        std::process::Command::new("umount")
-            .arg(point)
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(std::process::Command::new("umount").arg(point).status().unwrap().success());
     w.run_in(repo, &["mount"]).ok();
 }
 
@@ -247,31 +183,16 @@ fn owned_by_me_opt_in_really_is_the_risk(w: &World, repo: &Path, ws: &str, host_
     plant_fsmonitor(w, ws, &marker);
     w.run_in(repo, &["unmount"]).ok();
     let r = crate::common::Run::from(
-        w.agent_vm(&["mount"])
-            .current_dir(repo)
-            .env("AGENT_VM_MOUNT_OWNED_BY_ME", "1")
-            .output()
-            .unwrap(),
+        w.agent_vm(&["mount"]).current_dir(repo).env("AGENT_VM_MOUNT_OWNED_BY_ME", "1").output().unwrap(),
         &["mount"],
     );
     r.ok();
-    assert!(
-        r.stderr.contains("git on this machine will obey"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("git on this machine will obey"), "{}", r.stderr);
     let _ = git_status(host_ws);
-    assert!(
-        marker.exists(),
-        "control failed: with the opt-in, host git should have obeyed core.fsmonitor"
-    );
+    assert!(marker.exists(), "control failed: with the opt-in, host git should have obeyed core.fsmonitor");
     w.run_in(repo, &["unmount"]).ok();
 }
 
 fn git_status(dir: &Path) -> std::process::Output {
-    std::process::Command::new("git")
-        .args(["status"])
-        .current_dir(dir)
-        .output()
-        .unwrap()
+    std::process::Command::new("git").args(["status"]).current_dir(dir).output().unwrap()
 }

@@ -8,33 +8,20 @@ use std::process::Stdio;
 
 #[test]
 fn template_keeps_the_vm_away_from_the_host() {
-    let t: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(include_str!("../vm-template/agent-vm.yaml")).unwrap();
-    assert_eq!(
-        t["mounts"],
-        serde_yaml_ng::Value::Sequence(vec![]),
-        "the VM must mount nothing of the host"
-    );
+    let t: serde_yaml_ng::Value = serde_yaml_ng::from_str(include_str!("../vm-template/agent-vm.yaml")).unwrap();
+    assert_eq!(t["mounts"], serde_yaml_ng::Value::Sequence(vec![]), "the VM must mount nothing of the host");
     assert_eq!(t["ssh"]["forwardAgent"], false);
     assert_eq!(t["ssh"]["loadDotSSHPubKeys"], false);
     assert_eq!(t["containerd"]["system"], false);
     assert_eq!(t["containerd"]["user"], false);
-    assert!(
-        t.get("base").is_none(),
-        "no base template: it could bring a home mount back"
-    );
+    assert!(t.get("base").is_none(), "no base template: it could bring a home mount back");
     // `portForwards: []` is not enough (Lima appends a catch-all rule).
     let rules = t["portForwards"].as_sequence().expect("portForwards rules");
     assert!(
-        rules
-            .iter()
-            .any(|r| r["guestIP"] == "0.0.0.0" && r["ignore"] == true && r["proto"] == "any"),
+        rules.iter().any(|r| r["guestIP"] == "0.0.0.0" && r["ignore"] == true && r["proto"] == "any"),
         "no rule ignoring every guest port: {rules:?}"
     );
-    assert_eq!(
-        (t["cpus"].as_u64(), t["memory"].as_str(), t["disk"].as_str()),
-        (Some(4), Some("8GiB"), Some("100GiB"))
-    );
+    assert_eq!((t["cpus"].as_u64(), t["memory"].as_str(), t["disk"].as_str()), (Some(4), Some("8GiB"), Some("100GiB")));
 }
 
 #[test]
@@ -56,10 +43,7 @@ fn provisioning_against_a_real_guest() {
         &["start"],
     );
     r.ok();
-    assert!(
-        !r.stderr.contains(secret) && !r.stdout.contains(secret),
-        "the secret reached the logs"
-    );
+    assert!(!r.stderr.contains(secret) && !r.stdout.contains(secret), "the secret reached the logs");
 
     // Home files with their modes; the sentinel is there.
     let modes = w.guest("stat -c '%a %n' .claude.json .gitconfig .local/bin/start-claude .claude/statusline-command.sh .claude/settings.json .config/opencode/opencode.jsonc").ok().stdout.clone();
@@ -74,26 +58,12 @@ fn provisioning_against_a_real_guest() {
 
     // Credentials: exact content, root-owned, readable by the VM user's group only.
     assert_eq!(
-        w.guest("stat -c '%a %U %G' /etc/google/application_default_credentials.json")
-            .ok()
-            .stdout,
+        w.guest("stat -c '%a %U %G' /etc/google/application_default_credentials.json").ok().stdout,
         "640 root lima\n"
     );
-    assert_eq!(
-        w.guest("cat /etc/google/application_default_credentials.json")
-            .ok()
-            .stdout,
-        adc_json
-    );
-    let profile = w
-        .guest("bash -lc 'echo $GOOGLE_APPLICATION_CREDENTIALS $CLOUD_ML_REGION'")
-        .ok()
-        .stdout
-        .clone();
-    assert_eq!(
-        profile,
-        "/etc/google/application_default_credentials.json europe-west4\n"
-    );
+    assert_eq!(w.guest("cat /etc/google/application_default_credentials.json").ok().stdout, adc_json);
+    let profile = w.guest("bash -lc 'echo $GOOGLE_APPLICATION_CREDENTIALS $CLOUD_ML_REGION'").ok().stdout.clone();
+    assert_eq!(profile, "/etc/google/application_default_credentials.json europe-west4\n");
     assert_eq!(w.run(&["status", "--json"]).json()["gcp_credentials"], true);
 
     // Listed variables reach a connected session; others do not; values never in argv.
@@ -117,18 +87,9 @@ fn provisioning_against_a_real_guest() {
     let host_ps = common::host_cmdlines();
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "sk-test-7f3a unset\n");
-    assert!(
-        guest_ps.contains("sleep 4"),
-        "the session was not running: {guest_ps}"
-    );
-    assert!(
-        !guest_ps.contains("sk-test-7f3a"),
-        "the key is on a guest command line"
-    );
-    assert!(
-        !host_ps.contains("sk-test-7f3a"),
-        "the key is on a host command line"
-    );
+    assert!(guest_ps.contains("sleep 4"), "the session was not running: {guest_ps}");
+    assert!(!guest_ps.contains("sk-test-7f3a"), "the key is on a guest command line");
+    assert!(!host_ps.contains("sk-test-7f3a"), "the key is on a host command line");
 
     guest_cannot_reach_host_services(&w, &adc);
 
@@ -148,51 +109,25 @@ fn provisioning_against_a_real_guest() {
     );
     r.ok();
     let after = w.guest(snapshot).ok().stdout.clone();
-    let strip_claude = |s: &str| {
-        s.lines()
-            .filter(|l| !l.starts_with(".claude.json"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    assert_eq!(
-        strip_claude(&after),
-        strip_claude(&before),
-        "a second provision changed files"
-    );
+    let strip_claude = |s: &str| s.lines().filter(|l| !l.starts_with(".claude.json")).collect::<Vec<_>>().join("\n");
+    assert_eq!(strip_claude(&after), strip_claude(&before), "a second provision changed files");
     assert_eq!(
         w.guest("stat -c '%Y' .claude.json").ok().stdout,
         before_claude,
         "the agent's own .claude.json was overwritten"
     );
-    assert_eq!(
-        w.guest("cat .claude.json").ok().stdout,
-        "{\"agent\": \"state\"}\n"
-    );
+    assert_eq!(w.guest("cat .claude.json").ok().stdout, "{\"agent\": \"state\"}\n");
 
     // Rotated credentials are picked up.
     std::fs::write(&adc, "{\"rotated\": true}\n").unwrap();
-    Run::from(
-        w.agent_vm(&["provision"])
-            .env("GOOGLE_APPLICATION_CREDENTIALS", &adc)
-            .output()
-            .unwrap(),
-        &["provision"],
-    )
-    .ok();
-    assert_eq!(
-        w.guest("cat /etc/google/application_default_credentials.json")
-            .ok()
-            .stdout,
-        "{\"rotated\": true}\n"
-    );
+    Run::from(w.agent_vm(&["provision"]).env("GOOGLE_APPLICATION_CREDENTIALS", &adc).output().unwrap(), &["provision"])
+        .ok();
+    assert_eq!(w.guest("cat /etc/google/application_default_credentials.json").ok().stdout, "{\"rotated\": true}\n");
 
     // An unreadable credentials file: clear error, nothing changed.
     let r = Run::from(
         w.agent_vm(&["provision"])
-            .env(
-                "GOOGLE_APPLICATION_CREDENTIALS",
-                w.home.path().join("missing.json"),
-            )
+            .env("GOOGLE_APPLICATION_CREDENTIALS", w.home.path().join("missing.json"))
             .output()
             .unwrap(),
         &["provision"],
@@ -204,10 +139,7 @@ fn provisioning_against_a_real_guest() {
     copy_tree(&common::repo().join("tests/fixtures/common"), broken.path());
     std::fs::remove_file(broken.path().join("homedir/.claude.json")).unwrap();
     let r = Run::from(
-        w.agent_vm(&["provision"])
-            .env("AGENT_VM_COMMON_DIR", broken.path())
-            .output()
-            .unwrap(),
+        w.agent_vm(&["provision"]).env("AGENT_VM_COMMON_DIR", broken.path()).output().unwrap(),
         &["provision"],
     );
     r.fails_with("sentinel .claude.json");
@@ -236,26 +168,15 @@ fn guest_cannot_reach_host_services(w: &World, adc: &std::path::Path) {
     });
     let probe = format!("timeout 10 bash -c 'exec 3<>/dev/tcp/192.168.5.2/{port} && head -n1 <&3'");
     let r = w.guest(&probe);
-    assert!(
-        !r.stdout.contains("host-secret-service"),
-        "the guest reached a host loopback service"
-    );
+    assert!(!r.stdout.contains("host-secret-service"), "the guest reached a host loopback service");
     assert_ne!(r.code, Some(0));
-    assert_eq!(
-        w.guest("systemctl is-enabled agent-vm-guard.service")
-            .ok()
-            .stdout,
-        "enabled\n"
-    );
+    assert_eq!(w.guest("systemctl is-enabled agent-vm-guard.service").ok().stdout, "enabled\n");
     // The control: with the opt-out the same probe gets through (so the
     // check above can fail), and provisioning again restores the guard.
     provision(&["--allow-host-access"]).ok();
     assert_eq!(w.guest(&probe).ok().stdout, "host-secret-service\n");
     provision(&[]).ok();
-    assert!(
-        !w.guest(&probe).stdout.contains("host-secret-service"),
-        "the guard did not come back"
-    );
+    assert!(!w.guest(&probe).stdout.contains("host-secret-service"), "the guard did not come back");
 }
 
 /// Copies a tree, following symlinks (the fixture links to common/).

@@ -45,71 +45,37 @@ fn run_in_parallel_and_stop_everything_on_interrupt() {
 
     let logs = w.home.path().join("outputs");
     let logs_arg = format!("--logs={}", logs.display());
-    let r = w.run_in(
-        &repo,
-        &[
-            "run", "-j", "3", &logs_arg, "ok-a", "fail-b", "commit-c", "--", "bash", "-c", SCRIPT,
-        ],
-    );
-    assert_eq!(
-        r.code,
-        Some(1),
-        "one command failed, so run fails:\n{}\n{}",
-        r.stdout,
-        r.stderr
-    );
-    let stamps: Vec<_> = std::fs::read_dir(&logs)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let r = w.run_in(&repo, &["run", "-j", "3", &logs_arg, "ok-a", "fail-b", "commit-c", "--", "bash", "-c", SCRIPT]);
+    assert_eq!(r.code, Some(1), "one command failed, so run fails:\n{}\n{}", r.stdout, r.stderr);
+    let stamps: Vec<_> = std::fs::read_dir(&logs).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(stamps.len(), 1, "{stamps:?}");
     let name = stamps[0].file_name().unwrap().to_str().unwrap().to_owned();
-    assert!(
-        name.len() == 15 && name.as_bytes()[8] == b'-',
-        "YYYYMMDD-HHMMSS: {name}"
-    );
+    assert!(name.len() == 15 && name.as_bytes()[8] == b'-', "YYYYMMDD-HHMMSS: {name}");
     let log = |b: &str| std::fs::read_to_string(stamps[0].join(format!("{b}.log"))).unwrap();
     assert_eq!(log("ok-a"), "done in ok-a\n");
     assert_eq!(log("fail-b"), "failing on purpose\n");
     assert_eq!(log("commit-c"), "done in commit-c\n");
     let row = |b: &str| -> Vec<String> {
-        let line = r
-            .stdout
-            .lines()
-            .find(|l| l.starts_with(&format!("{b} ")))
-            .unwrap_or_else(|| panic!("{}", r.stdout));
+        let line = r.stdout.lines().find(|l| l.starts_with(&format!("{b} "))).unwrap_or_else(|| panic!("{}", r.stdout));
         line.split_whitespace().map(str::to_owned).collect()
     };
     assert!(r.stdout.starts_with("BRANCH"), "{}", r.stdout);
-    assert_eq!(
-        (row("ok-a")[1].as_str(), row("ok-a")[3].as_str()),
-        ("ok", "0")
-    );
+    assert_eq!((row("ok-a")[1].as_str(), row("ok-a")[3].as_str()), ("ok", "0"));
     assert_eq!(row("fail-b")[1..3], ["exit".to_owned(), "3".to_owned()]);
-    assert_eq!(
-        (row("commit-c")[1].as_str(), row("commit-c")[3].as_str()),
-        ("ok", "2")
-    );
+    assert_eq!((row("commit-c")[1].as_str(), row("commit-c")[3].as_str()), ("ok", "2"));
     assert!(row("ok-a")[2].ends_with('s'));
 
     // commit-c's workspace now has commits the host lacks: pushing it again
     // (as run does first) refuses, losing nothing.
-    w.run_in(&repo, &["run", "commit-c", "--", "true"])
-        .fails_with("run `agent-vm fetch commit-c` first");
+    w.run_in(&repo, &["run", "commit-c", "--", "true"]).fails_with("run `agent-vm fetch commit-c` first");
 
     // Streamed output is prefixed with the branch; --fetch brings commits back.
     let commit = "echo z > z && git add z && git -c user.name=A -c user.email=a@vm commit -qm from-run && git log -1 --format=%s";
-    let r = w.run_in(
-        &repo,
-        &["run", "--fetch", "x/y", "ok-a", "--", "bash", "-c", commit],
-    );
+    let r = w.run_in(&repo, &["run", "--fetch", "x/y", "ok-a", "--", "bash", "-c", commit]);
     r.ok();
     assert!(r.stdout.contains("x/y  | from-run\n"), "{}", r.stdout);
     assert!(r.stdout.contains("ok-a | from-run\n"), "{}", r.stdout);
-    assert_eq!(
-        git(&repo, &["log", "-1", "--format=%s", "x/y"]).trim(),
-        "from-run"
-    );
+    assert_eq!(git(&repo, &["log", "-1", "--format=%s", "x/y"]).trim(), "from-run");
 
     // Ctrl-C stops every remote command, children included.
     interrupt_leaves_nothing_running(&w, &repo, "INT", Some(130));
@@ -141,9 +107,7 @@ fn interrupt_leaves_nothing_running(w: &World, repo: &Path, signal: &str, code: 
         eventually(120, || guest_count(w, &format!("[s]{}", &marker[1..])) >= 4),
         "the commands never started in the VM"
     );
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &child.id().to_string()])
-        .status();
+    let status = std::process::Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status();
     assert!(status.unwrap().success());
     let out = Run::from(wait_with_timeout(&mut child, 60), &["run"]);
     assert_eq!(out.code, code, "{}\n{}", out.stdout, out.stderr);
@@ -160,21 +124,14 @@ fn interrupt_leaves_nothing_running(w: &World, repo: &Path, signal: &str, code: 
 fn wait_with_timeout(child: &mut std::process::Child, secs: u64) -> std::process::Output {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "agent-vm did not exit after the signal"
-        );
+        assert!(Instant::now() < deadline, "agent-vm did not exit after the signal");
         std::thread::sleep(Duration::from_millis(200));
     }
     let mut stdout = String::new();
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    std::process::Output {
-        status: child.wait().unwrap(),
-        stdout: stdout.into_bytes(),
-        stderr: stderr.into_bytes(),
-    }
+    std::process::Output { status: child.wait().unwrap(), stdout: stdout.into_bytes(), stderr: stderr.into_bytes() }
 }
 
 #[test]
@@ -190,11 +147,7 @@ fn ssh_config_ssh_backend_and_snapshots() {
     w.run(&["ssh-config", "--install"]).ok();
     w.run(&["ssh-config", "--install"]).ok();
     let text = std::fs::read_to_string(&ssh_config).unwrap();
-    assert_eq!(
-        text.lines().filter(|l| l.starts_with("Include ")).count(),
-        1,
-        "{text}"
-    );
+    assert_eq!(text.lines().filter(|l| l.starts_with("Include ")).count(), 1, "{text}");
     assert!(text.ends_with("Host elsewhere\n  Port 2222\n"), "{text}");
     let ssh = |args: &[&str]| {
         let out = std::process::Command::new("ssh")
@@ -207,32 +160,14 @@ fn ssh_config_ssh_backend_and_snapshots() {
         Run::from(out, args)
     };
     assert_eq!(ssh(&["edit", "echo", "reached"]).ok().stdout, "reached\n");
-    assert!(
-        w.run(&["ssh-config"])
-            .ok()
-            .stdout
-            .starts_with("# agent-vm instance 'edit'")
-    );
+    assert!(w.run(&["ssh-config"]).ok().stdout.starts_with("# agent-vm instance 'edit'"));
 
     // connect --print-path: where the workspace shows up on this machine.
-    let printed = w
-        .run_in(&repo, &["connect", "--print-path", "feature/p"])
-        .ok()
-        .stdout
-        .trim()
-        .to_owned();
+    let printed = w.run_in(&repo, &["connect", "--print-path", "feature/p"]).ok().stdout.trim().to_owned();
     w.run_in(&repo, &["push", "feature/p"]).ok();
     let ws = w.workspace_dir(&repo, "feature/p");
     let leaf = ws.strip_prefix("workspace/").unwrap();
-    assert_eq!(
-        printed,
-        w.home
-            .path()
-            .join(".agent-vm-mounts/edit/workspace")
-            .join(leaf)
-            .to_str()
-            .unwrap()
-    );
+    assert_eq!(printed, w.home.path().join(".agent-vm-mounts/edit/workspace").join(leaf).to_str().unwrap());
 
     ssh_backend(&w, &repo);
     snapshots(&w, &ssh_config);
@@ -242,11 +177,7 @@ fn ssh_config_ssh_backend_and_snapshots() {
 fn ssh_backend(w: &World, repo: &Path) {
     let lima = std::fs::read_to_string(w.instance_dir().join("ssh.config")).unwrap();
     let field = |k: &str| {
-        lima.lines()
-            .find_map(|l| l.trim().strip_prefix(&format!("{k} ")))
-            .unwrap()
-            .trim_matches('"')
-            .to_owned()
+        lima.lines().find_map(|l| l.trim().strip_prefix(&format!("{k} "))).unwrap().trim_matches('"').to_owned()
     };
     let known_hosts = w.home.path().join("big_known_hosts");
     let config = w.home.path().join("big_ssh_config");
@@ -264,10 +195,7 @@ fn ssh_backend(w: &World, repo: &Path) {
     let cfg = w.home.path().join(".config/agent-vm/config.yaml");
     std::fs::write(
         &cfg,
-        format!(
-            "instances:\n  big:\n    backend: ssh\n    host: bigbox\n    ssh_config: {}\n",
-            config.display()
-        ),
+        format!("instances:\n  big:\n    backend: ssh\n    host: bigbox\n    ssh_config: {}\n", config.display()),
     )
     .unwrap();
     let big = |args: &[&str]| {
@@ -282,27 +210,17 @@ fn ssh_backend(w: &World, repo: &Path) {
         .output()
         .unwrap();
     let keys = String::from_utf8(scan.stdout).unwrap();
-    assert!(
-        keys.contains("[127.0.0.1]:"),
-        "ssh-keyscan found no key: {keys}"
-    );
+    assert!(keys.contains("[127.0.0.1]:"), "ssh-keyscan found no key: {keys}");
     // Another key of every type, as an impostor would present.
     let mut forged = String::new();
     for t in ["rsa", "ecdsa", "ed25519"] {
         let f = w.home.path().join(format!("impostor_{t}"));
-        let keygen = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-N", "", "-t", t, "-f"])
-            .arg(&f)
-            .output()
-            .unwrap();
+        let keygen =
+            std::process::Command::new("ssh-keygen").args(["-q", "-N", "", "-t", t, "-f"]).arg(&f).output().unwrap();
         assert!(keygen.status.success());
         let public = std::fs::read_to_string(f.with_extension("pub")).unwrap();
         let words: Vec<&str> = public.split_whitespace().take(2).collect();
-        forged.push_str(&format!(
-            "[127.0.0.1]:{} {}\n",
-            field("Port"),
-            words.join(" ")
-        ));
+        forged.push_str(&format!("[127.0.0.1]:{} {}\n", field("Port"), words.join(" ")));
     }
     std::fs::write(&known_hosts, forged).unwrap();
     big(&["push", "remote-b"]).fails_with("HOST KEY CHANGED");
@@ -310,15 +228,7 @@ fn ssh_backend(w: &World, repo: &Path) {
 
     // Then connect, push and fetch work as with Lima.
     big(&["push", "remote-b"]).ok();
-    let r = big(&[
-        "connect",
-        "remote-b",
-        "--no-mount",
-        "--",
-        "sh",
-        "-c",
-        "cat README; git symbolic-ref HEAD",
-    ]);
+    let r = big(&["connect", "remote-b", "--no-mount", "--", "sh", "-c", "cat README; git symbolic-ref HEAD"]);
     assert_eq!(r.ok().stdout, "hello\nrefs/heads/remote-b\n");
     let ws = w.workspace_dir(repo, "remote-b");
     let agent = w.agent_commit(&ws, "remote.txt", "from afar\n");
@@ -336,29 +246,16 @@ fn snapshots(w: &World, ssh_config: &Path) {
     w.guest("touch before-snapshot").ok();
     w.run(&["snapshot", "create", "base"]).ok();
     assert_eq!(w.run(&["snapshot", "list"]).ok().stdout, "base\n");
-    w.run(&["snapshot", "create", "base"])
-        .fails_with("exists already");
+    w.run(&["snapshot", "create", "base"]).fails_with("exists already");
     w.guest("touch after-snapshot && sync").ok();
-    w.run(&["snapshot", "apply", "base"])
-        .fails_with("pass --yes");
+    w.run(&["snapshot", "apply", "base"]).fails_with("pass --yes");
     w.run(&["snapshot", "apply", "base", "--yes"]).ok();
     assert_eq!(w.lima_list()[0]["status"], "Running");
-    w.guest("test -e before-snapshot && ! test -e after-snapshot")
-        .ok();
+    w.guest("test -e before-snapshot && ! test -e after-snapshot").ok();
     // The installed ssh entry followed the new port.
-    let out = std::process::Command::new("ssh")
-        .arg("-F")
-        .arg(ssh_config)
-        .args(["edit", "true"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    w.run(&["snapshot", "apply", "nope", "--yes"])
-        .fails_with("no snapshot named \"nope\"");
+    let out = std::process::Command::new("ssh").arg("-F").arg(ssh_config).args(["edit", "true"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    w.run(&["snapshot", "apply", "nope", "--yes"]).fails_with("no snapshot named \"nope\"");
     w.run(&["snapshot", "delete", "base"]).ok();
     assert_eq!(w.run(&["snapshot", "list"]).ok().stdout, "");
 }

@@ -16,11 +16,7 @@ fn lifecycle_against_a_real_guest() {
     r.ok();
     assert!(r.stderr.contains("created and running"), "{}", r.stderr);
     let lima_yaml = std::fs::read_to_string(w.instance_dir().join("lima.yaml")).unwrap();
-    assert_eq!(
-        lima_yaml,
-        include_str!("../vm-template/agent-vm.yaml"),
-        "VM not created from the template"
-    );
+    assert_eq!(lima_yaml, include_str!("../vm-template/agent-vm.yaml"), "VM not created from the template");
 
     // status --json agrees with Lima's own view, and the port is live.
     let status = w.run(&["status", "--json"]).json();
@@ -32,57 +28,27 @@ fn lifecycle_against_a_real_guest() {
     assert_eq!(status["ssh"]["port"], lima["sshLocalPort"]);
     assert_eq!(status["ssh"]["host_alias"], "lima-life");
     let text = w.run(&["status"]);
-    assert!(
-        text.ok().stdout.contains("life (Running)"),
-        "{}",
-        text.stdout
-    );
+    assert!(text.ok().stdout.contains("life (Running)"), "{}", text.stdout);
 
     // connect -- CMD over russh: stdin in, stdout/stderr apart, exit status out.
     let mut child = w
-        .agent_vm(&[
-            "connect",
-            "--",
-            "sh",
-            "-c",
-            "tr a-z A-Z; echo to-stderr >&2; exit 7",
-        ])
+        .agent_vm(&["connect", "--", "sh", "-c", "tr a-z A-Z; echo to-stderr >&2; exit 7"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"hello from the host\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hello from the host\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(7));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "HELLO FROM THE HOST\n"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO FROM THE HOST\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("to-stderr"));
 
     // The command really ran in the guest, with its words intact.
     let tricky = "it's $(touch /tmp/pwned) `id`; \"quoted\" ünï";
-    w.run(&[
-        "connect",
-        "--",
-        "sh",
-        "-c",
-        "printf %s \"$1\" > marker",
-        "sh",
-        tricky,
-    ])
-    .ok();
+    w.run(&["connect", "--", "sh", "-c", "printf %s \"$1\" > marker", "sh", tricky]).ok();
     assert_eq!(w.guest("cat marker").ok().stdout, tricky);
-    assert_eq!(
-        w.guest("ls /tmp/pwned 2>/dev/null; echo done").stdout,
-        "done\n"
-    );
+    assert_eq!(w.guest("ls /tmp/pwned 2>/dev/null; echo done").stdout, "done\n");
     // … in a login shell, as the user: /etc/profile.d applies.
     let who = w.run(&["connect", "--", "sh", "-c", "echo $(id -un) $0 $HOME"]);
     assert_eq!(who.ok().stdout.split_whitespace().next(), Some("lima"));
@@ -91,19 +57,14 @@ fn lifecycle_against_a_real_guest() {
     let again = w.run(&["start", "--memory", "4"]);
     again.ok();
     assert!(again.stderr.contains("already running"), "{}", again.stderr);
-    assert!(
-        again.stderr.contains("apply when the VM is created"),
-        "{}",
-        again.stderr
-    );
+    assert!(again.stderr.contains("apply when the VM is created"), "{}", again.stderr);
 
     // A VM stopped behind our back: status says so, --no-start refuses clearly.
     w.limactl(&["stop", "life"]).ok();
     let status = w.run(&["status", "--json"]).json();
     assert_eq!(status["state"], "Stopped");
     assert!(status["ssh"].is_null());
-    w.run(&["connect", "--no-start", "--", "true"])
-        .fails_with("is not running");
+    w.run(&["connect", "--no-start", "--", "true"]).fails_with("is not running");
 
     // connect boots it again and finds the new SSH port.
     let r = w.run(&["connect", "--", "cat", "/etc/hostname"]);
@@ -117,11 +78,7 @@ fn lifecycle_against_a_real_guest() {
     std::fs::rename(&key, &aside).unwrap();
     let r = w.run(&["connect", "--", "true"]);
     r.fails_with("SSH key");
-    assert!(
-        r.stderr.contains("is missing") && r.stderr.contains(key.to_str().unwrap()),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("is missing") && r.stderr.contains(key.to_str().unwrap()), "{}", r.stderr);
     std::fs::rename(&aside, &key).unwrap();
     // A key the guest does not accept: authentication fails, naming the key.
     std::fs::copy(w.lima_home.join("_config/user"), &aside).unwrap();
@@ -135,17 +92,12 @@ fn lifecycle_against_a_real_guest() {
             .success()
     );
     std::fs::copy(&other, &key).unwrap();
-    w.run(&["connect", "--", "true"])
-        .fails_with("authentication failed");
+    w.run(&["connect", "--", "true"]).fails_with("authentication failed");
     std::fs::rename(&aside, &key).unwrap();
 
     // destroy needs confirmation; without a terminal that means --yes.
     w.run(&["destroy"]).fails_with("--yes");
-    assert_eq!(
-        w.lima_list().len(),
-        1,
-        "destroy without --yes must not delete"
-    );
+    assert_eq!(w.lima_list().len(), 1, "destroy without --yes must not delete");
     w.run(&["destroy", "--yes"]).ok();
     assert!(w.lima_list().is_empty());
     assert!(!w.instance_dir().exists());

@@ -33,31 +33,12 @@ fn workspaces_against_a_real_guest() {
 }
 
 fn connect_creates_branch_and_workspace(w: &World, repo: &Path) {
-    let r = w.run_in(
-        repo,
-        &[
-            "connect",
-            "feature/x",
-            "--",
-            "sh",
-            "-c",
-            "git symbolic-ref HEAD; pwd; cat README",
-        ],
-    );
+    let r = w.run_in(repo, &["connect", "feature/x", "--", "sh", "-c", "git symbolic-ref HEAD; pwd; cat README"]);
     r.ok();
-    assert!(
-        r.stderr
-            .contains("Created branch \"feature/x\" on the host from HEAD"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("Created branch \"feature/x\" on the host from HEAD"), "{}", r.stderr);
     let mut lines = r.stdout.lines();
     assert_eq!(lines.next(), Some("refs/heads/feature/x"));
-    assert!(
-        lines.next().unwrap().contains("/workspace/app-feature-x-"),
-        "{}",
-        r.stdout
-    );
+    assert!(lines.next().unwrap().contains("/workspace/app-feature-x-"), "{}", r.stdout);
     assert_eq!(lines.next(), Some("hello"));
     assert_eq!(head_of(repo, "feature/x"), head_of(repo, "main"));
 
@@ -82,10 +63,7 @@ fn fetch_fast_forwards_checked_out_clean_branch(w: &World, repo: &Path) {
     assert!(r.stderr.contains("Fast-forwarded"), "{}", r.stderr);
     assert_eq!(head_of(repo, "HEAD"), agent);
     assert_eq!(head_of(repo, "refs/remotes/agent-vm/feature/x"), agent);
-    assert_eq!(
-        std::fs::read_to_string(repo.join("agent.txt")).unwrap(),
-        "from the agent\n"
-    );
+    assert_eq!(std::fs::read_to_string(repo.join("agent.txt")).unwrap(), "from the agent\n");
     assert!(!repo.join("scratch").exists());
     assert_eq!(git(repo, &["status", "--porcelain"]), "");
     w.guest_args("rm \"$1/scratch\"", &[&ws]).ok();
@@ -99,20 +77,13 @@ fn fetch_leaves_dirty_host_tree_alone(w: &World, repo: &Path) {
     let r = w.run_in(repo, &["fetch", "feature/x"]);
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(
-        r.stderr.contains("uncommitted changes")
-            && r.stderr.contains("git merge --ff-only agent-vm/feature/x"),
+        r.stderr.contains("uncommitted changes") && r.stderr.contains("git merge --ff-only agent-vm/feature/x"),
         "{}",
         r.stderr
     );
     assert_eq!(head_of(repo, "HEAD"), before, "host branch moved");
-    assert_eq!(
-        std::fs::read_to_string(repo.join("README")).unwrap(),
-        "host edit in progress\n"
-    );
-    assert_eq!(
-        std::fs::read_to_string(repo.join("agent.txt")).unwrap(),
-        "from the agent\n"
-    );
+    assert_eq!(std::fs::read_to_string(repo.join("README")).unwrap(), "host edit in progress\n");
+    assert_eq!(std::fs::read_to_string(repo.join("agent.txt")).unwrap(), "from the agent\n");
     assert_eq!(head_of(repo, "refs/remotes/agent-vm/feature/x"), agent);
     // Once clean, the same fetch fast-forwards.
     git(repo, &["checkout", "-q", "--", "README"]);
@@ -126,14 +97,8 @@ fn fetch_moves_a_branch_that_is_not_checked_out(w: &World, repo: &Path) {
     let agent = w.agent_commit(&ws, "more", "y");
     w.run_in(repo, &["fetch", "feature-x"]).ok();
     assert_eq!(head_of(repo, "feature-x"), agent);
-    assert_eq!(
-        git(repo, &["symbolic-ref", "HEAD"]).trim(),
-        "refs/heads/main"
-    );
-    assert!(
-        !repo.join("more").exists(),
-        "the checked-out tree must not change"
-    );
+    assert_eq!(git(repo, &["symbolic-ref", "HEAD"]).trim(), "refs/heads/main");
+    assert!(!repo.join("more").exists(), "the checked-out tree must not change");
 }
 
 fn push_updates_the_vm_tree_and_refuses_over_agent_changes(w: &World, repo: &Path) {
@@ -143,47 +108,22 @@ fn push_updates_the_vm_tree_and_refuses_over_agent_changes(w: &World, repo: &Pat
     git(repo, &["commit", "-q", "-m", "host commit"]);
     let ws = w.workspace_dir(repo, "feature/x");
     w.run_in(repo, &["push", "feature/x"]).ok();
-    assert_eq!(
-        w.guest_args("cat \"$1/host.txt\"", &[&ws]).ok().stdout,
-        "from the host\n"
-    );
-    assert_eq!(
-        w.guest_args("git -C \"$1\" status --porcelain", &[&ws])
-            .ok()
-            .stdout,
-        ""
-    );
+    assert_eq!(w.guest_args("cat \"$1/host.txt\"", &[&ws]).ok().stdout, "from the host\n");
+    assert_eq!(w.guest_args("git -C \"$1\" status --porcelain", &[&ws]).ok().stdout, "");
 
     // The agent is editing host.txt: the push must not clobber that.
-    w.guest_args("echo agent-wip > \"$1/host.txt\"", &[&ws])
-        .ok();
+    w.guest_args("echo agent-wip > \"$1/host.txt\"", &[&ws]).ok();
     std::fs::write(repo.join("host.txt"), "second host version\n").unwrap();
     git(repo, &["commit", "-q", "-am", "host commit 2"]);
-    let vm_tip = w
-        .guest_args("git -C \"$1\" rev-parse HEAD", &[&ws])
-        .ok()
-        .stdout
-        .clone();
+    let vm_tip = w.guest_args("git -C \"$1\" rev-parse HEAD", &[&ws]).ok().stdout.clone();
     let r = w.run_in(repo, &["push", "feature/x"]);
     r.fails_with("the VM refused to update refs/heads/feature/x");
-    assert_eq!(
-        w.guest_args("cat \"$1/host.txt\"", &[&ws]).ok().stdout,
-        "agent-wip\n"
-    );
-    assert_eq!(
-        w.guest_args("git -C \"$1\" rev-parse HEAD", &[&ws])
-            .ok()
-            .stdout,
-        vm_tip
-    );
+    assert_eq!(w.guest_args("cat \"$1/host.txt\"", &[&ws]).ok().stdout, "agent-wip\n");
+    assert_eq!(w.guest_args("git -C \"$1\" rev-parse HEAD", &[&ws]).ok().stdout, vm_tip);
     // After the agent drops its edit, the push goes through.
-    w.guest_args("git -C \"$1\" checkout -- host.txt", &[&ws])
-        .ok();
+    w.guest_args("git -C \"$1\" checkout -- host.txt", &[&ws]).ok();
     w.run_in(repo, &["push", "feature/x"]).ok();
-    assert_eq!(
-        w.guest_args("cat \"$1/host.txt\"", &[&ws]).ok().stdout,
-        "second host version\n"
-    );
+    assert_eq!(w.guest_args("cat \"$1/host.txt\"", &[&ws]).ok().stdout, "second host version\n");
 }
 
 fn diverged_branches_lose_nothing(w: &World, repo: &Path) {
@@ -194,34 +134,19 @@ fn diverged_branches_lose_nothing(w: &World, repo: &Path) {
     git(repo, &["commit", "-q", "-m", "host side"]);
     let host_tip = head_of(repo, "HEAD");
 
-    w.run_in(repo, &["push", "feature/x"])
-        .fails_with("run `agent-vm fetch feature/x` first");
-    assert_eq!(
-        w.guest_args("git -C \"$1\" rev-parse HEAD", &[&ws])
-            .ok()
-            .stdout
-            .trim(),
-        agent
-    );
+    w.run_in(repo, &["push", "feature/x"]).fails_with("run `agent-vm fetch feature/x` first");
+    assert_eq!(w.guest_args("git -C \"$1\" rev-parse HEAD", &[&ws]).ok().stdout.trim(), agent);
 
     let r = w.run_in(repo, &["fetch", "feature/x"]);
     assert_eq!(r.code, Some(2), "{}", r.stderr);
-    assert!(
-        r.stderr.contains("diverged") && r.stderr.contains("git merge agent-vm/feature/x"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("diverged") && r.stderr.contains("git merge agent-vm/feature/x"), "{}", r.stderr);
     assert_eq!(head_of(repo, "HEAD"), host_tip);
     assert_eq!(head_of(repo, "refs/remotes/agent-vm/feature/x"), agent);
 
     // The user merges; then push works and both sides' work is in the VM.
     git(repo, &["merge", "-q", "--no-edit", "agent-vm/feature/x"]);
     w.run_in(repo, &["push", "feature/x"]).ok();
-    w.guest_args(
-        "cd \"$1\" && test -e agent-side && test -e host-side",
-        &[&ws],
-    )
-    .ok();
+    w.guest_args("cd \"$1\" && test -e agent-side && test -e host-side", &[&ws]).ok();
 }
 
 fn only_the_branch_history_leaves_the_host(w: &World, repo: &Path) {
@@ -246,44 +171,23 @@ fn only_the_branch_history_leaves_the_host(w: &World, repo: &Path) {
                 "for d in \"$1\" \"$1\"/*.git; do [ -d \"$d\" ] && git -C \"$d\" cat-file -e \"$2\" 2>/dev/null && echo LEAKED; done; true",
                 &[place, oid],
             );
-            assert!(
-                !r.ok().stdout.contains("LEAKED"),
-                "{oid} reached the VM at {place}"
-            );
+            assert!(!r.ok().stdout.contains("LEAKED"), "{oid} reached the VM at {place}");
         }
     }
-    let vm_refs = w
-        .guest_args("git -C \"$1\" for-each-ref --format='%(refname)'", &[&ws])
-        .ok()
-        .stdout
-        .clone();
+    let vm_refs = w.guest_args("git -C \"$1\" for-each-ref --format='%(refname)'", &[&ws]).ok().stdout.clone();
     assert_eq!(vm_refs, "refs/heads/shipped\n");
 
     // Fetch touches only the fetched branch and refs/remotes/agent-vm/*.
     w.agent_commit(&ws, "f", "1");
-    w.guest_args(
-        "git -C \"$1\" tag vm-tag && git -C \"$1\" branch vm-extra",
-        &[&ws],
-    )
-    .ok();
+    w.guest_args("git -C \"$1\" tag vm-tag && git -C \"$1\" branch vm-extra", &[&ws]).ok();
     w.run_in(repo, &["fetch", "shipped"]).ok();
     let unrelated = |refs: Vec<String>| -> Vec<String> {
         refs.into_iter()
-            .filter(|r| {
-                !r.starts_with("refs/remotes/agent-vm/") && !r.starts_with("refs/heads/shipped ")
-            })
+            .filter(|r| !r.starts_with("refs/remotes/agent-vm/") && !r.starts_with("refs/heads/shipped "))
             .collect()
     };
-    assert_eq!(
-        unrelated(refs(repo)),
-        unrelated(before),
-        "fetch changed unrelated host refs"
-    );
-    assert!(
-        !refs(repo)
-            .iter()
-            .any(|r| r.contains("vm-tag") || r.contains("vm-extra"))
-    );
+    assert_eq!(unrelated(refs(repo)), unrelated(before), "fetch changed unrelated host refs");
+    assert!(!refs(repo).iter().any(|r| r.contains("vm-tag") || r.contains("vm-extra")));
 }
 
 fn hostile_branch_names_inject_nothing(w: &World, repo: &Path) {
@@ -304,11 +208,7 @@ fn hostile_branch_names_inject_nothing(w: &World, repo: &Path) {
         w.run_in(repo, &["push", "--", name]).ok();
         let ws = w.workspace_dir(repo, name);
         assert!(dirs.insert(ws.clone()), "{name} collided");
-        let head = w
-            .guest_args("git -C \"$1\" symbolic-ref HEAD", &[&ws])
-            .ok()
-            .stdout
-            .clone();
+        let head = w.guest_args("git -C \"$1\" symbolic-ref HEAD", &[&ws]).ok().stdout.clone();
         assert_eq!(head.trim_end(), format!("refs/heads/{name}"));
         let agent = w.agent_commit(&ws, "n", name);
         w.run_in(repo, &["fetch", "--", name]).ok();
@@ -318,84 +218,45 @@ fn hostile_branch_names_inject_nothing(w: &World, repo: &Path) {
     let m1 = std::path::Path::new(&m);
     for f in ["m1", "m2", "m3"] {
         assert!(!m1.join(f).exists(), "{f}: injection on the host");
-        let r = w.guest_args(
-            "test -e \"$1\" && echo INJECTED; true",
-            &[&format!("{m}/{f}")],
-        );
-        assert!(
-            !r.ok().stdout.contains("INJECTED"),
-            "{f}: injection in the guest"
-        );
+        let r = w.guest_args("test -e \"$1\" && echo INJECTED; true", &[&format!("{m}/{f}")]);
+        assert!(!r.ok().stdout.contains("INJECTED"), "{f}: injection in the guest");
     }
-    w.run_in(repo, &["push", "with space"])
-        .fails_with("not a valid branch name");
+    w.run_in(repo, &["push", "with space"]).fails_with("not a valid branch name");
 }
 
 fn clean_refuses_to_drop_unfetched_commits(w: &World, repo: &Path) {
     w.run_in(repo, &["push", "doomed"]).ok();
     let ws = w.workspace_dir(repo, "doomed");
     w.agent_commit(&ws, "unfetched", "precious");
-    w.run_in(repo, &["clean", "doomed", "--yes"])
-        .fails_with("commits the host has not fetched");
+    w.run_in(repo, &["clean", "doomed", "--yes"]).fails_with("commits the host has not fetched");
     w.guest_args("test -d \"$1\"", &[&ws]).ok();
-    w.run_in(repo, &["clean", "doomed"])
-        .fails_with("commits the host has not fetched");
+    w.run_in(repo, &["clean", "doomed"]).fails_with("commits the host has not fetched");
     w.run_in(repo, &["fetch", "doomed"]).ok();
     w.guest_args("echo wip > \"$1/README\"", &[&ws]).ok();
-    w.run_in(repo, &["clean", "doomed", "--yes"])
-        .fails_with("uncommitted change");
-    w.run_in(repo, &["clean", "doomed", "--yes", "--force"])
-        .ok();
+    w.run_in(repo, &["clean", "doomed", "--yes"]).fails_with("uncommitted change");
+    w.run_in(repo, &["clean", "doomed", "--yes", "--force"]).ok();
     assert_ne!(w.guest_args("test -d \"$1\"", &[&ws]).code, Some(0));
-    w.run_in(repo, &["clean", "doomed", "--yes"])
-        .fails_with("no workspace");
+    w.run_in(repo, &["clean", "doomed", "--yes"]).fails_with("no workspace");
 }
 
 fn status_lists_workspaces(w: &World, repo: &Path) {
     let ws = w.workspace_dir(repo, "feature-x");
     w.agent_commit(&ws, "ahead", "1");
     let status = w.run_in(repo, &["status", "--json"]).json();
-    let entry = status["workspaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["branch"] == "feature-x")
-        .unwrap();
+    let entry = status["workspaces"].as_array().unwrap().iter().find(|e| e["branch"] == "feature-x").unwrap();
     assert_eq!(entry["this_repo"], true);
-    assert!(
-        entry["ahead"].is_null(),
-        "host lacks the commit: no count: {entry}"
-    );
+    assert!(entry["ahead"].is_null(), "host lacks the commit: no count: {entry}");
     w.run_in(repo, &["fetch", "feature-x"]).ok();
     git(repo, &["branch", "-f", "feature-x", "feature-x~1"]);
     let status = w.run_in(repo, &["status", "--json"]).json();
-    let entry = status["workspaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["branch"] == "feature-x")
-        .unwrap();
-    assert_eq!(
-        (entry["ahead"].as_u64(), entry["behind"].as_u64()),
-        (Some(1), Some(0)),
-        "{entry}"
-    );
+    let entry = status["workspaces"].as_array().unwrap().iter().find(|e| e["branch"] == "feature-x").unwrap();
+    assert_eq!((entry["ahead"].as_u64(), entry["behind"].as_u64()), (Some(1), Some(0)), "{entry}");
     let text = w.run_in(repo, &["status"]);
-    assert!(
-        text.ok().stdout.contains("1 ahead, 0 behind host"),
-        "{}",
-        text.stdout
-    );
+    assert!(text.ok().stdout.contains("1 ahead, 0 behind host"), "{}", text.stdout);
     // Another repository's view: not this repo's workspace.
     let other = w.repo("other");
     let status = w.run_in(&other, &["status", "--json"]).json();
-    assert!(
-        status["workspaces"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|e| e["this_repo"] == false)
-    );
+    assert!(status["workspaces"].as_array().unwrap().iter().all(|e| e["this_repo"] == false));
 }
 
 fn clean_all_removes_this_repositorys_workspaces(w: &World, repo: &Path) {
@@ -403,18 +264,12 @@ fn clean_all_removes_this_repositorys_workspaces(w: &World, repo: &Path) {
     w.run_in(&other, &["push", "main"]).ok();
     let ws = w.workspace_dir(repo, "feature/x");
     w.agent_commit(&ws, "unfetched", "precious");
-    w.run_in(repo, &["clean-all", "--yes"])
-        .fails_with("fetch first");
+    w.run_in(repo, &["clean-all", "--yes"]).fails_with("fetch first");
     w.guest_args("test -d \"$1\"", &[&ws]).ok();
     let r = w.run_in(repo, &["clean-all", "--yes", "--force"]);
     r.ok();
     let status = w.run_in(repo, &["status", "--json"]).json();
-    let left: Vec<_> = status["workspaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["this_repo"].clone())
-        .collect();
+    let left: Vec<_> = status["workspaces"].as_array().unwrap().iter().map(|e| e["this_repo"].clone()).collect();
     assert_eq!(left, vec![serde_json::Value::Bool(false)], "{status:#}");
 }
 
@@ -433,11 +288,7 @@ fn kill_9_during_push_leaves_everything_consistent(w: &World, repo: &Path) {
     git(repo, &["add", "big.bin"]);
     git(repo, &["commit", "-q", "-m", "big"]);
     let before = refs(repo);
-    let mut child = w
-        .agent_vm(&["push", "big"])
-        .current_dir(repo)
-        .spawn()
-        .unwrap();
+    let mut child = w.agent_vm(&["push", "big"]).current_dir(repo).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(2500));
     child.kill().unwrap();
     child.wait().unwrap();
@@ -446,14 +297,7 @@ fn kill_9_during_push_leaves_everything_consistent(w: &World, repo: &Path) {
     // The next push recovers and delivers the commit.
     w.run_in(repo, &["push", "big"]).ok();
     let ws = w.workspace_dir(repo, "big");
-    let got = w
-        .guest_args(
-            "git -C \"$1\" rev-parse HEAD && sha1sum < \"$1/big.bin\"",
-            &[&ws],
-        )
-        .ok()
-        .stdout
-        .clone();
+    let got = w.guest_args("git -C \"$1\" rev-parse HEAD && sha1sum < \"$1/big.bin\"", &[&ws]).ok().stdout.clone();
     assert!(got.starts_with(&head_of(repo, "HEAD")), "{got}");
 }
 
@@ -471,29 +315,19 @@ fn ship_all_objects_is_an_explicit_choice(w: &World) {
     let r = w.run_in(&repo, &["push", "--ship-all-objects", "main"]);
     r.ok();
     let ws = w.workspace_dir(&repo, "main");
-    assert_eq!(
-        w.guest_args("git -C \"$1\" rev-parse HEAD", &[&ws])
-            .ok()
-            .stdout
-            .trim(),
-        head_of(&repo, "main")
-    );
-    w.guest_args("git -C \"$1\" fsck --no-progress", &[&ws])
-        .ok();
+    assert_eq!(w.guest_args("git -C \"$1\" rev-parse HEAD", &[&ws]).ok().stdout.trim(), head_of(&repo, "main"));
+    w.guest_args("git -C \"$1\" fsck --no-progress", &[&ws]).ok();
     // The documented cost of the choice: the stash reached the VM's cache.
-    let r = w.guest_args("for d in .agent-vm/cache/packed-*.git; do git --git-dir=\"$d\" cat-file -e \"$1\" && echo SHIPPED; done; true", &[&stash]);
-    assert!(
-        r.ok().stdout.contains("SHIPPED"),
-        "--ship-all-objects should copy every object"
+    let r = w.guest_args(
+        "for d in .agent-vm/cache/packed-*.git; do git --git-dir=\"$d\" cat-file -e \"$1\" && echo SHIPPED; done; true",
+        &[&stash],
     );
+    assert!(r.ok().stdout.contains("SHIPPED"), "--ship-all-objects should copy every object");
     // Later pushes are ordinary incremental pushes.
     std::fs::write(repo.join("file"), "after\n").unwrap();
     git(&repo, &["commit", "-q", "-am", "after"]);
     w.run_in(&repo, &["push", "main"]).ok();
-    assert_eq!(
-        w.guest_args("cat \"$1/file\"", &[&ws]).ok().stdout,
-        "after\n"
-    );
+    assert_eq!(w.guest_args("cat \"$1/file\"", &[&ws]).ok().stdout, "after\n");
 }
 
 /// The first workspace of a packed repository is seeded with a pack built
@@ -501,9 +335,7 @@ fn ship_all_objects_is_an_explicit_choice(w: &World) {
 /// stores a branch blob as a delta against another branch's secret.
 fn first_push_of_a_packed_repo_ships_only_the_branch(w: &World) {
     let repo = w.repo("gcd");
-    let body: String = (0..300)
-        .map(|i| format!("configuration line {i}\n"))
-        .collect();
+    let body: String = (0..300).map(|i| format!("configuration line {i}\n")).collect();
     for i in 0..15 {
         std::fs::write(repo.join("conf"), format!("{body}v{i}\n")).unwrap();
         git(&repo, &["add", "conf"]);
@@ -516,27 +348,15 @@ fn first_push_of_a_packed_repo_ships_only_the_branch(w: &World) {
     std::fs::write(repo.join("conf"), "stashed secret\n").unwrap();
     git(&repo, &["stash", "-q"]);
     git(&repo, &["repack", "-adq", "--window=50"]);
-    let secrets = [
-        head_of(&repo, "private"),
-        head_of(&repo, "private:conf"),
-        head_of(&repo, "refs/stash"),
-    ];
+    let secrets = [head_of(&repo, "private"), head_of(&repo, "private:conf"), head_of(&repo, "refs/stash")];
 
     w.run_in(&repo, &["push", "main"]).ok();
     let ws = w.workspace_dir(&repo, "main");
-    assert_eq!(
-        w.guest_args("git -C \"$1\" rev-parse HEAD", &[&ws])
-            .ok()
-            .stdout
-            .trim(),
-        head_of(&repo, "main")
-    );
+    assert_eq!(w.guest_args("git -C \"$1\" rev-parse HEAD", &[&ws]).ok().stdout.trim(), head_of(&repo, "main"));
     let check = "set -e; for d in .agent-vm/cache/gcd-*.git; do git --git-dir=\"$d\" fsck --full --strict --no-dangling; \
                  ls \"$d\"/objects/pack/*.idx >/dev/null; git --git-dir=\"$d\" rev-list --objects --all | wc -l; done";
     let vm_count: usize = w.guest_args(check, &[]).ok().stdout.trim().parse().unwrap();
-    let host_count = git(&repo, &["rev-list", "--objects", "main"])
-        .lines()
-        .count();
+    let host_count = git(&repo, &["rev-list", "--objects", "main"]).lines().count();
     assert_eq!(vm_count, host_count);
     for oid in &secrets {
         let r = w.guest_args(

@@ -25,24 +25,14 @@ pub struct Args {
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let branch = args.branch.as_str();
-    let super::BranchOp {
-        host,
-        vm,
-        ws,
-        _lock,
-        ..
-    } = super::branch_op(ctx, branch, false).await?;
+    let super::BranchOp { host, vm, ws, _lock, .. } = super::branch_op(ctx, branch, false).await?;
     let probe = vm.probe(&ws).await?;
     if probe == Probe::Absent {
         bail!("there is no workspace for {branch:?} in the VM");
     }
     let losses = losses(&host, &ws, &probe)?;
     if !losses.is_empty() && !args.force {
-        bail!(
-            "~/{} has {}; fetch first, or pass --force to delete anyway",
-            ws.dir,
-            losses.join(" and ")
-        );
+        bail!("~/{} has {}; fetch first, or pass --force to delete anyway", ws.dir, losses.join(" and "));
     }
     for loss in &losses {
         ctx.ui.say(&format!("warning: deleting {loss}"));

@@ -34,10 +34,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         if ws.dir != listed.dir {
             continue;
         }
-        let probe = Probe::Present {
-            tip: listed.tip,
-            changes: listed.changes,
-        };
+        let probe = Probe::Present { tip: listed.tip, changes: listed.changes };
         let losses = super::clean::losses(&host, &ws, &probe)?;
         if !losses.is_empty() {
             refusals.push(format!("~/{} has {}", ws.dir, losses.join(" and ")));
@@ -49,30 +46,18 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if !refusals.is_empty() && !args.force {
-        bail!(
-            "{}; fetch first, or pass --force to delete anyway",
-            refusals.join("; ")
-        );
+        bail!("{}; fetch first, or pass --force to delete anyway", refusals.join("; "));
     }
-    if !args.yes
-        && !confirm(&format!(
-            "Delete {} workspace(s) of this repository?",
-            doomed.len()
-        ))?
-    {
+    if !args.yes && !confirm(&format!("Delete {} workspace(s) of this repository?", doomed.len()))? {
         bail!("not confirmed; nothing was deleted");
     }
     // Editors must not keep working in directories about to vanish.
     if super::unmount(backend.as_ref(), true)? {
-        ctx.ui
-            .say("Unmounted the workspace mount (`agent-vm mount` or `connect` brings it back).");
+        ctx.ui.say("Unmounted the workspace mount (`agent-vm mount` or `connect` brings it back).");
     }
     for ws in &doomed {
         vm.remove(ws).await?;
-        ctx.ui.say(&format!(
-            "Deleted workspace ~/{} ({:?}).",
-            ws.dir, ws.branch
-        ));
+        ctx.ui.say(&format!("Deleted workspace ~/{} ({:?}).", ws.dir, ws.branch));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -16,11 +16,6 @@ pub struct Args {
 }
 
 pub async fn run(_ctx: &Context, args: Args) -> Result<ExitCode> {
-    clap_complete::generate(
-        args.shell,
-        &mut Cli::command(),
-        "agent-vm",
-        &mut std::io::stdout(),
-    );
+    clap_complete::generate(args.shell, &mut Cli::command(), "agent-vm", &mut std::io::stdout());
     Ok(ExitCode::SUCCESS)
 }

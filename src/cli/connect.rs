@@ -17,12 +17,10 @@ use crate::workspace::host_path;
 /// with its status; CMD's words are passed exactly as given (no shell
 /// parsing): write `-- bash -c 'make && make test'` for shell syntax.
 #[derive(Debug, clap::Args)]
-#[command(
-    after_help = "Examples:\n  agent-vm connect                      # login shell in the VM\n  \
+#[command(after_help = "Examples:\n  agent-vm connect                      # login shell in the VM\n  \
 agent-vm connect feature-x            # shell in the feature-x workspace\n  \
 agent-vm connect -- uname -a          # run a command, exit with its status\n  \
-cd \"$(agent-vm connect --print-path feature-x)\"   # the workspace, on this machine"
-)]
+cd \"$(agent-vm connect --print-path feature-x)\"   # the workspace, on this machine")]
 pub struct Args {
     /// Branch whose workspace to open (one starting with `-` works too)
     #[arg(allow_hyphen_values = true)]
@@ -51,19 +49,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         let host = crate::workspace::HostRepo::discover()?;
         let mount = super::mount_of(ctx.backend()?.as_ref())?;
         if !matches!(mount.state()?, crate::mount::State::Mounted) {
-            ctx.ui.say(&format!(
-                "note: {} is not mounted now; `agent-vm mount` mounts it",
-                mount.point.display()
-            ));
+            ctx.ui.say(&format!("note: {} is not mounted now; `agent-vm mount` mounts it", mount.point.display()));
         }
-        println!(
-            "{}",
-            host_path(
-                &mount.point,
-                &crate::workspace::Workspace::new(&host, branch)
-            )
-            .display()
-        );
+        println!("{}", host_path(&mount.point, &crate::workspace::Workspace::new(&host, branch)).display());
         return Ok(ExitCode::SUCCESS);
     }
     let (backend, session, ws) = match &args.branch {
@@ -82,14 +70,8 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         let mount = super::mount_of(backend.as_ref())?;
         match mount.ensure(&session, &ctx.ui).await {
             Ok(_) => match &ws {
-                Some(ws) => ctx.ui.say(&format!(
-                    "On this machine: {}",
-                    host_path(&mount.point, ws).display()
-                )),
-                None => ctx.ui.say(&format!(
-                    "VM workspaces on this machine: {}",
-                    mount.point.display()
-                )),
+                Some(ws) => ctx.ui.say(&format!("On this machine: {}", host_path(&mount.point, ws).display())),
+                None => ctx.ui.say(&format!("VM workspaces on this machine: {}", mount.point.display())),
             },
             Err(e) => ctx.ui.say(&format!("warning: no workspace mount: {e:#}")),
         }
@@ -110,11 +92,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         }
         ssh.arg(&endpoint.alias);
         if !args.command.is_empty() {
-            ssh.arg("--")
-                .arg(shell::login_command(cwd.as_deref(), &args.command)?);
+            ssh.arg("--").arg(shell::login_command(cwd.as_deref(), &args.command)?);
         } else if let Some(dir) = &cwd {
-            ssh.arg("--")
-                .arg(shell::login_command(Some(dir), &["bash", "--login"])?);
+            ssh.arg("--").arg(shell::login_command(Some(dir), &["bash", "--login"])?);
         }
         let err = ssh.exec();
         return Err(err).context("cannot run ssh (install OpenSSH; `agent-vm doctor` checks)");
@@ -123,13 +103,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     // exit status, and no ssh process.
     let line = shell::login_command(cwd.as_deref(), &args.command)?;
     let status = session
-        .exec_io_env(
-            &line,
-            &env,
-            tokio::io::stdin(),
-            &mut tokio::io::stdout(),
-            &mut tokio::io::stderr(),
-        )
+        .exec_io_env(&line, &env, tokio::io::stdin(), &mut tokio::io::stdout(), &mut tokio::io::stderr())
         .await?;
     Ok(exit_code(status))
 }

@@ -19,12 +19,7 @@ pub struct Args {
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let backend = ctx.backend()?;
     let instance = vm::existing(backend.as_ref())?;
-    if !args.yes
-        && !confirm(&format!(
-            "Delete VM '{}' and every workspace in it?",
-            instance.name
-        ))?
-    {
+    if !args.yes && !confirm(&format!("Delete VM '{}' and every workspace in it?", instance.name))? {
         bail!("not confirmed; nothing was deleted");
     }
     // Detach the mount first so nothing is left pointing at a dead VM.
@@ -50,8 +45,5 @@ pub(crate) fn confirm(question: &str) -> Result<bool> {
     std::io::stderr().flush()?;
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
-    Ok(matches!(
-        answer.trim().to_ascii_lowercase().as_str(),
-        "y" | "yes"
-    ))
+    Ok(matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes"))
 }

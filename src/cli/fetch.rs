@@ -30,12 +30,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
 
 /// Fetches one branch and integrates it on the host, under the branch's
 /// lock. Exit status 2: fetched, but the host branch was left alone.
-pub(super) async fn fetch_branch(
-    ctx: &Context,
-    host: &HostRepo,
-    vm: &Vm,
-    branch: &str,
-) -> Result<ExitCode> {
+pub(super) async fn fetch_branch(ctx: &Context, host: &HostRepo, vm: &Vm, branch: &str) -> Result<ExitCode> {
     let _lock = host.lock_branch(branch, &ctx.ui)?;
     let ws = Workspace::new(host, branch);
     // Counting uncommitted changes walks the VM's tree: do it while the
@@ -43,43 +38,30 @@ pub(super) async fn fetch_branch(
     let progress = Progress::new(&ctx.ui);
     let (probe, fetched) = tokio::join!(vm.probe(&ws), vm.fetch(host, &ws, &progress));
     match probe? {
-        Probe::Absent => bail!(
-            "there is no workspace for {branch:?} in the VM; `agent-vm push {branch}` creates one"
-        ),
+        Probe::Absent => bail!("there is no workspace for {branch:?} in the VM; `agent-vm push {branch}` creates one"),
         Probe::Present { tip: None, .. } => {
-            bail!(
-                "the workspace ~/{} has no branch {branch:?} (did the agent delete or rename it?)",
-                ws.dir
-            )
+            bail!("the workspace ~/{} has no branch {branch:?} (did the agent delete or rename it?)", ws.dir)
         }
-        Probe::Present { changes, .. } if changes > 0 => ctx.ui.say(&format!(
-            "warning: ~/{} has {changes} uncommitted change(s); only commits are fetched.",
-            ws.dir
-        )),
+        Probe::Present { changes, .. } if changes > 0 => {
+            ctx.ui.say(&format!("warning: ~/{} has {changes} uncommitted change(s); only commits are fetched.", ws.dir))
+        }
         Probe::Present { .. } => {}
     }
     let new = fetched?;
     let short = |o: git2::Oid| format!("{:.10}", o.to_string());
     match workspace::integrate(host, branch, new)? {
-        Integrated::UpToDate => ctx
-            .ui
-            .say(&format!("{branch:?} is up to date ({}).", short(new))),
+        Integrated::UpToDate => ctx.ui.say(&format!("{branch:?} is up to date ({}).", short(new))),
         Integrated::FastForwardedCheckout { from, to } => ctx.ui.say(&format!(
             "Fast-forwarded {branch:?} {}..{} (checked out: files updated).",
             short(from),
             short(to)
         )),
-        Integrated::FastForwardedRef {
-            from: Some(from),
-            to,
-        } => ctx.ui.say(&format!(
-            "Fast-forwarded {branch:?} {}..{}.",
-            short(from),
-            short(to)
-        )),
-        Integrated::FastForwardedRef { from: None, to } => ctx
-            .ui
-            .say(&format!("Created {branch:?} at {} from the VM.", short(to))),
+        Integrated::FastForwardedRef { from: Some(from), to } => {
+            ctx.ui.say(&format!("Fast-forwarded {branch:?} {}..{}.", short(from), short(to)))
+        }
+        Integrated::FastForwardedRef { from: None, to } => {
+            ctx.ui.say(&format!("Created {branch:?} at {} from the VM.", short(to)))
+        }
         Integrated::LeftAlone(why) => {
             eprintln!("warning: fetched into agent-vm/{branch}, but {why}");
             return Ok(ExitCode::from(2));

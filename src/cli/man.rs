@@ -20,12 +20,10 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let cmd = Cli::command();
     match args.dir {
         Some(dir) => {
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
             clap_mangen::generate_to(cmd, &dir)
                 .with_context(|| format!("cannot write pages into {}", dir.display()))?;
-            ctx.ui
-                .say(&format!("Wrote the manual pages into {}.", dir.display()));
+            ctx.ui.say(&format!("Wrote the manual pages into {}.", dir.display()));
         }
         None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
     }

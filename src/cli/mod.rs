@@ -50,13 +50,7 @@ pub struct Cli {
 #[derive(Debug, clap::Args)]
 struct Global {
     /// Name of the VM (Lima instance) to use
-    #[arg(
-        long,
-        global = true,
-        env = "AGENT_VM_INSTANCE",
-        default_value = "agent-vm",
-        value_name = "NAME"
-    )]
+    #[arg(long, global = true, env = "AGENT_VM_INSTANCE", default_value = "agent-vm", value_name = "NAME")]
     instance: String,
     /// More detail on stderr (-v: debug logs, -vv: trace)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -104,16 +98,8 @@ impl Context {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.global);
-    let ctx = Context {
-        instance: cli.global.instance.clone(),
-        ui: Ui {
-            quiet: cli.global.quiet,
-        },
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let ctx = Context { instance: cli.global.instance.clone(), ui: Ui { quiet: cli.global.quiet } };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -161,11 +147,7 @@ fn init_logging(global: &Global) {
         _ => "agent_vm=trace,russh=debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .without_time()
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().init();
 }
 
 /// Unmounts the instance's workspace mount if it is ours (lazily when
@@ -175,10 +157,7 @@ fn unmount(backend: &dyn Backend, lazy: bool) -> Result<bool> {
 }
 
 fn mount_of(backend: &dyn Backend) -> Result<crate::mount::Mount> {
-    Ok(crate::mount::Mount::new(
-        crate::mount::mount_point(backend.instance())?,
-        &backend.ssh_alias(),
-    ))
+    Ok(crate::mount::Mount::new(crate::mount::mount_point(backend.instance())?, &backend.ssh_alias()))
 }
 
 /// What every branch command works with, set up the same way: a valid
@@ -197,25 +176,15 @@ async fn branch_op(ctx: &Context, branch: &str, start: bool) -> Result<BranchOp>
     let lock = host.lock_branch(branch, &ctx.ui)?;
     let (_backend, session) = session(ctx, start).await?;
     let ws = crate::workspace::Workspace::new(&host, branch);
-    Ok(BranchOp {
-        vm: crate::workspace::Vm::new(session)?,
-        host,
-        ws,
-        _lock: lock,
-    })
+    Ok(BranchOp { vm: crate::workspace::Vm::new(session)?, host, ws, _lock: lock })
 }
 
 /// The VM backend and an SSH session to the running VM. With `start`, the
 /// VM is created or booted as needed; without, a stopped VM is an error.
 async fn session(ctx: &Context, start: bool) -> Result<(Box<dyn Backend>, crate::ssh::Session)> {
-    session_with(
-        ctx,
-        start,
-        &crate::vm::Resources::default(),
-        &crate::provision::Options::from_env(),
-    )
-    .await
-    .map(|(b, s, _)| (b, s))
+    session_with(ctx, start, &crate::vm::Resources::default(), &crate::provision::Options::from_env())
+        .await
+        .map(|(b, s, _)| (b, s))
 }
 
 /// How long the first, optimistic connection attempt may take.

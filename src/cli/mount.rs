@@ -18,13 +18,9 @@ pub async fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
     let (backend, session) = super::session(ctx, false).await?;
     let m = super::mount_of(backend.as_ref())?;
     if m.ensure(&session, &ctx.ui).await? {
-        ctx.ui.say(&format!(
-            "Mounted the VM's ~/workspace on {}.",
-            m.point.display()
-        ));
+        ctx.ui.say(&format!("Mounted the VM's ~/workspace on {}.", m.point.display()));
     } else {
-        ctx.ui
-            .say(&format!("Already mounted on {}.", m.point.display()));
+        ctx.ui.say(&format!("Already mounted on {}.", m.point.display()));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -30,16 +30,13 @@ pub struct HostAccessArg {
 
 impl HostAccessArg {
     pub fn options(&self) -> crate::provision::Options {
-        crate::provision::Options {
-            host_access: self.allow_host_access,
-        }
+        crate::provision::Options { host_access: self.allow_host_access }
     }
 }
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let options = args.host.options();
-    let (_backend, session, started) =
-        super::session_with(ctx, true, &Default::default(), &options).await?;
+    let (_backend, session, started) = super::session_with(ctx, true, &Default::default(), &options).await?;
     // A VM created just now was provisioned on the way.
     if started != crate::vm::Started::Created {
         crate::provision::run(&session, &ctx.ui, &options).await?;

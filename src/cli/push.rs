@@ -36,11 +36,7 @@ pub struct ObjectsArg {
 
 impl ObjectsArg {
     pub fn objects(&self) -> Objects {
-        if self.ship_all_objects {
-            Objects::All
-        } else {
-            Objects::Branch
-        }
+        if self.ship_all_objects { Objects::All } else { Objects::Branch }
     }
 }
 
@@ -78,23 +74,12 @@ pub(super) async fn push_branch(
     let ws = Workspace::new(host, branch);
     let (tip, created) = host.ensure_branch(branch)?;
     if created {
-        ctx.ui.say(&format!(
-            "Created branch {branch:?} on the host from HEAD ({:.10}).",
-            tip.to_string()
-        ));
+        ctx.ui.say(&format!("Created branch {branch:?} on the host from HEAD ({:.10}).", tip.to_string()));
     }
     let outcome = vm.push(host, &ws, objects, &Progress::new(&ctx.ui)).await?;
     ctx.ui.say(&match outcome {
-        Pushed::Created => format!(
-            "Created workspace ~/{} for {branch:?} at {:.10}.",
-            ws.dir,
-            tip.to_string()
-        ),
-        Pushed::Updated => format!(
-            "Pushed {branch:?} ({:.10}) to ~/{}.",
-            tip.to_string(),
-            ws.dir
-        ),
+        Pushed::Created => format!("Created workspace ~/{} for {branch:?} at {:.10}.", ws.dir, tip.to_string()),
+        Pushed::Updated => format!("Pushed {branch:?} ({:.10}) to ~/{}.", tip.to_string(), ws.dir),
         Pushed::UpToDate => format!("~/{} is up to date with {branch:?}.", ws.dir),
     });
     Ok((ws, tip))

@@ -18,11 +18,9 @@ use crate::workspace::{HostRepo, Vm, printable};
 /// passed as given (no shell parsing). Exit status: 0 when every command
 /// succeeded, 1 otherwise, 130 when interrupted.
 #[derive(Debug, clap::Args)]
-#[command(
-    after_help = "Examples:\n  agent-vm run fix-a fix-b fix-c -- claude -p 'fix the failing test'\n  \
+#[command(after_help = "Examples:\n  agent-vm run fix-a fix-b fix-c -- claude -p 'fix the failing test'\n  \
 agent-vm run --logs --fetch a b -- make test     # logs in outputs/<YYYYMMDD-HHMMSS>/<branch>.log\n  \
-agent-vm run -j 2 a b c d -- bash -c 'make && make check'"
-)]
+agent-vm run -j 2 a b c d -- bash -c 'make && make check'")]
 pub struct Args {
     /// Commands running at once (default: the VM's vCPUs)
     #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -38,12 +36,7 @@ pub struct Args {
     /// Branches (their names on the host), then `--` and the command to
     /// run in each workspace. Options go before the first branch, so a
     /// branch may start with `-`.
-    #[arg(
-        required = true,
-        value_name = "BRANCH... -- COMMAND",
-        trailing_var_arg = true,
-        allow_hyphen_values = true
-    )]
+    #[arg(required = true, value_name = "BRANCH... -- COMMAND", trailing_var_arg = true, allow_hyphen_values = true)]
     words: Vec<String>,
 }
 
@@ -74,11 +67,9 @@ impl Args {
             "-q",
             "--quiet",
         ];
-        if let Some(o) = branches.iter().skip(1).find(|b| {
-            OPTIONS
-                .iter()
-                .any(|o| b == o || b.starts_with(&format!("{o}=")))
-        }) {
+        if let Some(o) =
+            branches.iter().skip(1).find(|b| OPTIONS.iter().any(|o| b == o || b.starts_with(&format!("{o}="))))
+        {
             bail!(
                 "{o:?} after a branch: put options before the branches (`agent-vm run [OPTIONS] BRANCH... -- COMMAND`)"
             );
@@ -103,13 +94,8 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let vm = Vm::new(session)?;
     let mut jobs = Vec::new();
     for branch in branches {
-        let (ws, tip) =
-            super::push::push_branch(ctx, &host, &vm, branch, args.objects.objects()).await?;
-        jobs.push(Job {
-            branch: branch.clone(),
-            dir: ws.dir,
-            base: tip.to_string(),
-        });
+        let (ws, tip) = super::push::push_branch(ctx, &host, &vm, branch, args.objects.objects()).await?;
+        jobs.push(Job { branch: branch.clone(), dir: ws.dir, base: tip.to_string() });
     }
     let parallel = match args.jobs {
         Some(n) => n as usize,
@@ -126,10 +112,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         }
         None => Output::Prefixed,
     };
-    ctx.ui.say(&format!(
-        "Running in {} workspace(s), {parallel} at a time…",
-        jobs.len()
-    ));
+    ctx.ui.say(&format!("Running in {} workspace(s), {parallel} at a time…", jobs.len()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ui = ctx.ui;
     let stopper = tokio::spawn(async move {
@@ -139,12 +122,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         // Stay alive so receivers keep waiting for the stop they saw.
         std::future::pending::<()>().await;
     });
-    let outcomes =
-        crate::run::run_all(&endpoint, jobs, command, &env, parallel, &output, stop_rx).await;
+    let outcomes = crate::run::run_all(&endpoint, jobs, command, &env, parallel, &output, stop_rx).await;
     stopper.abort();
-    let interrupted = outcomes
-        .iter()
-        .any(|o| matches!(o.status, Status::Interrupted | Status::NotRun));
+    let interrupted = outcomes.iter().any(|o| matches!(o.status, Status::Interrupted | Status::NotRun));
     print_table(&outcomes);
     let mut code = if interrupted {
         ExitCode::from(130)
@@ -170,10 +150,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
 
 async fn interrupted() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -199,30 +176,14 @@ fn print_table(outcomes: &[crate::run::Outcome]) {
                 Status::Failed(e) => format!("error: {}", printable(e)),
             };
             let commits = o.commits.map_or("-".to_owned(), |c| c.to_string());
-            [
-                printable(&o.job.branch),
-                status,
-                format!("{:.1}s", o.duration.as_secs_f64()),
-                commits,
-            ]
+            [printable(&o.job.branch), status, format!("{:.1}s", o.duration.as_secs_f64()), commits]
         })
         .collect();
     let header = ["BRANCH", "STATUS", "DURATION", "COMMITS"].map(String::from);
-    let widths: Vec<usize> = (0..4)
-        .map(|i| {
-            rows.iter()
-                .chain([&header])
-                .map(|r| r[i].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
+    let widths: Vec<usize> =
+        (0..4).map(|i| rows.iter().chain([&header]).map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     for row in [&header].into_iter().chain(rows.iter()) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", cells.join("  ").trim_end());
     }
 }

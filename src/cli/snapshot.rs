@@ -14,10 +14,8 @@ use crate::vm::{self, State};
 /// running. Applying a snapshot discards everything done in the VM since,
 /// including commits that were not fetched.
 #[derive(Debug, clap::Args)]
-#[command(
-    after_help = "Examples:\n  agent-vm snapshot create clean-setup\n  agent-vm snapshot list\n  \
-agent-vm snapshot apply clean-setup   # back to that state\n  agent-vm snapshot delete clean-setup"
-)]
+#[command(after_help = "Examples:\n  agent-vm snapshot create clean-setup\n  agent-vm snapshot list\n  \
+agent-vm snapshot apply clean-setup   # back to that state\n  agent-vm snapshot delete clean-setup")]
 pub struct Args {
     #[command(subcommand)]
     op: Op,
@@ -61,9 +59,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         Op::Create { name } => {
             check_name(name)?;
             if snapshots.list()?.contains(name) {
-                bail!(
-                    "a snapshot named {name:?} exists already; delete it first or pick another name"
-                );
+                bail!("a snapshot named {name:?} exists already; delete it first or pick another name");
             }
         }
         Op::Apply { name, yes } => {
@@ -83,25 +79,19 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     if was_running {
         // The mount would go stale with the VM: detach it now.
         super::unmount(backend.as_ref(), true)?;
-        ctx.ui.say(&format!(
-            "Stopping VM '{}' for the snapshot…",
-            backend.instance()
-        ));
+        ctx.ui.say(&format!("Stopping VM '{}' for the snapshot…", backend.instance()));
         backend.stop()?;
     }
     let result = match &args.op {
-        Op::Create { name } => snapshots
-            .create(name)
-            .map(|_| format!("Saved snapshot {name:?}.")),
-        Op::Apply { name, .. } => snapshots
-            .apply(name)
-            .map(|_| format!("VM '{}' is back to snapshot {name:?}.", backend.instance())),
+        Op::Create { name } => snapshots.create(name).map(|_| format!("Saved snapshot {name:?}.")),
+        Op::Apply { name, .. } => {
+            snapshots.apply(name).map(|_| format!("VM '{}' is back to snapshot {name:?}.", backend.instance()))
+        }
         _ => unreachable!("handled above"),
     };
     // Start the VM again even when the snapshot failed: leave it as found.
     if was_running {
-        ctx.ui
-            .say(&format!("Starting VM '{}' again…", backend.instance()));
+        ctx.ui.say(&format!("Starting VM '{}' again…", backend.instance()));
         backend.start()?;
         // A new boot, a new SSH port: keep an installed ssh-config entry current.
         super::ssh_config::refresh(backend.instance(), &backend.ssh_endpoint()?)?;
@@ -121,9 +111,7 @@ fn require(exists: bool, name: &str) -> Result<()> {
 fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && !name.starts_with(['-', '.']);
     if !ok {
         bail!("invalid snapshot name {name:?}: use up to 64 letters, digits, '-', '_' and '.'");

@@ -14,10 +14,8 @@ use crate::ssh::{Endpoint, HostKeyPolicy};
 /// it starts the VM, since the SSH port changes) and adds one `Include`
 /// line for such files at the top of ~/.ssh/config, once.
 #[derive(Debug, clap::Args)]
-#[command(
-    after_help = "Examples:\n  agent-vm ssh-config --install && ssh agent-vm\n  \
-code --remote ssh-remote+agent-vm /home/$USER.linux/workspace"
-)]
+#[command(after_help = "Examples:\n  agent-vm ssh-config --install && ssh agent-vm\n  \
+code --remote ssh-remote+agent-vm /home/$USER.linux/workspace")]
 pub struct Args {
     /// Write the entry to agent-vm's ssh directory and include it from ~/.ssh/config
     #[arg(long)]
@@ -35,22 +33,11 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let file = write_entry(backend.instance(), &endpoint)?;
     let config = crate::home_dir()?.join(".ssh/config");
     if add_include(&config, &include_line()?)? {
-        ctx.ui.say(&format!(
-            "Added `{}` to {}.",
-            include_line()?,
-            config.display()
-        ));
+        ctx.ui.say(&format!("Added `{}` to {}.", include_line()?, config.display()));
     } else {
-        ctx.ui.say(&format!(
-            "{} already includes agent-vm's entries.",
-            config.display()
-        ));
+        ctx.ui.say(&format!("{} already includes agent-vm's entries.", config.display()));
     }
-    ctx.ui.say(&format!(
-        "Wrote {}: `ssh {}` opens the VM.",
-        file.display(),
-        backend.instance()
-    ));
+    ctx.ui.say(&format!("Wrote {}: `ssh {}` opens the VM.", file.display(), backend.instance()));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -93,12 +80,10 @@ fn entry(instance: &str, ep: &Endpoint) -> Result<String> {
         out.push_str(&format!("  IdentityFile {}\n", value(key)?));
     }
     match &ep.host_key {
-        HostKeyPolicy::AcceptAny => out.push_str(
-            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
-        ),
-        HostKeyPolicy::KnownHosts(file) => {
-            out.push_str(&format!("  UserKnownHostsFile {}\n", value(file)?))
+        HostKeyPolicy::AcceptAny => {
+            out.push_str("  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
         }
+        HostKeyPolicy::KnownHosts(file) => out.push_str(&format!("  UserKnownHostsFile {}\n", value(file)?)),
     }
     Ok(out)
 }
@@ -106,17 +91,11 @@ fn entry(instance: &str, ep: &Endpoint) -> Result<String> {
 /// One ssh_config value: double-quoted when it has spaces. ssh_config has
 /// no escape for `"`, so such values are refused.
 fn value(v: &Path) -> Result<String> {
-    let v = v
-        .to_str()
-        .with_context(|| format!("{} is not UTF-8", v.display()))?;
+    let v = v.to_str().with_context(|| format!("{} is not UTF-8", v.display()))?;
     if v.contains(['"', '\n', '\r']) || v.is_empty() {
         bail!("{v:?} cannot be written into an ssh config file");
     }
-    Ok(if v.contains([' ', '\t']) {
-        format!("\"{v}\"")
-    } else {
-        v.to_owned()
-    })
+    Ok(if v.contains([' ', '\t']) { format!("\"{v}\"") } else { v.to_owned() })
 }
 
 /// Puts `line` first in the ssh config (an `Include` after a `Host` line
@@ -129,11 +108,7 @@ fn add_include(config: &Path, line: &str) -> Result<bool> {
         std::fs::set_permissions(ssh_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     }
     let (text, mode) = match std::fs::read_to_string(config) {
-        Ok(t) => (
-            t,
-            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(config)?.permissions())
-                & 0o7777,
-        ),
+        Ok(t) => (t, std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(config)?.permissions()) & 0o7777),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => (String::new(), 0o600),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", config.display())),
     };
@@ -152,11 +127,9 @@ fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().expect("a file in a directory");
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     tmp.write_all(data)?;
-    tmp.as_file()
-        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    tmp.as_file().set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
     tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
@@ -169,14 +142,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join(".ssh/config");
         assert!(add_include(&config, "Include /x/*.conf").unwrap());
-        std::fs::write(
-            &config,
-            format!(
-                "{}Host a\n  Port 1\n",
-                std::fs::read_to_string(&config).unwrap()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&config, format!("{}Host a\n  Port 1\n", std::fs::read_to_string(&config).unwrap())).unwrap();
         assert!(!add_include(&config, "Include /x/*.conf").unwrap());
         let text = std::fs::read_to_string(&config).unwrap();
         assert_eq!(text.matches("Include /x/*.conf").count(), 1);

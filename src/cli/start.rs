@@ -33,8 +33,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         disk_gib: args.disk.unwrap_or(defaults.disk_gib),
     };
     let asked = args.memory.is_some() || args.vcpu.is_some() || args.disk.is_some();
-    let (backend, session, started) =
-        super::session_with(ctx, true, &resources, &args.host.options()).await?;
+    let (backend, session, started) = super::session_with(ctx, true, &resources, &args.host.options()).await?;
     if asked && started != Started::Created {
         ctx.ui.say(
             "note: --memory, --vcpu and --disk apply when the VM is created; this VM already exists and \

@@ -74,21 +74,12 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         let vm = Vm::new(session)?;
         let host = HostRepo::discover().ok();
         for listed in vm.list().await? {
-            let this_repo = host
-                .as_ref()
-                .is_some_and(|h| Workspace::new(h, &listed.branch).dir == listed.dir);
+            let this_repo = host.as_ref().is_some_and(|h| Workspace::new(h, &listed.branch).dir == listed.dir);
             let (ahead, behind) = match (&host, listed.tip) {
-                (Some(h), Some(tip)) if this_repo => {
-                    workspace::ahead_behind(h, &listed.branch, tip).unzip()
-                }
+                (Some(h), Some(tip)) if this_repo => workspace::ahead_behind(h, &listed.branch, tip).unzip(),
                 _ => (None, None),
             };
-            workspaces.push(WorkspaceStatus {
-                listed,
-                this_repo,
-                ahead,
-                behind,
-            });
+            workspaces.push(WorkspaceStatus { listed, this_repo, ahead, behind });
         }
         Some(Ssh {
             host: ep.host,
@@ -132,10 +123,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         gib(status.disk_bytes)
     );
     match &status.ssh {
-        Some(s) => println!(
-            "SSH:       {}@{}:{} (ssh -F {} {})",
-            s.user, s.host, s.port, s.config_file, s.host_alias
-        ),
+        Some(s) => println!("SSH:       {}@{}:{} (ssh -F {} {})", s.user, s.host, s.port, s.config_file, s.host_alias),
         None => println!("SSH:       - (start the VM with `agent-vm start`)"),
     }
     println!("Mount:     {} ({})", status.mount.path, status.mount.state);
@@ -150,14 +138,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         );
     }
     if running {
-        println!(
-            "Workspaces:{}",
-            if status.workspaces.is_empty() {
-                " none"
-            } else {
-                ""
-            }
-        );
+        println!("Workspaces:{}", if status.workspaces.is_empty() { " none" } else { "" });
     }
     for w in &status.workspaces {
         let sync = match (w.ahead, w.behind) {
@@ -166,18 +147,12 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             _ if w.this_repo => "has commits the host lacks".to_owned(),
             _ => format!("repo {}", printable(&w.listed.host_repo)),
         };
-        let dirty = if w.listed.changes > 0 {
-            format!(", {} uncommitted", w.listed.changes)
-        } else {
-            String::new()
-        };
+        let dirty = if w.listed.changes > 0 { format!(", {} uncommitted", w.listed.changes) } else { String::new() };
         println!(
             "  ~/{}  {}  {}  {sync}{dirty}",
             printable(&w.listed.dir),
             printable(&w.listed.branch),
-            w.listed
-                .tip
-                .map_or("-".to_owned(), |t| format!("{:.10}", t.to_string())),
+            w.listed.tip.map_or("-".to_owned(), |t| format!("{:.10}", t.to_string())),
         );
     }
     Ok(ExitCode::SUCCESS)

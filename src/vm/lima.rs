@@ -53,12 +53,7 @@ impl Lima {
                 )
             })?,
         };
-        Ok(Lima {
-            limactl,
-            home: lima_home()?,
-            instance: instance.to_owned(),
-            verbose,
-        })
+        Ok(Lima { limactl, home: lima_home()?, instance: instance.to_owned(), verbose })
     }
 
     fn dir(&self) -> PathBuf {
@@ -103,11 +98,7 @@ impl Lima {
         let _ = out_thread.join();
         if !status.success() {
             let said: Vec<String> = tail.iter().map(|l| lima_message(l)).collect();
-            bail!(
-                "{what} failed: limactl {} exited with {status}:\n  {}",
-                args.join(" "),
-                said.join("\n  ")
-            );
+            bail!("{what} failed: limactl {} exited with {status}:\n  {}", args.join(" "), said.join("\n  "));
         }
         Ok(())
     }
@@ -118,10 +109,7 @@ fn lima_message(line: &str) -> String {
     match line.find("msg=") {
         Some(i) => {
             let rest = &line[i + 4..];
-            let msg = rest
-                .strip_prefix('"')
-                .and_then(|r| r.rfind('"').map(|end| &r[..end]))
-                .unwrap_or(rest);
+            let msg = rest.strip_prefix('"').and_then(|r| r.rfind('"').map(|end| &r[..end])).unwrap_or(rest);
             msg.replace("\\\"", "\"")
         }
         None => line.to_owned(),
@@ -142,19 +130,11 @@ impl Backend for Lima {
             .output()
             .with_context(|| format!("cannot run {}", self.limactl.display()))?;
         if !out.status.success() {
-            bail!(
-                "`limactl list --json` failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("`limactl list --json` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
         }
-        for line in String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-        {
-            let entry: ListEntry = serde_json::from_str(line).with_context(|| {
-                format!("unexpected output from `limactl list --json`: {line:.200}")
-            })?;
+        for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()) {
+            let entry: ListEntry = serde_json::from_str(line)
+                .with_context(|| format!("unexpected output from `limactl list --json`: {line:.200}"))?;
             if entry.name != self.instance {
                 continue;
             }
@@ -165,9 +145,7 @@ impl Backend for Lima {
             };
             return Ok(Some(Instance {
                 name: entry.name,
-                ssh_port: entry
-                    .ssh_local_port
-                    .filter(|p| *p != 0 && state == State::Running),
+                ssh_port: entry.ssh_local_port.filter(|p| *p != 0 && state == State::Running),
                 state,
                 cpus: entry.cpus,
                 memory_bytes: entry.memory,
@@ -197,37 +175,23 @@ impl Backend for Lima {
     }
 
     fn start(&self) -> Result<()> {
-        let args = vec![
-            "start".to_owned(),
-            "--timeout=30m".to_owned(),
-            self.instance.clone(),
-        ];
+        let args = vec!["start".to_owned(), "--timeout=30m".to_owned(), self.instance.clone()];
         self.run(&args, &format!("starting VM '{}'", self.instance))
     }
 
     fn stop(&self) -> Result<()> {
-        self.run(
-            &["stop".to_owned(), self.instance.clone()],
-            &format!("stopping VM '{}'", self.instance),
-        )
+        self.run(&["stop".to_owned(), self.instance.clone()], &format!("stopping VM '{}'", self.instance))
     }
 
     fn delete(&self) -> Result<()> {
-        let args = vec![
-            "delete".to_owned(),
-            "--force".to_owned(),
-            self.instance.clone(),
-        ];
+        let args = vec!["delete".to_owned(), "--force".to_owned(), self.instance.clone()];
         self.run(&args, &format!("deleting VM '{}'", self.instance))
     }
 
     fn ssh_endpoint(&self) -> Result<Endpoint> {
         let path = self.dir().join("ssh.config");
         if !path.exists() {
-            bail!(
-                "{} does not exist: the VM has not been started. Run `agent-vm start`",
-                path.display()
-            );
+            bail!("{} does not exist: the VM has not been started. Run `agent-vm start`", path.display());
         }
         Endpoint::from_config_file(&path, &self.ssh_alias(), crate::ssh::Defaults::None)
     }
@@ -269,10 +233,7 @@ impl Snapshots for Lima {
             .output()
             .with_context(|| format!("cannot run {}", self.limactl.display()))?;
         if !out.status.success() {
-            let said: Vec<String> = String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .map(lima_message)
-                .collect();
+            let said: Vec<String> = String::from_utf8_lossy(&out.stderr).lines().map(lima_message).collect();
             // Lima fails to list an image that has no snapshot table yet.
             if said.iter().any(|l| l.contains("no snapshot")) {
                 return Ok(Vec::new());
@@ -338,10 +299,7 @@ pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|dir| dir.join(name))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 #[cfg(test)]
@@ -373,8 +331,7 @@ mod tests {
 
     #[test]
     fn list_entry_tolerates_missing_fields() {
-        let e: ListEntry =
-            serde_json::from_str(r#"{"name":"x","status":"Stopped","unknown":1}"#).unwrap();
+        let e: ListEntry = serde_json::from_str(r#"{"name":"x","status":"Stopped","unknown":1}"#).unwrap();
         assert_eq!(e.name, "x");
         assert!(e.ssh_local_port.is_none());
     }

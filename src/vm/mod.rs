@@ -16,9 +16,7 @@ use crate::config::{Config, InstanceConfig};
 pub fn backend(instance: &str, verbose: bool) -> Result<Box<dyn Backend>> {
     Ok(match Config::load()?.instance(instance) {
         InstanceConfig::Lima => Box::new(Lima::new(instance, verbose)?),
-        InstanceConfig::Ssh { host, ssh_config } => {
-            Box::new(SshHost::new(instance, &host, ssh_config)?)
-        }
+        InstanceConfig::Ssh { host, ssh_config } => Box::new(SshHost::new(instance, &host, ssh_config)?),
     })
 }
 
@@ -38,11 +36,7 @@ pub struct Resources {
 
 impl Default for Resources {
     fn default() -> Self {
-        Resources {
-            cpus: 4,
-            memory_gib: 8,
-            disk_gib: 100,
-        }
+        Resources { cpus: 4, memory_gib: 8, disk_gib: 100 }
     }
 }
 
@@ -119,11 +113,7 @@ pub enum Started {
 
 /// Creates the VM from the embedded template if it does not exist, boots it
 /// if it is stopped, and leaves it alone if it runs.
-pub fn ensure_running(
-    backend: &dyn Backend,
-    resources: &Resources,
-    ui: &crate::Ui,
-) -> Result<Started> {
+pub fn ensure_running(backend: &dyn Backend, resources: &Resources, ui: &crate::Ui) -> Result<Started> {
     match backend.inspect()? {
         None => {
             ui.say(&format!(
@@ -141,10 +131,7 @@ pub fn ensure_running(
         Some(i) if i.state == State::Running => Ok(Started::AlreadyRunning),
         Some(i) => {
             if let State::Other(s) = &i.state {
-                ui.say(&format!(
-                    "VM '{}' is {s}; trying to start it.",
-                    backend.instance()
-                ));
+                ui.say(&format!("VM '{}' is {s}; trying to start it.", backend.instance()));
             } else {
                 ui.say(&format!("Starting VM '{}'…", backend.instance()));
             }
@@ -168,11 +155,7 @@ pub fn existing(backend: &dyn Backend) -> Result<Instance> {
 pub fn running(backend: &dyn Backend) -> Result<Instance> {
     let i = existing(backend)?;
     if i.state != State::Running {
-        anyhow::bail!(
-            "VM '{}' is not running (it is {}). Start it with `agent-vm start`",
-            i.name,
-            i.state
-        );
+        anyhow::bail!("VM '{}' is not running (it is {}). Start it with `agent-vm start`", i.name, i.state);
     }
     Ok(i)
 }
@@ -182,13 +165,8 @@ pub fn running(backend: &dyn Backend) -> Result<Instance> {
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 76
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !ok {
         anyhow::bail!(
             "invalid instance name {name:?}: use letters, digits, '-', '_' and '.', starting with a letter or digit"

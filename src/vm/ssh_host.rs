@@ -24,11 +24,7 @@ impl SshHost {
             Some(f) => f,
             None => crate::home_dir()?.join(".ssh/config"),
         };
-        Ok(SshHost {
-            instance: instance.to_owned(),
-            alias: alias.to_owned(),
-            config_file,
-        })
+        Ok(SshHost { instance: instance.to_owned(), alias: alias.to_owned(), config_file })
     }
 
     fn unmanaged(&self, what: &str) -> anyhow::Error {
@@ -37,9 +33,7 @@ impl SshHost {
              do that with the machine's own tools",
             self.instance,
             self.alias,
-            crate::config::path()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
+            crate::config::path().map(|p| p.display().to_string()).unwrap_or_default()
         )
     }
 }
@@ -55,19 +49,11 @@ impl Backend for SshHost {
         let ep = self.ssh_endpoint()?;
         let reachable = (ep.host.as_str(), ep.port)
             .to_socket_addrs()
-            .map(|mut addrs| {
-                addrs.any(|a| {
-                    std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)).is_ok()
-                })
-            })
+            .map(|mut addrs| addrs.any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)).is_ok()))
             .unwrap_or(false);
         Ok(Some(Instance {
             name: self.instance.clone(),
-            state: if reachable {
-                State::Running
-            } else {
-                State::Other("Unreachable".into())
-            },
+            state: if reachable { State::Running } else { State::Other("Unreachable".into()) },
             cpus: None,
             memory_bytes: None,
             disk_bytes: None,

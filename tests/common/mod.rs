@@ -28,18 +28,8 @@ pub fn image() -> &'static Path {
             .stderr(Stdio::inherit())
             .output()
             .expect("cannot run scripts/build-test-image");
-        assert!(
-            out.status.success(),
-            "scripts/build-test-image failed: the VM tests cannot run"
-        );
-        PathBuf::from(
-            String::from_utf8(out.stdout)
-                .unwrap()
-                .lines()
-                .last()
-                .unwrap()
-                .trim(),
-        )
+        assert!(out.status.success(), "scripts/build-test-image failed: the VM tests cannot run");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim())
     })
 }
 
@@ -62,26 +52,16 @@ impl World {
 
     /// A world with no guest image: for tests that must not boot anything.
     pub fn new(instance: &str) -> World {
-        let home = tempfile::Builder::new()
-            .prefix("agent-vm-test-")
-            .tempdir()
-            .unwrap();
+        let home = tempfile::Builder::new().prefix("agent-vm-test-").tempdir().unwrap();
         let lima_home = home.path().join(".lima");
         std::fs::create_dir_all(&lima_home).unwrap();
-        World {
-            home,
-            lima_home,
-            instance: instance.to_owned(),
-            image: None,
-        }
+        World { home, lima_home, instance: instance.to_owned(), image: None }
     }
 
     /// The path the user's commands see: the stand-in first.
     pub fn path_var(&self) -> std::ffi::OsString {
         let mut paths = vec![support_dir()];
-        paths.extend(std::env::split_paths(
-            &std::env::var_os("PATH").unwrap_or_default(),
-        ));
+        paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
         std::env::join_paths(paths).unwrap()
     }
 
@@ -147,10 +127,7 @@ impl World {
     pub fn lima_list(&self) -> Vec<serde_json::Value> {
         let r = self.limactl(&["list", "--json"]);
         r.ok();
-        r.stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 }
 
@@ -190,34 +167,15 @@ impl Run {
 
     #[track_caller]
     pub fn ok(&self) -> &Run {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "`{}` failed:\n{}\n{}",
-            self.what,
-            self.stdout,
-            self.stderr
-        );
+        assert_eq!(self.code, Some(0), "`{}` failed:\n{}\n{}", self.what, self.stdout, self.stderr);
         self
     }
 
     /// Asserts a failure whose stderr says `needle`.
     #[track_caller]
     pub fn fails_with(&self, needle: &str) -> &Run {
-        assert_ne!(
-            self.code,
-            Some(0),
-            "`{}` should fail:\n{}\n{}",
-            self.what,
-            self.stdout,
-            self.stderr
-        );
-        assert!(
-            self.stderr.contains(needle),
-            "`{}` stderr should say {needle:?}:\n{}",
-            self.what,
-            self.stderr
-        );
+        assert_ne!(self.code, Some(0), "`{}` should fail:\n{}\n{}", self.what, self.stdout, self.stderr);
+        assert!(self.stderr.contains(needle), "`{}` stderr should say {needle:?}:\n{}", self.what, self.stderr);
         self
     }
 
@@ -231,24 +189,13 @@ impl Run {
 #[track_caller]
 pub fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Host",
-            "-c",
-            "user.email=host@example.com",
-            "-c",
-            "init.defaultBranch=main",
-        ])
+        .args(["-c", "user.name=Host", "-c", "user.email=host@example.com", "-c", "init.defaultBranch=main"])
         .args(args)
         .current_dir(dir)
         .env_remove("GIT_DIR")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -264,10 +211,7 @@ pub fn host_cmdlines() -> String {
 
 /// The fields of `git for-each-ref`, one line a ref, for before/after checks.
 pub fn refs(dir: &Path) -> Vec<String> {
-    git(dir, &["for-each-ref", "--format=%(refname) %(objectname)"])
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    git(dir, &["for-each-ref", "--format=%(refname) %(objectname)"]).lines().map(str::to_owned).collect()
 }
 
 impl World {
@@ -304,12 +248,7 @@ impl World {
 
     /// Runs `script` in the guest with `args` as $1…, through system ssh.
     pub fn guest_args(&self, script: &str, args: &[&str]) -> Run {
-        let mut words = vec![
-            "sh".to_owned(),
-            "-c".to_owned(),
-            script.to_owned(),
-            "sh".to_owned(),
-        ];
+        let mut words = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned(), "sh".to_owned()];
         words.extend(args.iter().map(|a| a.to_string()));
         let line = shlex::try_join(words.iter().map(String::as_str)).unwrap();
         self.guest(&line)
