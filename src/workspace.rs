@@ -166,12 +166,12 @@ pub fn printable(text: &str) -> String {
 
 /// Shell text that clones cache $1 locally (hard links, no copy) into a new
 /// workspace $2 on branch $3 (host repo $4, for display), configured in the
-/// same step (each git process costs on a slow guest).
+/// same step (each process costs on a slow guest: none that is not needed).
 macro_rules! clone_workspace {
     () => {
         r#"tmp="$2.agent-vm-new"
-rm -rf -- "$tmp"
-mkdir -p -- "${2%/*}"
+[ ! -e "$tmp" ] || rm -rf -- "$tmp"
+[ -d "${2%/*}" ] || mkdir -p -- "${2%/*}"
 git clone -q --local --branch="$3" -c receive.denyCurrentBranch=updateInstead -c core.untrackedCache=true \
     -c "agent-vm.branch=$3" -c "agent-vm.hostRepo=$4" -- "$1" "$tmp"
 git -C "$tmp" remote remove origin
@@ -199,8 +199,7 @@ if [ ! -d "$1/objects" ]; then
   git --git-dir="$t" config gc.auto 0
   mv -T -- "$t" "$1" 2>/dev/null || rm -rf -- "$t"
 fi
-if git --git-dir="$1" cat-file -e "$5^{commit}" 2>/dev/null; then
-  git --git-dir="$1" update-ref "refs/heads/$3" "$5"
+if git --git-dir="$1" update-ref "refs/heads/$3" "$5" 2>/dev/null; then
 "#,
     clone_workspace!(),
     r#"echo created
@@ -233,12 +232,23 @@ done"#;
 const CREATE_WORKSPACE: &str =
     concat!("set -e\n", r#"git --git-dir="$1" update-ref "refs/heads/$3" "$5""#, "\n", clone_workspace!());
 
-/// $1 workspace, $2 branch: "absent", or "present", the branch tip (or
-/// "-") and the number of uncommitted changes, one per line.
-const PROBE: &str = r#"if [ ! -d "$1/.git" ]; then echo absent; exit 0; fi
+/// $1 workspace, $2 branch: "absent", or "present" then what `git status
+/// --porcelain=v2 --branch` says (its "# branch.*" headers, then one line
+/// per uncommitted change), then "# tip <commit or ->" when the branch is
+/// not the one checked out. One git process in the usual case: each costs
+/// on a slow guest.
+const PROBE: &str = r##"if [ ! -d "$1/.git" ]; then echo absent; exit 0; fi
 echo present
-git -C "$1" rev-parse --verify -q "refs/heads/$2^{commit}" || echo -
-git -C "$1" status --porcelain 2>/dev/null | wc -l"#;
+s=$(git -C "$1" status --porcelain=v2 --branch 2>/dev/null) || s=
+printf '%s\n' "$s"
+case "
+$s
+" in
+  *"
+# branch.head $2
+"*) ;;
+  *) echo "# tip $(git -C "$1" rev-parse --verify -q "refs/heads/$2^{commit}" || echo -)" ;;
+esac"##;
 
 /// $1 workspace: delete it.
 const REMOVE: &str = r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
@@ -339,16 +349,8 @@ impl Vm {
     /// counted.
     pub async fn probe(&self, ws: &Workspace) -> Result<Probe> {
         let out = self.script(PROBE, &[&ws.dir, &ws.branch], "inspecting the workspace").await?;
-        let mut lines = out.lines();
-        match lines.next() {
-            Some("absent") => Ok(Probe::Absent),
-            Some("present") => {
-                let tip = lines.next().filter(|t| *t != "-").map(parse_oid).transpose()?;
-                let changes = lines.next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
-                Ok(Probe::Present { tip, changes })
-            }
-            _ => bail!("unexpected answer from the VM while inspecting {}", ws.dir),
-        }
+        parse_probe(&out, &ws.branch)
+            .ok_or_else(|| anyhow!("unexpected answer from the VM while inspecting {}", ws.dir))
     }
 
     /// Pushes the host branch into its workspace, creating the workspace
@@ -596,6 +598,34 @@ async fn all_objects_tarball(objects_dir: PathBuf) -> Result<tempfile::NamedTemp
     .await?
 }
 
+/// Reads [`PROBE`]'s answer (untrusted: anything malformed is None).
+fn parse_probe(out: &str, branch: &str) -> Option<Probe> {
+    let mut lines = out.lines();
+    match lines.next()? {
+        "absent" => return Some(Probe::Absent),
+        "present" => {}
+        _ => return None,
+    }
+    let (mut head, mut head_oid, mut tip, mut changes) = (None, None, None, 0);
+    for line in lines {
+        if let Some(oid) = line.strip_prefix("# branch.oid ") {
+            head_oid = parse_oid(oid).ok();
+        } else if let Some(name) = line.strip_prefix("# branch.head ") {
+            head = Some(name);
+        } else if let Some(t) = line.strip_prefix("# tip ") {
+            tip = Some(if t == "-" { None } else { Some(parse_oid(t).ok()?) });
+        } else if !line.starts_with('#') && !line.is_empty() {
+            changes += 1;
+        }
+    }
+    let tip = match tip {
+        Some(t) => t,
+        None if head == Some(branch) => head_oid,
+        None => return None,
+    };
+    Some(Probe::Present { tip, changes })
+}
+
 fn ser_oid<S: serde::Serializer>(oid: &Option<Oid>, s: S) -> Result<S::Ok, S::Error> {
     match oid {
         Some(o) => s.serialize_str(&o.to_string()),
@@ -819,6 +849,47 @@ mod tests {
         assert!(parse_oid("0123456789abcdef0123456789abcdef01234567").is_ok());
         assert!(parse_oid("0123").is_err());
         assert!(parse_oid("zz23456789abcdef0123456789abcdef01234567").is_err());
+    }
+
+    /// The probe script run by sh with the host's git, as the VM runs it.
+    #[test]
+    fn probe_reports_tip_and_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ws = tmp.path().join("ws");
+        let git = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(&ws)
+                .args(["-c", "user.name=T", "-c", "user.email=t@e"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}");
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        };
+        let probe = |branch: &str| {
+            let line = shell::script(PROBE, &[ws.to_str().unwrap(), branch]).unwrap();
+            let out = std::process::Command::new("sh").arg("-c").arg(line).output().unwrap();
+            parse_probe(&String::from_utf8(out.stdout).unwrap(), branch)
+        };
+        assert_eq!(probe("feature"), Some(Probe::Absent));
+        std::fs::create_dir(&ws).unwrap();
+        git(&["init", "-q", "-b", "feature"]);
+        assert_eq!(probe("feature"), Some(Probe::Present { tip: None, changes: 0 }));
+        std::fs::write(ws.join("a"), "1").unwrap();
+        git(&["add", "a"]);
+        git(&["commit", "-q", "-m", "a"]);
+        let head = Oid::from_str(&git(&["rev-parse", "HEAD"])).unwrap();
+        git(&["branch", "feat"]);
+        std::fs::write(ws.join("a"), "2").unwrap();
+        std::fs::write(ws.join("new file"), "x").unwrap();
+        assert_eq!(probe("feature"), Some(Probe::Present { tip: Some(head), changes: 2 }));
+        // A branch that is not checked out (a prefix of the one that is).
+        assert_eq!(probe("feat"), Some(Probe::Present { tip: Some(head), changes: 2 }));
+        assert_eq!(probe("gone"), Some(Probe::Present { tip: None, changes: 2 }));
+        // Nonsense from the VM is refused, not guessed at.
+        assert_eq!(parse_probe("present\n# tip nonsense\n", "b"), None);
+        assert_eq!(parse_probe("maybe\n", "b"), None);
     }
 
     #[test]
