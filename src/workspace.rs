@@ -167,13 +167,34 @@ pub fn printable(text: &str) -> String {
 /// Shell text that clones cache $1 locally (hard links, no copy) into a new
 /// workspace $2 on branch $3 (host repo $4, for display), configured in the
 /// same step (each process costs on a slow guest: none that is not needed).
+///
+/// Workspaces get their hooks from agent-vm's template (made once): a
+/// `push-to-checkout` hook that does what git's updateInstead does (refuse
+/// when the work tree or index differs from HEAD, else move the tree to the
+/// pushed commit) in two git processes instead of four.
 macro_rules! clone_workspace {
     () => {
         r#"tmp="$2.agent-vm-new"
 [ ! -e "$tmp" ] || rm -rf -- "$tmp"
 [ -d "${2%/*}" ] || mkdir -p -- "${2%/*}"
-git clone -q --local --branch="$3" -c receive.denyCurrentBranch=updateInstead -c core.untrackedCache=true \
-    -c "agent-vm.branch=$3" -c "agent-vm.hostRepo=$4" -- "$1" "$tmp"
+tpl=.agent-vm/template
+if [ ! -x "$tpl/hooks/push-to-checkout" ]; then
+  mkdir -p "$tpl/hooks"
+  cat > "$tpl/hooks/push-to-checkout.new" <<'HOOK'
+#!/bin/sh
+# agent-vm: receive.denyCurrentBranch=updateInstead, with fewer processes.
+cd "$GIT_WORK_TREE" || exit 1
+if [ -n "$(git status --porcelain --untracked-files=no --ignore-submodules)" ]; then
+  echo "the workspace has uncommitted changes" >&2
+  exit 1
+fi
+exec git read-tree -u -m HEAD "$1"
+HOOK
+  chmod +x "$tpl/hooks/push-to-checkout.new"
+  mv -f "$tpl/hooks/push-to-checkout.new" "$tpl/hooks/push-to-checkout"
+fi
+git clone -q --local --template="$tpl" --branch="$3" -c receive.denyCurrentBranch=updateInstead \
+    -c core.untrackedCache=true -c "agent-vm.branch=$3" -c "agent-vm.hostRepo=$4" -- "$1" "$tmp"
 git -C "$tmp" remote remove origin
 mv -T -- "$tmp" "$2"
 "#
@@ -468,7 +489,13 @@ impl Vm {
         let stderr = self.remote.take_stderr();
         let (pushed, rejected) = result.map_err(|e| with_remote_stderr(e, &stderr))?;
         if let Some((name, why)) = rejected.first() {
-            bail!("the VM refused to update {}: {}", printable(name), printable(why));
+            let hint = if why.contains("changes") || why.contains("push-to-checkout") {
+                " (the agent has uncommitted changes in the workspace: have them committed or \
+                 discarded there, fetch, then push again; nothing was changed)"
+            } else {
+                ""
+            };
+            bail!("the VM refused to update {}: {}{hint}", printable(name), printable(why));
         }
         Ok(pushed)
     }
