@@ -575,14 +575,8 @@ async fn branch_pack_tarball(git_dir: PathBuf, tip: Oid, progress: &Progress) ->
         let written =
             crate::pack::write_branch_pack(&repo, tip, dir.path(), &|stage, n, total| bar.objects(stage, n, total))?;
         tracing::debug!(objects = written.objects, reused = written.reused, "branch pack written");
-        let file = tempfile::NamedTempFile::new()?;
-        let mut tar = tar::Builder::new(std::io::BufWriter::new(file.reopen()?));
-        for path in [&written.pack, &written.idx] {
-            let name = path.file_name().unwrap_or_default().to_string_lossy();
-            tar.append_path_with_name(path, format!("pack/{name}"))?;
-        }
-        tar.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        Ok(file)
+        let name = |path: &Path| format!("pack/{}", path.file_name().unwrap_or_default().to_string_lossy());
+        tar_of(vec![(name(&written.pack), written.pack.clone()), (name(&written.idx), written.idx.clone())])
     })
     .await?;
     progress.finish();
@@ -595,8 +589,7 @@ async fn branch_pack_tarball(git_dir: PathBuf, tip: Oid, progress: &Progress) ->
 /// ([`Objects::All`]).
 async fn all_objects_tarball(objects_dir: PathBuf) -> Result<tempfile::NamedTempFile> {
     tokio::task::spawn_blocking(move || -> Result<tempfile::NamedTempFile> {
-        let file = tempfile::NamedTempFile::new()?;
-        let mut tar = tar::Builder::new(std::io::BufWriter::new(file.reopen()?));
+        let mut files = Vec::new();
         for entry in std::fs::read_dir(&objects_dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -615,14 +608,24 @@ async fn all_objects_tarball(objects_dir: PathBuf) -> Result<tempfile::NamedTemp
                     fname.len() == 38 && fname.bytes().all(|b| b.is_ascii_hexdigit())
                 };
                 if wanted && f.file_type()?.is_file() {
-                    tar.append_path_with_name(f.path(), format!("{name}/{fname}"))?;
+                    files.push((format!("{name}/{fname}"), f.path()));
                 }
             }
         }
-        tar.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        Ok(file)
+        tar_of(files)
     })
     .await?
+}
+
+/// A tar, in a temporary file, of host files under the given names.
+fn tar_of(files: Vec<(String, PathBuf)>) -> Result<tempfile::NamedTempFile> {
+    let file = tempfile::NamedTempFile::new()?;
+    let mut tar = tar::Builder::new(std::io::BufWriter::new(file.reopen()?));
+    for (name, path) in files {
+        tar.append_path_with_name(path, name)?;
+    }
+    tar.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(file)
 }
 
 /// Reads [`PROBE`]'s answer (untrusted: anything malformed is None).
