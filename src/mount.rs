@@ -189,12 +189,13 @@ fn options(owned_by_me: bool) -> String {
         // it changes; names and attributes for sshfs's default 20 s; one
         // connection (several lose on a small guest); AES-GCM first.
         "auto_cache",
-        // (`\,`: a comma inside one option, for FUSE's option parser.)
-        r"Ciphers=aes128-gcm@openssh.com\,aes256-gcm@openssh.com\,chacha20-poly1305@openssh.com\,aes128-ctr\,aes256-ctr",
     ]
     .into_iter()
     .map(str::to_owned)
     .collect::<Vec<_>>();
+    // The SSH layer's cipher preference (`\,`: a comma inside one option,
+    // for FUSE's option parser).
+    o.push(format!("Ciphers={}", crate::ssh::CIPHERS.iter().map(|c| c.as_ref()).collect::<Vec<_>>().join(r"\,")));
     if owned_by_me {
         // Map the VM user to the host user: files look like the user's own.
         o.push("idmap=user".to_owned());
@@ -301,5 +302,10 @@ mod tests {
             assert!(o.split(',').any(|x| x == must), "{must} missing from {o}");
         }
         assert!(!options(true).contains("uid="));
+        // One FUSE option (escaped commas), OpenSSH's names, AES-GCM first.
+        assert!(
+            o.contains(r",Ciphers=aes128-gcm@openssh.com\,aes256-gcm@openssh.com\,chacha20-poly1305@openssh.com\,"),
+            "{o}"
+        );
     }
 }

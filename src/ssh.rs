@@ -193,8 +193,9 @@ pub struct Session {
 }
 
 /// AES-GCM first: fastest with AES instructions, and measured faster than
-/// ChaCha20 even in an emulated guest without them (`scripts/bench`).
-const CIPHERS: &[russh::cipher::Name] = &[
+/// ChaCha20 even in an emulated guest without them (`scripts/bench`). The
+/// sshfs mount offers the same list.
+pub(crate) const CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::AES_128_GCM,
     russh::cipher::AES_256_GCM,
     russh::cipher::CHACHA20_POLY1305,

@@ -122,11 +122,15 @@ impl SmartSubtransport for Subtransport {
                 .ok_or_else(|| net_error("the SSH session for this transfer is gone"))?;
             (reg.session.clone(), reg.stderr.clone())
         };
-        let program = match action {
-            Service::UploadPackLs | Service::UploadPack => "git-upload-pack",
-            Service::ReceivePackLs | Service::ReceivePack => "git-receive-pack",
+        let argv: &[&str] = match action {
+            Service::UploadPackLs | Service::UploadPack => &["git-upload-pack", path],
+            // No `git maintenance --auto` after each push: it costs a process
+            // per push, and the agent's own commits run it anyway.
+            Service::ReceivePackLs | Service::ReceivePack => {
+                &["git", "-c", "receive.autogc=false", "receive-pack", path]
+            }
         };
-        let command = shell::quote(&[program, path]).map_err(net_error)?;
+        let command = shell::quote(argv).map_err(net_error)?;
         let pipe = Arc::new(Mutex::new(Pipe::open(session, command, stderr)?));
         *current = Some(pipe.clone());
         Ok(Box::new(Stream(pipe)))

@@ -258,7 +258,9 @@ const CREATE_WORKSPACE: &str =
 /// per uncommitted change), then "# tip <commit or ->" when the branch is
 /// not the one checked out. One git process in the usual case: each costs
 /// on a slow guest.
-const PROBE: &str = r##"if [ ! -d "$1/.git" ]; then echo absent; exit 0; fi
+macro_rules! probe {
+    () => {
+        r##"if [ ! -d "$1/.git" ]; then echo absent; else
 echo present
 s=$(git -C "$1" status --porcelain=v2 --branch 2>/dev/null) || s=
 printf '%s\n' "$s"
@@ -269,20 +271,31 @@ $s
 # branch.head $2
 "*) ;;
   *) echo "# tip $(git -C "$1" rev-parse --verify -q "refs/heads/$2^{commit}" || echo -)" ;;
-esac"##;
+esac
+fi"##
+    };
+}
+const PROBE: &str = probe!();
 
 /// $1 workspace: delete it.
 const REMOVE: &str = r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
 
-/// Every workspace: path, branch, host repo, tip, changes; NUL-separated.
-const LIST: &str = r#"for d in workspace/*; do
+/// Every workspace: path, branch, host repo and what [`PROBE`] says of it,
+/// each field ending in NUL.
+const LIST: &str = concat!(
+    "probe() {\n",
+    probe!(),
+    r#"
+}
+for d in workspace/*; do
   [ -d "$d/.git" ] || continue
   b=$(git -C "$d" config agent-vm.branch) || continue
   r=$(git -C "$d" config agent-vm.hostRepo || true)
-  h=$(git -C "$d" rev-parse --verify -q "refs/heads/$b^{commit}" || echo -)
-  n=$(git -C "$d" status --porcelain 2>/dev/null | wc -l)
-  printf '%s\0%s\0%s\0%s\0%s\0' "$d" "$b" "$r" "$h" "$n"
-done"#;
+  printf '%s\0%s\0%s\0' "$d" "$b" "$r"
+  probe "$d" "$b"
+  printf '\0'
+done"#
+);
 
 /// What the VM says about one workspace (untrusted).
 #[derive(Debug, Clone, PartialEq)]
@@ -539,19 +552,23 @@ impl Vm {
     /// Every workspace in the VM, as the VM describes it.
     pub async fn list(&self) -> Result<Vec<Listed>> {
         let out = self.session.exec(&shell::script(LIST, &[] as &[&str])?).await?.check("listing workspaces")?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let fields: Vec<&str> = text.split_terminator('\0').collect();
-        Ok(fields
-            .chunks_exact(5)
-            .map(|f| Listed {
-                dir: f[0].to_owned(),
-                branch: f[1].to_owned(),
-                host_repo: f[2].to_owned(),
-                tip: parse_oid(f[3]).ok(),
-                changes: f[4].trim().parse().unwrap_or(0),
-            })
-            .collect())
+        Ok(parse_list(&String::from_utf8_lossy(&out.stdout)))
     }
+}
+
+/// Reads [`LIST`]'s answer (untrusted, for display).
+fn parse_list(text: &str) -> Vec<Listed> {
+    let fields: Vec<&str> = text.split_terminator('\0').collect();
+    fields
+        .chunks_exact(4)
+        .map(|f| {
+            let (tip, changes) = match parse_probe(f[3], f[1]) {
+                Some(Probe::Present { tip, changes }) => (tip, changes),
+                _ => (None, 0),
+            };
+            Listed { dir: f[0].to_owned(), branch: f[1].to_owned(), host_repo: f[2].to_owned(), tip, changes }
+        })
+        .collect()
 }
 
 /// One workspace as listed by the VM (untrusted, for display).
@@ -881,22 +898,25 @@ mod tests {
         assert!(parse_oid("zz23456789abcdef0123456789abcdef01234567").is_err());
     }
 
+    /// Runs the host's git in `dir`; its trimmed stdout.
+    fn host_git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=T", "-c", "user.email=t@e"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
     /// The probe script run by sh with the host's git, as the VM runs it.
     #[test]
     fn probe_reports_tip_and_changes() {
         let tmp = tempfile::tempdir().unwrap();
         let ws = tmp.path().join("ws");
-        let git = |args: &[&str]| {
-            let out = std::process::Command::new("git")
-                .arg("-C")
-                .arg(&ws)
-                .args(["-c", "user.name=T", "-c", "user.email=t@e"])
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{args:?}");
-            String::from_utf8(out.stdout).unwrap().trim().to_owned()
-        };
+        let git = |args: &[&str]| host_git(&ws, args);
         let probe = |branch: &str| {
             let line = shell::script(PROBE, &[ws.to_str().unwrap(), branch]).unwrap();
             let out = std::process::Command::new("sh").arg("-c").arg(line).output().unwrap();
@@ -920,6 +940,47 @@ mod tests {
         // Nonsense from the VM is refused, not guessed at.
         assert_eq!(parse_probe("present\n# tip nonsense\n", "b"), None);
         assert_eq!(parse_probe("maybe\n", "b"), None);
+    }
+
+    /// The listing script run by sh with the host's git, in a directory
+    /// laid out like the VM user's home.
+    #[test]
+    fn list_reports_each_workspace() {
+        let home = tempfile::tempdir().unwrap();
+        let git = |dir: &str, args: &[&str]| host_git(&home.path().join(dir), args);
+        for (dir, branch) in [("workspace/r-a", "a"), ("workspace/r-b", "f/b'$(x)")] {
+            std::fs::create_dir_all(home.path().join(dir)).unwrap();
+            git(dir, &["init", "-q", "-b", branch]);
+            git(dir, &["config", "agent-vm.branch", branch]);
+            git(dir, &["config", "agent-vm.hostRepo", "/h/r\nx"]);
+            std::fs::write(home.path().join(dir).join("f"), "1").unwrap();
+            git(dir, &["add", "f"]);
+            git(dir, &["commit", "-q", "-m", "f"]);
+        }
+        // Not a workspace: no agent-vm.branch.
+        std::fs::create_dir_all(home.path().join("workspace/other")).unwrap();
+        git("workspace/other", &["init", "-q"]);
+        std::fs::write(home.path().join("workspace/r-b/f"), "2").unwrap();
+        git("workspace/r-b", &["checkout", "-q", "-b", "elsewhere"]);
+        let out = std::process::Command::new("sh")
+            .current_dir(home.path())
+            .arg("-c")
+            .arg(shell::script(LIST, &[] as &[&str]).unwrap())
+            .output()
+            .unwrap();
+        let listed = parse_list(&String::from_utf8(out.stdout).unwrap());
+        let tip = |dir: &str| Some(Oid::from_str(&git(dir, &["rev-parse", "HEAD"])).unwrap());
+        let got: Vec<_> = listed
+            .iter()
+            .map(|l| (l.dir.as_str(), l.branch.as_str(), l.host_repo.as_str(), l.tip, l.changes))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("workspace/r-a", "a", "/h/r\nx", tip("workspace/r-a"), 0),
+                ("workspace/r-b", "f/b'$(x)", "/h/r\nx", tip("workspace/r-b"), 1),
+            ]
+        );
     }
 
     #[test]
