@@ -435,11 +435,16 @@ impl Vm {
             "new" => {
                 // Seed the cache with a ready-made pack and its index: no
                 // packing by libgit2, no `git index-pack` in the VM.
-                let tarball = match objects {
-                    Objects::All => all_objects_tarball(host.git_dir.join("objects")).await?,
-                    Objects::Branch => branch_pack_tarball(host.git_dir.clone(), tip, progress).await?,
-                };
-                self.send_objects(tarball, &ws.cache).await?;
+                match objects {
+                    Objects::All => {
+                        let files = all_object_files(host.git_dir.join("objects")).await?;
+                        self.send_objects(files, &ws.cache).await?;
+                    }
+                    Objects::Branch => {
+                        let (_dir, files) = branch_pack(host.git_dir.clone(), tip, progress).await?;
+                        self.send_objects(files, &ws.cache).await?;
+                    }
+                }
             }
             _ => {
                 // The cache is agent-vm's own: overwrite its ref freely.
@@ -451,15 +456,33 @@ impl Vm {
         Ok(Some(Pushed::Created))
     }
 
-    /// Streams a tar of objects (see [`UNPACK_OBJECTS`]) into `cache`.
-    async fn send_objects(&self, tarball: tempfile::NamedTempFile, cache: &str) -> Result<()> {
-        let size = tarball.as_file().metadata()?.len();
-        tracing::debug!(size, "shipping objects");
-        let input = tokio::fs::File::open(tarball.path()).await?;
+    /// Streams a tar of host files, under the given names (see
+    /// [`UNPACK_OBJECTS`]), into `cache`. The tar is written into a pipe as
+    /// the channel sends it: the objects are never copied on the host.
+    async fn send_objects(&self, files: Vec<(String, PathBuf)>, cache: &str) -> Result<()> {
+        let (reader, writer) = std::io::pipe()?;
+        let writing = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut tar = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, writer));
+            for (name, path) in files {
+                tar.append_path_with_name(&path, &name)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            }
+            std::io::Write::flush(&mut tar.into_inner()?)
+        });
+        let input = tokio::fs::File::from_std(std::fs::File::from(std::os::fd::OwnedFd::from(reader)));
         let command = shell::script(UNPACK_OBJECTS, &[cache])?;
         let mut stderr = Vec::new();
-        let status = self.session.exec_io(&command, input, &mut tokio::io::sink(), &mut stderr).await?;
-        if status != 0 {
+        let status = self.session.exec_io(&command, input, &mut tokio::io::sink(), &mut stderr).await;
+        let written = writing.await?;
+        // A host-side failure explains itself; a broken pipe means the VM
+        // stopped reading, and its own message says why.
+        if let Err(e) = &written
+            && e.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            bail!("cannot send the repository's objects: {e}");
+        }
+        let status = status?;
+        if status != 0 || written.is_err() {
             bail!(
                 "unpacking the repository's objects in the VM failed: {}",
                 printable(String::from_utf8_lossy(&stderr).trim())
@@ -582,30 +605,36 @@ pub struct Listed {
     pub changes: u64,
 }
 
-/// A tar of the branch's pack and index ([`crate::pack`]): only objects
-/// reachable from `tip`.
-async fn branch_pack_tarball(git_dir: PathBuf, tip: Oid, progress: &Progress) -> Result<tempfile::NamedTempFile> {
+/// The branch's pack and index ([`crate::pack`]), only objects reachable
+/// from `tip`, written into a temporary directory (kept while it lives),
+/// under their names in the tar.
+async fn branch_pack(
+    git_dir: PathBuf,
+    tip: Oid,
+    progress: &Progress,
+) -> Result<(tempfile::TempDir, Vec<(String, PathBuf)>)> {
     let bar = progress.clone();
-    let tarball = tokio::task::spawn_blocking(move || -> Result<tempfile::NamedTempFile> {
+    let written = tokio::task::spawn_blocking(move || -> Result<_> {
         let repo = Repository::open(&git_dir)?;
         let dir = tempfile::tempdir()?;
         let written =
             crate::pack::write_branch_pack(&repo, tip, dir.path(), &|stage, n, total| bar.objects(stage, n, total))?;
         tracing::debug!(objects = written.objects, reused = written.reused, "branch pack written");
         let name = |path: &Path| format!("pack/{}", path.file_name().unwrap_or_default().to_string_lossy());
-        tar_of(vec![(name(&written.pack), written.pack.clone()), (name(&written.idx), written.idx.clone())])
+        let files = vec![(name(&written.pack), written.pack.clone()), (name(&written.idx), written.idx.clone())];
+        Ok((dir, files))
     })
-    .await?;
+    .await;
     progress.finish();
-    tarball
+    written?
 }
 
-/// A tar of every object of the host repository, its pack files and loose
-/// objects copied verbatim (no packing on the host): fast, but it ships
-/// other branches, stashes and unreachable objects too. Only on request
-/// ([`Objects::All`]).
-async fn all_objects_tarball(objects_dir: PathBuf) -> Result<tempfile::NamedTempFile> {
-    tokio::task::spawn_blocking(move || -> Result<tempfile::NamedTempFile> {
+/// Every object file of the host repository, its pack files and loose
+/// objects, to be copied verbatim (no packing on the host): fast, but it
+/// ships other branches, stashes and unreachable objects too. Only on
+/// request ([`Objects::All`]).
+async fn all_object_files(objects_dir: PathBuf) -> Result<Vec<(String, PathBuf)>> {
+    tokio::task::spawn_blocking(move || -> Result<Vec<(String, PathBuf)>> {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&objects_dir)? {
             let entry = entry?;
@@ -629,20 +658,9 @@ async fn all_objects_tarball(objects_dir: PathBuf) -> Result<tempfile::NamedTemp
                 }
             }
         }
-        tar_of(files)
+        Ok(files)
     })
     .await?
-}
-
-/// A tar, in a temporary file, of host files under the given names.
-fn tar_of(files: Vec<(String, PathBuf)>) -> Result<tempfile::NamedTempFile> {
-    let file = tempfile::NamedTempFile::new()?;
-    let mut tar = tar::Builder::new(std::io::BufWriter::new(file.reopen()?));
-    for (name, path) in files {
-        tar.append_path_with_name(path, name)?;
-    }
-    tar.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    Ok(file)
 }
 
 /// Reads [`PROBE`]'s answer (untrusted: anything malformed is None).
