@@ -238,6 +238,7 @@ const UNPACK_OBJECTS: &str = r#"set -e
 o=$(cd -- "$1/objects" && pwd)
 tmp=$(mktemp -d "$o/incoming.XXXXXX")
 trap 'rm -rf -- "$tmp"' EXIT
+trap 'exit 1' HUP INT TERM PIPE
 tar -x --no-same-owner --no-same-permissions -f - -C "$tmp"
 cd "$tmp"
 for d in ??; do

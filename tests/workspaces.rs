@@ -10,6 +10,28 @@ fn head_of(dir: &Path, rev: &str) -> String {
     git(dir, &["rev-parse", rev]).trim().to_owned()
 }
 
+/// `len` incompressible bytes (xorshift).
+fn noise(len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    let mut x: u64 = 0x9E3779B97F4A7C15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    data
+}
+
+/// Polls the guest until `script` succeeds; panics after `secs` seconds.
+fn wait_in_guest(w: &World, script: &str, secs: u64, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while w.guest(script).code != Some(0) {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn workspaces_against_a_real_guest() {
     let w = World::with_vm("ws");
@@ -30,6 +52,7 @@ fn workspaces_against_a_real_guest() {
     kill_9_during_push_leaves_everything_consistent(&w, &repo);
     ship_all_objects_is_an_explicit_choice(&w);
     first_push_of_a_packed_repo_ships_only_the_branch(&w);
+    kill_9_during_the_first_seed_leaves_nothing_behind(&w);
 }
 
 fn connect_creates_branch_and_workspace(w: &World, repo: &Path) {
@@ -276,15 +299,7 @@ fn clean_all_removes_this_repositorys_workspaces(w: &World, repo: &Path) {
 fn kill_9_during_push_leaves_everything_consistent(w: &World, repo: &Path) {
     git(repo, &["checkout", "-q", "-b", "big", "main"]);
     // Incompressible data, so the push takes a while.
-    let mut data = vec![0u8; 48 << 20];
-    let mut x: u64 = 0x9E3779B97F4A7C15;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    std::fs::write(repo.join("big.bin"), &data).unwrap();
+    std::fs::write(repo.join("big.bin"), noise(48 << 20)).unwrap();
     git(repo, &["add", "big.bin"]);
     git(repo, &["commit", "-q", "-m", "big"]);
     let before = refs(repo);
@@ -365,4 +380,42 @@ fn first_push_of_a_packed_repo_ships_only_the_branch(w: &World) {
         );
         assert!(!r.ok().stdout.contains("LEAKED"), "{oid} reached the VM");
     }
+}
+
+/// kill -9 while a repository's cache is being seeded: host refs unchanged,
+/// no partial pack or stray files left in the VM, and the next push seeds
+/// the cache again.
+fn kill_9_during_the_first_seed_leaves_nothing_behind(w: &World) {
+    let repo = w.repo("seeded");
+    std::fs::write(repo.join("big.bin"), noise(32 << 20)).unwrap();
+    git(&repo, &["add", "big.bin"]);
+    git(&repo, &["commit", "-q", "-m", "big"]);
+    git(&repo, &["gc", "-q"]);
+    let before = refs(&repo);
+    // The VM's tar waits before reading: the kill lands mid-transfer.
+    let slow_tar = "#!/bin/sh\ntouch /tmp/seed-started\nsleep 5\nexec /usr/bin/tar \"$@\"\n";
+    w.guest_args(
+        r#"rm -f /tmp/seed-started && printf '%s' "$1" | sudo tee /usr/local/bin/tar >/dev/null && sudo chmod 755 /usr/local/bin/tar"#,
+        &[slow_tar],
+    )
+    .ok();
+    let mut child = w.agent_vm(&["push", "main"]).current_dir(&repo).spawn().unwrap();
+    wait_in_guest(w, "test -e /tmp/seed-started", 300, "the seed to start");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(refs(&repo), before, "an interrupted seed changed host refs");
+    git(&repo, &["fsck", "--full", "--no-progress"]);
+    // The VM's side reads a cut stream, fails, and removes what it unpacked.
+    let cache = ".agent-vm/cache/seeded-*.git/objects";
+    wait_in_guest(w, &format!("! ls -d {cache}/incoming.* >/dev/null 2>&1"), 120, "the VM to clean up");
+    assert_eq!(w.guest(&format!("ls -A {cache}/pack | wc -l")).ok().stdout.trim(), "0", "a partial pack was left");
+    w.guest("sudo rm -f /usr/local/bin/tar").ok();
+
+    w.run_in(&repo, &["push", "main"]).ok();
+    let ws = w.workspace_dir(&repo, "main");
+    let got = w.guest_args("git -C \"$1\" rev-parse HEAD && sha1sum < \"$1/big.bin\"", &[&ws]).ok().stdout.clone();
+    let host_sum =
+        std::process::Command::new("sh").arg("-c").arg("sha1sum < big.bin").current_dir(&repo).output().unwrap();
+    let host_sum = String::from_utf8(host_sum.stdout).unwrap();
+    assert_eq!(got, format!("{}\n{host_sum}", head_of(&repo, "HEAD")));
 }
