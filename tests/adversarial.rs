@@ -146,6 +146,53 @@ fn spawn_in(w: &World, dir: &Path, args: &[&str]) -> Child {
     w.agent_vm(args).current_dir(dir).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
+/// Spawns agent-vm with debug logs and returns once it has started the
+/// VM-side git program `program` (so a fault injected then lands mid-
+/// transfer, not while connecting), with the log so far; Err with the log
+/// when it never does.
+fn spawn_transferring(
+    w: &World,
+    dir: &Path,
+    args: &[&str],
+    program: &str,
+) -> Result<(Child, std::sync::mpsc::Receiver<Vec<u8>>), String> {
+    use std::io::Read;
+    let mut child = w
+        .agent_vm(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "agent_vm=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(100)) {
+            log.extend(chunk);
+        }
+        let text = String::from_utf8_lossy(&log);
+        if text.contains(program) {
+            return Ok((child, rx));
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+    }
+    kill9(&mut child);
+    Err(format!("{args:?} never started {program}: {}", String::from_utf8_lossy(&log)))
+}
+
 fn kill9(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -552,8 +599,7 @@ fn faults(w: &World, host: &Host, s: &mut Suite) {
     s.case(C, "kill -9 during push", || {
         host_big_commit(&repo, "f", 24, "push-big.bin");
         let before_vm = w.guest_args(r#"git -C "$1" rev-parse HEAD"#, &[&ws]).stdout.clone();
-        let mut child = spawn_in(w, &repo, &["push", "f"]);
-        std::thread::sleep(Duration::from_millis(1500));
+        let (mut child, _) = spawn_transferring(w, &repo, &["push", "f"], "receive-pack")?;
         kill9(&mut child);
         fsck(&repo)?;
         let vm = w.guest_args(r#"git -C "$1" rev-parse HEAD && git -C "$1" fsck --no-dangling --no-progress"#, &[&ws]);
@@ -566,8 +612,7 @@ fn faults(w: &World, host: &Host, s: &mut Suite) {
     s.case(C, "kill -9 during fetch", || {
         let before = tip(&repo, "f");
         let new = guest_big_commit(w, &ws, 24, "fetch-big.bin");
-        let mut child = spawn_in(w, &repo, &["fetch", "f"]);
-        std::thread::sleep(Duration::from_millis(1500));
+        let (mut child, _) = spawn_transferring(w, &repo, &["fetch", "f"], "upload-pack")?;
         kill9(&mut child);
         fsck(&repo)?;
         let now = tip(&repo, "f");
@@ -634,20 +679,23 @@ fn faults(w: &World, host: &Host, s: &mut Suite) {
     s.case(C, "the guest killed mid-push: host intact, next push succeeds", || {
         host_big_commit(&repo, "f", 24, "guest-killed.bin");
         let before = refs(&repo);
-        let mut child = spawn_in(w, &repo, &["push", "f"]);
-        std::thread::sleep(Duration::from_millis(1500));
+        let (mut child, log) = spawn_transferring(w, &repo, &["push", "f"], "receive-pack")?;
         let pid = std::fs::read_to_string(w.instance_dir().join("qemu.pid")).unwrap();
         Command::new("kill").args(["-9", pid.trim()]).status().unwrap();
+        // The connection is gone with the guest: the push must end by itself.
         let deadline = Instant::now() + Duration::from_secs(120);
-        while child.try_wait().unwrap().is_none() {
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
             if Instant::now() > deadline {
                 kill9(&mut child);
                 return Err("push hung after the guest died".into());
             }
             std::thread::sleep(Duration::from_millis(200));
-        }
-        let r = finish(child, "push");
-        check!(r.code != Some(0) || r.stderr.contains("Pushed"), "unclear outcome: {}", r.stderr);
+        };
+        let log = String::from_utf8_lossy(&log.iter().flatten().collect::<Vec<u8>>()).into_owned();
+        check!(!status.success() || log.contains("Pushed"), "unclear outcome: {log}");
         check!(refs(&repo) == before, "host refs changed");
         fsck(&repo)?;
         ok(&w.run(&["start"]))?;
