@@ -184,8 +184,10 @@ impl client::Handler for Client {
     }
 }
 
-/// How long a command waits for the VM's SSH server before giving up.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a command waits for the VM's SSH server before giving up: a
+/// busy VM (a dozen commands connecting at once to a small guest) can take
+/// tens of seconds to finish every handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Session {
     handle: Handle<Client>,
