@@ -436,16 +436,15 @@ impl Vm {
             "new" => {
                 // Seed the cache with a ready-made pack and its index: no
                 // packing by libgit2, no `git index-pack` in the VM.
-                match objects {
-                    Objects::All => {
-                        let files = all_object_files(host.git_dir.join("objects")).await?;
-                        self.send_objects(files, &ws.cache).await?;
-                    }
+                // (The branch pack's directory lives until the files are sent.)
+                let (_dir, files) = match objects {
+                    Objects::All => (None, all_object_files(host.git_dir.join("objects")).await?),
                     Objects::Branch => {
-                        let (_dir, files) = branch_pack(host.git_dir.clone(), tip, progress).await?;
-                        self.send_objects(files, &ws.cache).await?;
+                        let (dir, files) = branch_pack(host.git_dir.clone(), tip, progress).await?;
+                        (Some(dir), files)
                     }
-                }
+                };
+                self.send_objects(files, &ws.cache).await?;
             }
             _ => {
                 // The cache is agent-vm's own: overwrite its ref freely.
