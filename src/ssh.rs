@@ -3,15 +3,18 @@
 
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use russh::client::{self, Handle};
 use russh::keys::{PrivateKeyWithHashAlg, load_secret_key};
 use russh::{ChannelMsg, Disconnect};
 use ssh2_config::{ParseRule, SshConfig};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Where and as whom to connect, as resolved from an ssh.config file.
 #[derive(Debug, Clone, PartialEq)]
@@ -189,6 +192,40 @@ impl client::Handler for Client {
 /// tens of seconds to finish every handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The TCP stream under a handshake, noting when the server first sends
+/// anything: a server that answers is alive, however slow its key exchange.
+struct Answered<S> {
+    inner: S,
+    flag: Arc<AtomicBool>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Answered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.flag.store(true, Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Answered<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 pub struct Session {
     handle: Handle<Client>,
     endpoint: Endpoint,
@@ -206,8 +243,10 @@ pub(crate) const CIPHERS: &[russh::cipher::Name] = &[
 ];
 
 impl Session {
-    /// Connects and authenticates with the endpoint's identity files.
-    pub async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Session> {
+    /// Connects and authenticates with the endpoint's identity files. The
+    /// VM's SSH server must start answering within `answer_within`; once it
+    /// has, a slow handshake (a busy guest) may take up to [`CONNECT_TIMEOUT`].
+    pub async fn connect(endpoint: &Endpoint, answer_within: Duration) -> Result<Session> {
         let keys = load_keys(endpoint)?;
         let config = Arc::new(client::Config {
             keepalive_interval: Some(Duration::from_secs(15)),
@@ -216,9 +255,19 @@ impl Session {
             preferred: russh::Preferred { cipher: std::borrow::Cow::Borrowed(CIPHERS), ..Default::default() },
             ..Default::default()
         });
-        let addr = (endpoint.host.as_str(), endpoint.port);
         let refusal = Arc::new(std::sync::Mutex::new(None));
-        let deadline = tokio::time::Instant::now() + timeout;
+        let answered = Arc::new(AtomicBool::new(false));
+        let started = tokio::time::Instant::now();
+        let quick = started + answer_within;
+        let full = started + CONNECT_TIMEOUT.max(answer_within);
+        let timed_out = || {
+            anyhow!(
+                "timed out after {} s connecting to the VM at {}:{}; check `agent-vm status`",
+                started.elapsed().as_secs(),
+                endpoint.host,
+                endpoint.port
+            )
+        };
         let mut attempt = 0u32;
         let mut handle = loop {
             attempt += 1;
@@ -228,25 +277,38 @@ impl Session {
                 policy: endpoint.host_key.clone(),
                 refusal: refusal.clone(),
             };
-            match tokio::time::timeout_at(deadline, client::connect(config.clone(), addr, client)).await {
-                Err(_) => bail!(
-                    "timed out after {} s connecting to the VM at {}:{}; check `agent-vm status`",
-                    timeout.as_secs(),
-                    endpoint.host,
-                    endpoint.port
-                ),
-                Ok(Err(russh::Error::IO(e))) => bail!(
+            let handshake = async {
+                let tcp = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
+                tcp.set_nodelay(true).ok();
+                client::connect_stream(config.clone(), Answered { inner: tcp, flag: answered.clone() }, client).await
+            };
+            tokio::pin!(handshake);
+            let outcome = match tokio::time::timeout_at(quick, &mut handshake).await {
+                Ok(outcome) => outcome,
+                // The server is alive and working on it: give it the full time.
+                Err(_) if answered.load(Ordering::Relaxed) => {
+                    tokio::time::timeout_at(full, &mut handshake).await.map_err(|_| timed_out())?
+                }
+                Err(_) => return Err(timed_out()),
+            };
+            match outcome {
+                Err(russh::Error::IO(e)) => bail!(
                     "cannot reach the VM's SSH server at {}:{} ({e}): the VM is not running. Start it with `agent-vm start`",
                     endpoint.host,
                     endpoint.port
                 ),
                 // sshd drops handshakes beyond MaxStartups when many
                 // commands connect at once: try again shortly.
-                Ok(Err(russh::Error::Disconnect)) if attempt < 8 && refusal.lock().unwrap().is_none() => {
+                Err(russh::Error::Disconnect) if attempt < 8 && refusal.lock().unwrap().is_none() => {
                     tracing::debug!(attempt, "the SSH server dropped the handshake; retrying");
-                    tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+                    let pause = tokio::time::Instant::now() + Duration::from_millis(250 * u64::from(attempt));
+                    let limit = if answered.load(Ordering::Relaxed) { full } else { quick };
+                    if pause >= limit {
+                        return Err(timed_out());
+                    }
+                    tokio::time::sleep_until(pause).await;
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     if let Some(why) = refusal.lock().unwrap().take() {
                         bail!("refusing to connect to {}:{}: {why}", endpoint.host, endpoint.port);
                     }
@@ -254,7 +316,7 @@ impl Session {
                         format!("SSH handshake with the VM at {}:{} failed", endpoint.host, endpoint.port)
                     });
                 }
-                Ok(Ok(h)) => break h,
+                Ok(h) => break h,
             }
         };
         for (path, key) in keys {
@@ -479,5 +541,60 @@ Host lima-agent-vm
         assert_eq!(ep.host_key, HostKeyPolicy::KnownHosts(PathBuf::from("/tmp/kh")));
         // Lima's strictness: a user config lacking settings is an error there.
         assert!(Endpoint::from_config_file(f.path(), "box", Defaults::None).is_err());
+    }
+
+    /// An endpoint on loopback `port` with a fresh key, for handshake tests.
+    fn loopback(port: u16, dir: &Path) -> Endpoint {
+        let key = dir.join("id");
+        let made = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        Endpoint {
+            alias: "t".into(),
+            host: "127.0.0.1".into(),
+            port,
+            user: "u".into(),
+            identity_files: vec![key],
+            config_file: dir.join("ssh.config"),
+            host_key: HostKeyPolicy::AcceptAny,
+        }
+    }
+
+    /// A listener whose connections get `greeting` and are then held open, silent.
+    async fn stalling_server(greeting: &'static [u8]) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                socket.write_all(greeting).await.ok();
+                held.push(socket);
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_is_given_up_on_quickly() {
+        let dir = tempfile::tempdir().unwrap();
+        let ep = loopback(stalling_server(b"").await, dir.path());
+        let started = std::time::Instant::now();
+        let err = Session::connect(&ep, Duration::from_secs(1)).await.err().expect("connected to a silent server");
+        assert!(format!("{err:#}").contains("timed out"), "{err:#}");
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_server_that_answered_gets_the_full_handshake_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let ep = loopback(stalling_server(b"SSH-2.0-OpenSSH_10.0\r\n").await, dir.path());
+        // Still waiting well after `answer_within`: the server is alive, only slow.
+        let waited = tokio::time::timeout(Duration::from_secs(4), Session::connect(&ep, Duration::from_secs(1))).await;
+        if let Ok(result) = waited {
+            panic!("gave up on a server that answered: {:?}", result.err());
+        }
     }
 }

@@ -187,7 +187,8 @@ async fn session(ctx: &Context, start: bool) -> Result<(Box<dyn Backend>, crate:
         .map(|(b, s, _)| (b, s))
 }
 
-/// How long the first, optimistic connection attempt may take.
+/// How long the VM's SSH server may take to answer the first, optimistic
+/// attempt (a server that answers then gets the full handshake time).
 const FAST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// An installed ssh-config entry follows the VM's (new) port.
