@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Run, World, git, host_cmdlines, refs};
+use common::{Run, World, git, host_cmdlines, noise, refs};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -205,15 +205,8 @@ fn finish(child: Child, what: &str) -> Run {
 /// Commits `mib` MiB of random data to `branch` of the host repo.
 fn host_big_commit(repo: &Path, branch: &str, mib: usize, name: &str) {
     git(repo, &["checkout", "-q", branch]);
-    let mut data = vec![0u8; mib << 20];
-    let mut x: u64 = 0x9e3779b97f4a7c15 ^ name.len() as u64 ^ (std::process::id() as u64);
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    std::fs::write(repo.join(name), data).unwrap();
+    let seed = 0x9e3779b97f4a7c15 ^ name.len() as u64 ^ (std::process::id() as u64);
+    std::fs::write(repo.join(name), noise(mib << 20, seed)).unwrap();
     git(repo, &["add", name]);
     git(repo, &["commit", "-q", "-m", name]);
     git(repo, &["checkout", "-q", "main"]);
@@ -415,8 +408,7 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
 
 /// Replaces the VM's git-upload-pack (the agent has sudo) with `script`.
 fn fake_upload_pack(w: &World, script: &str) {
-    w.guest_args(r#"printf '%s' "$1" | sudo tee /usr/local/bin/git-upload-pack >/dev/null && sudo chmod 755 /usr/local/bin/git-upload-pack"#, &[script])
-        .ok();
+    w.install_in_guest("/usr/local/bin/git-upload-pack", script);
 }
 
 // ------------------------------------------------------------- hostile input

@@ -3,24 +3,11 @@
 
 mod common;
 
-use common::{World, git, refs};
+use common::{World, git, noise, refs};
 use std::path::Path;
 
 fn head_of(dir: &Path, rev: &str) -> String {
     git(dir, &["rev-parse", rev]).trim().to_owned()
-}
-
-/// `len` incompressible bytes (xorshift).
-fn noise(len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    let mut x: u64 = 0x9E3779B97F4A7C15;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    data
 }
 
 /// Polls the guest until `script` succeeds; panics after `secs` seconds.
@@ -299,7 +286,7 @@ fn clean_all_removes_this_repositorys_workspaces(w: &World, repo: &Path) {
 fn kill_9_during_push_leaves_everything_consistent(w: &World, repo: &Path) {
     git(repo, &["checkout", "-q", "-b", "big", "main"]);
     // Incompressible data, so the push takes a while.
-    std::fs::write(repo.join("big.bin"), noise(48 << 20)).unwrap();
+    std::fs::write(repo.join("big.bin"), noise(48 << 20, 0x9E3779B97F4A7C15)).unwrap();
     git(repo, &["add", "big.bin"]);
     git(repo, &["commit", "-q", "-m", "big"]);
     let before = refs(repo);
@@ -387,18 +374,15 @@ fn first_push_of_a_packed_repo_ships_only_the_branch(w: &World) {
 /// the cache again.
 fn kill_9_during_the_first_seed_leaves_nothing_behind(w: &World) {
     let repo = w.repo("seeded");
-    std::fs::write(repo.join("big.bin"), noise(32 << 20)).unwrap();
+    std::fs::write(repo.join("big.bin"), noise(32 << 20, 0x9E3779B97F4A7C15)).unwrap();
     git(&repo, &["add", "big.bin"]);
     git(&repo, &["commit", "-q", "-m", "big"]);
     git(&repo, &["gc", "-q"]);
     let before = refs(&repo);
     // The VM's tar waits before reading: the kill lands mid-transfer.
     let slow_tar = "#!/bin/sh\ntouch /tmp/seed-started\nsleep 5\nexec /usr/bin/tar \"$@\"\n";
-    w.guest_args(
-        r#"rm -f /tmp/seed-started && printf '%s' "$1" | sudo tee /usr/local/bin/tar >/dev/null && sudo chmod 755 /usr/local/bin/tar"#,
-        &[slow_tar],
-    )
-    .ok();
+    w.guest("rm -f /tmp/seed-started").ok();
+    w.install_in_guest("/usr/local/bin/tar", slow_tar);
     let mut child = w.agent_vm(&["push", "main"]).current_dir(&repo).spawn().unwrap();
     wait_in_guest(w, "test -e /tmp/seed-started", 300, "the seed to start");
     child.kill().unwrap();

@@ -210,6 +210,19 @@ pub fn host_cmdlines() -> String {
 }
 
 /// The fields of `git for-each-ref`, one line a ref, for before/after checks.
+/// `len` incompressible bytes (xorshift from `seed`).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    let mut x = seed;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    data
+}
+
 pub fn refs(dir: &Path) -> Vec<String> {
     git(dir, &["for-each-ref", "--format=%(refname) %(objectname)"]).lines().map(str::to_owned).collect()
 }
@@ -252,6 +265,12 @@ impl World {
         words.extend(args.iter().map(|a| a.to_string()));
         let line = shlex::try_join(words.iter().map(String::as_str)).unwrap();
         self.guest(&line)
+    }
+
+    /// Installs `script` as the executable `path` in the guest (the agent
+    /// has sudo): a stand-in for a VM program.
+    pub fn install_in_guest(&self, path: &str, script: &str) {
+        self.guest_args(r#"printf '%s' "$2" | sudo tee "$1" >/dev/null && sudo chmod 755 "$1""#, &[path, script]).ok();
     }
 
     /// Commits a file in the guest workspace as the agent would.
