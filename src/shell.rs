@@ -46,6 +46,12 @@ pub fn script_as_root<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String>
     prefixed_script(&["sudo", "-n"], script, args)
 }
 
+/// A command line running `first` (its stdout sent to stderr) and then,
+/// only if it succeeded, `then` in its place. Both come from this module.
+pub fn then_exec(first: &str, then: &str) -> String {
+    format!("{first} >&2 && exec {then}")
+}
+
 fn prefixed_script<S: AsRef<str>>(prefix: &[&str], script: &str, args: &[S]) -> Result<String> {
     let mut words: Vec<&str> = prefix.to_vec();
     words.extend(["sh", "-c", script, "agent-vm"]);
@@ -117,5 +123,18 @@ mod tests {
         let line = login_command(Some(weird.to_str().unwrap()), &["pwd"]).unwrap();
         let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end(), weird.to_str().unwrap());
+    }
+
+    #[test]
+    fn then_exec_runs_the_second_only_after_the_first_succeeded() {
+        let run = |first: &str| {
+            let first = script(first, &["a b"]).unwrap();
+            let line = then_exec(&first, &quote(&["printf", "then:%s", "x;y"]).unwrap());
+            let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
+            (out.status.code(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+        };
+        // The first one's stdout is kept off the second one's (a protocol stream).
+        assert_eq!(run("echo \"first:$1\""), (Some(0), "then:x;y".into(), "first:a b\n".into()));
+        assert_eq!(run("echo no; exit 3"), (Some(3), String::new(), "no\n".into()));
     }
 }

@@ -202,15 +202,25 @@ mv -T -- "$tmp" "$2"
 }
 
 /// $1 cache, $2 workspace, $3 branch, $4 host repo (for display), $5 the
-/// host's tip: what a push needs when the workspace may not exist, in one
-/// round trip. Says "present" when it exists. Else makes sure the bare cache
-/// exists (built aside and renamed into place, so concurrent first pushes
-/// never see a half-made cache) and, when the cache already has the tip
-/// (another branch's workspace brought it), creates the workspace from it
-/// and says "created"; else says "new" (no pack yet: seed it) or "missing"
-/// (push the branch into the cache).
-const ENSURE_WORKSPACE: &str = concat!(
+/// host's tip: run before each push into a workspace, in the push's own
+/// connection. A missing workspace is created when the cache has the tip
+/// (another branch's workspace brought it, or the host just sent it),
+/// saying "created". Else exits 3: the host prepares the cache
+/// ([`ENSURE_CACHE`]) and runs this again.
+const PREPARE_WORKSPACE: &str = concat!(
     r#"set -e
+[ ! -d "$2/.git" ] || exit 0
+git --git-dir="$1" update-ref "refs/heads/$3" "$5" 2>/dev/null || exit 3
+"#,
+    clone_workspace!(),
+    "echo created"
+);
+
+/// $1 cache, $2 workspace: says "present" when the workspace exists. Else
+/// makes sure the bare cache exists (built aside and renamed into place, so
+/// concurrent first pushes never see a half-made cache) and says "new" (no
+/// pack yet: seed it) or "missing" (push the branch into the cache).
+const ENSURE_CACHE: &str = r#"set -e
 if [ -d "$2/.git" ]; then echo present; exit 0; fi
 if [ ! -d "$1/objects" ]; then
   mkdir -p "${1%/*}"
@@ -220,15 +230,8 @@ if [ ! -d "$1/objects" ]; then
   git --git-dir="$t" config gc.auto 0
   mv -T -- "$t" "$1" 2>/dev/null || rm -rf -- "$t"
 fi
-if git --git-dir="$1" update-ref "refs/heads/$3" "$5" 2>/dev/null; then
-"#,
-    clone_workspace!(),
-    r#"echo created
-  exit 0
-fi
 for f in "$1"/objects/pack/*.idx; do if [ -e "$f" ]; then echo missing; exit 0; fi; done
-echo new"#
-);
+echo new"#;
 
 /// $1 cache: unpack a tar of pack files (`pack/…`) and loose objects
 /// (`xx/…`) from stdin into it. Unpacked aside, then moved in with each
@@ -248,11 +251,6 @@ mkdir -p "$o/pack"
 for f in pack/*.pack pack/*.idx; do
   if [ -f "$f" ]; then mv -f -- "$f" "$o/pack/"; fi
 done"#;
-
-/// $1 cache, $2 workspace, $3 branch, $4 host repo, $5 tip: point the
-/// cache's branch at the tip (which it has) and create the workspace.
-const CREATE_WORKSPACE: &str =
-    concat!("set -e\n", r#"git --git-dir="$1" update-ref "refs/heads/$3" "$5""#, "\n", clone_workspace!());
 
 /// $1 workspace, $2 branch: "absent", or "present" then what `git status
 /// --porcelain=v2 --branch` says (its "# branch.*" headers, then one line
@@ -393,16 +391,23 @@ impl Vm {
     /// refuses when the VM branch has commits the host lacks.
     pub async fn push(&self, host: &HostRepo, ws: &Workspace, objects: Objects, progress: &Progress) -> Result<Pushed> {
         let tip = host.branch_tip(&ws.branch)?.ok_or_else(|| anyhow!("host branch {:?} does not exist", ws.branch))?;
-        // The usual case first, in one round trip: the VM's tip comes from
-        // the ref advertisement of the push's own connection. Uncommitted
-        // changes need no check here: the VM's updateInstead refuses the
-        // push itself when they are in the way.
+        // The usual cases first, in one round trip: the VM's tip comes from
+        // the ref advertisement of the push's own connection, and a missing
+        // workspace whose objects the VM has is created in that connection
+        // first. Uncommitted changes need no check here: the VM's
+        // updateInstead refuses the push itself when they are in the way.
+        let label = host.git_dir.to_string_lossy().into_owned();
+        let t = tip.to_string();
+        let args = [ws.cache.as_str(), &ws.dir, &ws.branch, &label, &t];
         let spec = format!("refs/heads/{0}:refs/heads/{0}", ws.branch);
         let guard = Guard { refname: format!("refs/heads/{}", ws.branch), tip };
-        let pushed = match self.git_push(host, &ws.dir, &spec, progress, Some(guard)).await {
+        let prepare = shell::script(PREPARE_WORKSPACE, &args)?;
+        // A new workspace may be checked out before the push can start.
+        progress.waiting("Preparing the workspace in the VM");
+        let pushed = match self.git_push(host, &ws.dir, Some(prepare), &spec, progress, Some(guard)).await {
             Ok(pushed) => pushed,
             Err(e) => {
-                return self.create(host, ws, tip, objects, progress).await?.ok_or(e);
+                return self.create(host, &args, tip, objects, progress).await?.ok_or(e);
             }
         };
         // None: the guard found commits in the VM that the host lacks.
@@ -416,23 +421,20 @@ impl Vm {
         Ok(pushed)
     }
 
-    /// Creates the workspace if it does not exist (None when it does):
-    /// from the repository's cache when that has the tip already, else
-    /// after seeding the cache (when new) or pushing the branch into it.
+    /// Creates the workspace if it does not exist (None when it does),
+    /// after seeding the repository's cache (when new) or pushing the
+    /// branch into it. `args` as for [`PREPARE_WORKSPACE`].
     async fn create(
         &self,
         host: &HostRepo,
-        ws: &Workspace,
+        args: &[&str; 5],
         tip: Oid,
         objects: Objects,
         progress: &Progress,
     ) -> Result<Option<Pushed>> {
-        let label = host.git_dir.to_string_lossy().into_owned();
-        let t = tip.to_string();
-        let args = [ws.cache.as_str(), &ws.dir, &ws.branch, &label, &t];
-        match self.script(ENSURE_WORKSPACE, &args, "preparing the workspace").await?.trim() {
+        let [cache, dir, branch, ..] = *args;
+        match self.script(ENSURE_CACHE, &[cache, dir], "preparing the workspace").await?.trim() {
             "present" => return Ok(None),
-            "created" => return Ok(Some(Pushed::Created)),
             "new" => {
                 // Seed the cache with a ready-made pack and its index: no
                 // packing by libgit2, no `git index-pack` in the VM.
@@ -444,23 +446,31 @@ impl Vm {
                         (Some(dir), files)
                     }
                 };
-                self.send_objects(files, &ws.cache).await?;
+                self.send_objects(files, cache, progress).await?;
             }
             _ => {
                 // The cache is agent-vm's own: overwrite its ref freely.
-                let spec = format!("+refs/heads/{0}:refs/heads/{0}", ws.branch);
-                self.git_push(host, &ws.cache, &spec, progress, None).await?;
+                let spec = format!("+refs/heads/{branch}:refs/heads/{branch}");
+                self.git_push(host, cache, None, &spec, progress, None).await?;
             }
         }
-        self.script(CREATE_WORKSPACE, &args, "creating the workspace").await?;
+        progress.waiting("Checking out the workspace in the VM");
+        let made = self.script(PREPARE_WORKSPACE, args, "creating the workspace").await;
+        progress.finish();
+        made?;
         Ok(Some(Pushed::Created))
     }
 
     /// Streams a tar of host files, under the given names (see
     /// [`UNPACK_OBJECTS`]), into `cache`. The tar is written into a pipe as
     /// the channel sends it: the objects are never copied on the host.
-    async fn send_objects(&self, files: Vec<(String, PathBuf)>, cache: &str) -> Result<()> {
+    async fn send_objects(&self, files: Vec<(String, PathBuf)>, cache: &str, progress: &Progress) -> Result<()> {
+        let mut total = 0;
+        for (_, path) in &files {
+            total += std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+        }
         let (reader, writer) = std::io::pipe()?;
+        let writer = Counted { inner: writer, sent: 0, total, progress: progress.clone() };
         let writing = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let mut tar = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, writer));
             for (name, path) in files {
@@ -474,6 +484,7 @@ impl Vm {
         let mut stderr = Vec::new();
         let status = self.session.exec_io(&command, input, &mut tokio::io::sink(), &mut stderr).await;
         let written = writing.await?;
+        progress.finish();
         // A host-side failure explains itself; a broken pipe means the VM
         // stopped reading, and its own message says why.
         if let Err(e) = &written
@@ -491,18 +502,25 @@ impl Vm {
         Ok(())
     }
 
-    /// Pushes `refspec` to the repository at `path`. With a guard, first
-    /// reads the VM's tip of the guarded ref from the same connection and
-    /// pushes only if the host tip is new and contains it (None when not).
+    /// Pushes `refspec` to the repository at `path`, after running the
+    /// `prepare` command line in the VM if given (Created when it says
+    /// "created"). With a guard, first reads the VM's tip of the guarded ref
+    /// from the same connection and pushes only if the host tip is new and
+    /// contains it (None when not).
     async fn git_push(
         &self,
         host: &HostRepo,
         path: &str,
+        prepare: Option<String>,
         refspec: &str,
         progress: &Progress,
         guard: Option<Guard>,
     ) -> Result<Option<Pushed>> {
-        let url = self.remote.url(path);
+        let preparing = prepare.is_some();
+        let url = match prepare {
+            Some(prepare) => self.remote.url_preparing(path, prepare),
+            None => self.remote.url(path),
+        };
         let git_dir = host.git_dir.clone();
         let refspec = refspec.to_owned();
         let bar = progress.clone();
@@ -532,6 +550,9 @@ impl Vm {
                 ""
             };
             bail!("the VM refused to update {}: {}{hint}", printable(name), printable(why));
+        }
+        if preparing && stderr.lines().any(|l| l == "created") {
+            return Ok(pushed.map(|_| Pushed::Created));
         }
         Ok(pushed)
     }
@@ -807,39 +828,74 @@ pub fn ahead_behind(host: &HostRepo, branch: &str, vm_tip: Oid) -> Option<(usize
     host.repo.graph_ahead_behind(vm_tip, host_tip).ok()
 }
 
-/// Transfer progress on stderr: a bar on a terminal, nothing otherwise.
+/// Progress on stderr: a bar or spinner on a terminal, nothing otherwise.
+/// Each phase gets a fresh bar of its kind; `finish` clears it.
 #[derive(Clone)]
 pub struct Progress {
-    bar: indicatif::ProgressBar,
+    target: Arc<dyn Fn() -> indicatif::ProgressDrawTarget + Send + Sync>,
+    current: Arc<std::sync::Mutex<Option<(Phase, indicatif::ProgressBar)>>>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    Objects,
+    Bytes,
+    Waiting,
 }
 
 impl Progress {
     pub fn new(ui: &crate::Ui) -> Progress {
         use std::io::IsTerminal;
-        let bar = if ui.quiet || !std::io::stderr().is_terminal() {
-            indicatif::ProgressBar::hidden()
-        } else {
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} objects {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
-            );
-            bar
+        let shown = !ui.quiet && std::io::stderr().is_terminal();
+        Progress::drawing_to(move || {
+            if shown { indicatif::ProgressDrawTarget::stderr() } else { indicatif::ProgressDrawTarget::hidden() }
+        })
+    }
+
+    fn drawing_to(target: impl Fn() -> indicatif::ProgressDrawTarget + Send + Sync + 'static) -> Progress {
+        Progress { target: Arc::new(target), current: Default::default() }
+    }
+
+    /// The bar of the current phase, a new one when the phase changes.
+    fn bar(&self, phase: Phase, stage: &str) -> indicatif::ProgressBar {
+        let mut current = self.current.lock().unwrap();
+        let bar = match current.take() {
+            Some((p, bar)) if p == phase => bar,
+            old => {
+                if let Some((_, bar)) = old {
+                    bar.finish_and_clear();
+                }
+                let bar = indicatif::ProgressBar::with_draw_target(None, (self.target)());
+                let template = match phase {
+                    Phase::Objects => "{prefix:>9} [{bar:30}] {pos}/{len} objects {msg}",
+                    Phase::Bytes => "{prefix:>9} [{bar:30}] {bytes}/{total_bytes}, {bytes_per_sec}",
+                    Phase::Waiting => "{spinner} {prefix} ({elapsed})",
+                };
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "),
+                );
+                if phase == Phase::Waiting {
+                    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                }
+                bar
+            }
         };
-        Progress { bar }
+        bar.set_prefix(stage.to_owned());
+        *current = Some((phase, bar.clone()));
+        bar
     }
 
     fn objects(&self, stage: &str, current: usize, total: usize) {
-        self.bar.set_prefix(stage.to_owned());
-        self.bar.set_length(total as u64);
-        self.bar.set_position(current as u64);
+        let bar = self.bar(Phase::Objects, stage);
+        bar.set_length(total as u64);
+        bar.set_position(current as u64);
     }
 
     fn transfer(&self, stage: &str, current: usize, total: usize, bytes: usize) -> bool {
         self.objects(stage, current, total);
-        let secs = self.bar.elapsed().as_secs_f64().max(0.001);
-        self.bar.set_message(format!(
+        let bar = self.bar(Phase::Objects, stage);
+        let secs = bar.elapsed().as_secs_f64().max(0.001);
+        bar.set_message(format!(
             "{}, {}/s",
             indicatif::HumanBytes(bytes as u64),
             indicatif::HumanBytes((bytes as f64 / secs) as u64)
@@ -847,8 +903,42 @@ impl Progress {
         true
     }
 
+    fn bytes(&self, stage: &str, current: u64, total: u64) {
+        let bar = self.bar(Phase::Bytes, stage);
+        bar.set_length(total);
+        bar.set_position(current);
+    }
+
+    /// A spinner while the VM works on something that reports no progress.
+    fn waiting(&self, what: &str) {
+        self.bar(Phase::Waiting, what);
+    }
+
     fn finish(&self) {
-        self.bar.finish_and_clear();
+        if let Some((_, bar)) = self.current.lock().unwrap().take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// A writer that reports the bytes through it as progress.
+struct Counted<W> {
+    inner: W,
+    sent: u64,
+    total: u64,
+    progress: Progress,
+}
+
+impl<W: std::io::Write> std::io::Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sent += n as u64;
+        self.progress.bytes("Sending", self.sent, self.total);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -999,6 +1089,78 @@ mod tests {
                 ("workspace/r-b", "f/b'$(x)", "/h/r\nx", tip("workspace/r-b"), 1),
             ]
         );
+    }
+
+    /// The push's preparation and the cache check run by sh with the
+    /// host's git, in a directory laid out like the VM user's home.
+    #[test]
+    fn a_missing_workspace_is_made_before_the_push_once_the_cache_has_the_tip() {
+        let home = tempfile::tempdir().unwrap();
+        let src = home.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        host_git(&src, &["init", "-q", "-b", "main"]);
+        std::fs::write(src.join("a"), "1").unwrap();
+        host_git(&src, &["add", "a"]);
+        host_git(&src, &["commit", "-q", "-m", "a"]);
+        let tip = host_git(&src, &["rev-parse", "HEAD"]);
+        let branch = "f/x'$(touch${IFS}pwned)`id`";
+        let ws = Workspace::new(&host("/h/r", "r"), branch);
+        let args = [ws.cache.as_str(), &ws.dir, branch, "/h/r", &tip];
+        let run = |script: &str, args: &[&str]| {
+            let out = std::process::Command::new("sh")
+                .current_dir(home.path())
+                .arg("-c")
+                .arg(shell::script(script, args).unwrap())
+                .output()
+                .unwrap();
+            (out.status.code(), String::from_utf8(out.stdout).unwrap())
+        };
+        // No cache, then a cache without the tip: the host must bring it.
+        assert_eq!(run(PREPARE_WORKSPACE, &args).0, Some(3));
+        assert_eq!(run(ENSURE_CACHE, &args[..2]), (Some(0), "new\n".into()));
+        assert_eq!(run(PREPARE_WORKSPACE, &args).0, Some(3));
+        let cache = home.path().join(&ws.cache);
+        host_git(&src, &["push", "-q", cache.to_str().unwrap(), "HEAD:refs/heads/other"]);
+        host_git(&cache, &["repack", "-adq"]);
+        assert_eq!(run(ENSURE_CACHE, &args[..2]), (Some(0), "missing\n".into()));
+        // The cache has it (another branch brought it): made in place.
+        assert_eq!(run(PREPARE_WORKSPACE, &args), (Some(0), "created\n".into()));
+        let dir = home.path().join(&ws.dir);
+        assert_eq!(host_git(&dir, &["rev-parse", "HEAD"]), tip);
+        assert_eq!(host_git(&dir, &["symbolic-ref", "HEAD"]), format!("refs/heads/{branch}"));
+        assert_eq!(host_git(&dir, &["config", "agent-vm.branch"]), branch);
+        assert_eq!(host_git(&dir, &["remote"]), "");
+        assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "1");
+        assert!(!home.path().join("pwned").exists() && !dir.join("pwned").exists());
+        // Present: nothing more to do.
+        assert_eq!(run(PREPARE_WORKSPACE, &args), (Some(0), String::new()));
+        assert_eq!(run(ENSURE_CACHE, &args[..2]), (Some(0), "present\n".into()));
+    }
+
+    /// What a terminal shows: each phase in turn, nothing once finished.
+    #[test]
+    fn progress_shows_each_phase_then_clears() {
+        let term = indicatif::InMemoryTerm::new(4, 100);
+        let t = term.clone();
+        let progress = Progress::drawing_to(move || indicatif::ProgressDrawTarget::term_like(Box::new(t.clone())));
+        progress.objects("Counting", 5, 10);
+        assert!(
+            term.contents().contains("Counting [") && term.contents().contains("5/10 objects"),
+            "{}",
+            term.contents()
+        );
+        progress.bytes("Sending", 3 << 20, 8 << 20);
+        let shown = term.contents();
+        assert!(shown.contains("Sending") && shown.contains("3.00 MiB/8.00 MiB"), "{shown}");
+        assert!(!shown.contains("Counting"), "{shown}");
+        progress.waiting("Checking out");
+        let shown = term.contents();
+        assert!(shown.contains("Checking out (") && !shown.contains("Sending"), "{shown}");
+        progress.finish();
+        assert_eq!(term.contents().trim(), "");
+        // A later phase draws again (a finished bar would not).
+        progress.objects("Packing", 1, 2);
+        assert!(term.contents().contains("Packing"), "{}", term.contents());
     }
 
     #[test]
