@@ -64,8 +64,9 @@ impl Remote {
     }
 
     /// [`Remote::url`], with pushes running `prepare` (a command line built
-    /// with [`crate::shell`]; its stdout goes to stderr) before receive-pack,
-    /// in the same connection, and receive-pack only if it succeeds.
+    /// with [`crate::shell`]; its stdout goes to stderr) before receive-pack
+    /// when `path` does not exist, in the same connection, and receive-pack
+    /// only if it succeeds.
     pub fn url_preparing(&self, path: &str, prepare: String) -> String {
         let url = self.url(path);
         self.prepare.lock().unwrap().insert(path.to_owned(), prepare);
@@ -142,12 +143,12 @@ impl SmartSubtransport for Subtransport {
             // No `git maintenance --auto` after each push: it costs a process
             // per push, and the agent's own commits run it anyway.
             Service::ReceivePackLs | Service::ReceivePack => {
-                shell::quote(&["git", "-c", "receive.autogc=false", "receive-pack", path]).map(
-                    |receive| match prepare {
-                        Some(prepare) => shell::then_exec(&prepare, &receive),
-                        None => receive,
-                    },
-                )
+                shell::quote(&["git", "-c", "receive.autogc=false", "receive-pack", path]).and_then(|receive| {
+                    match prepare {
+                        Some(prepare) => shell::exec_after_preparing(path, &prepare, &receive),
+                        None => Ok(receive),
+                    }
+                })
             }
         }
         .map_err(net_error)?;
