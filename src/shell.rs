@@ -46,11 +46,17 @@ pub fn script_as_root<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String>
     prefixed_script(&["sudo", "-n"], script, args)
 }
 
-/// A command line that runs `then` in the shell's place, first running
-/// `prepare` (its stdout sent to stderr) when `path` does not exist yet;
-/// `then` does not run when `prepare` fails. Both come from this module.
-pub fn exec_after_preparing(path: &str, prepare: &str, then: &str) -> Result<String> {
-    Ok(format!("[ -e {} ] || {prepare} >&2 && exec {then}", quote(&[path])?))
+/// A command line running `first` (its stdout sent to stderr) and then,
+/// only if it succeeded, `then` in the shell's place. Both come from this
+/// module.
+pub fn then_exec(first: &str, then: &str) -> String {
+    format!("{first} >&2 && exec {then}")
+}
+
+/// A command line running `command` unless `path` exists (succeeding
+/// without running it when it does).
+pub fn unless_exists(path: &str, command: &str) -> Result<String> {
+    Ok(format!("[ -e {} ] || {command}", quote(&[path])?))
 }
 
 fn prefixed_script<S: AsRef<str>>(prefix: &[&str], script: &str, args: &[S]) -> Result<String> {
@@ -127,20 +133,23 @@ mod tests {
     }
 
     #[test]
-    fn exec_after_preparing_prepares_only_what_is_missing() {
+    fn then_exec_runs_the_second_only_after_the_first_succeeded() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("it's here");
-        let run = |prepare: &str| {
-            let prepare = script(prepare, &["a b"]).unwrap();
-            let then = quote(&["printf", "then:%s", "x;y"]).unwrap();
-            let line = exec_after_preparing(path.to_str().unwrap(), &prepare, &then).unwrap();
+        let run = |first: &str, guarded: bool| {
+            let mut first = script(first, &["a b"]).unwrap();
+            if guarded {
+                first = unless_exists(path.to_str().unwrap(), &first).unwrap();
+            }
+            let line = then_exec(&first, &quote(&["printf", "then:%s", "x;y"]).unwrap());
             let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
             (out.status.code(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
         };
-        // The preparation's stdout is kept off the second one's (a protocol stream).
-        assert_eq!(run("echo \"first:$1\""), (Some(0), "then:x;y".into(), "first:a b\n".into()));
-        assert_eq!(run("echo no; exit 3"), (Some(3), String::new(), "no\n".into()));
+        // The first one's stdout is kept off the second one's (a protocol stream).
+        assert_eq!(run("echo \"first:$1\"", false), (Some(0), "then:x;y".into(), "first:a b\n".into()));
+        assert_eq!(run("echo no; exit 3", false), (Some(3), String::new(), "no\n".into()));
+        assert_eq!(run("echo no; exit 3", true), (Some(3), String::new(), "no\n".into()));
         std::fs::create_dir(&path).unwrap();
-        assert_eq!(run("echo no; exit 3"), (Some(0), "then:x;y".into(), String::new()));
+        assert_eq!(run("echo no; exit 3", true), (Some(0), "then:x;y".into(), String::new()));
     }
 }

@@ -25,8 +25,8 @@ struct Registered {
     session: Arc<Session>,
     /// What the remote git process wrote on stderr, for error messages.
     stderr: Arc<Mutex<Vec<u8>>>,
-    /// Commands run before receive-pack, by repository path.
-    prepare: Arc<Mutex<HashMap<String, String>>>,
+    /// Commands run before the git program, by the number in their URL.
+    steps: Arc<Mutex<Vec<String>>>,
 }
 
 static REGISTRY: Mutex<Option<HashMap<u64, Registered>>> = Mutex::new(None);
@@ -36,7 +36,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub struct Remote {
     id: u64,
     stderr: Arc<Mutex<Vec<u8>>>,
-    prepare: Arc<Mutex<HashMap<String, String>>>,
+    steps: Arc<Mutex<Vec<String>>>,
 }
 
 impl Remote {
@@ -45,32 +45,32 @@ impl Remote {
         register_scheme()?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let stderr = Arc::new(Mutex::new(Vec::new()));
-        let prepare = Arc::new(Mutex::new(HashMap::new()));
+        let steps = Arc::new(Mutex::new(Vec::new()));
         REGISTRY
             .lock()
             .unwrap()
             .get_or_insert_with(HashMap::new)
-            .insert(id, Registered { session, stderr: stderr.clone(), prepare: prepare.clone() });
-        Ok(Remote { id, stderr, prepare })
+            .insert(id, Registered { session, stderr: stderr.clone(), steps: steps.clone() });
+        Ok(Remote { id, stderr, steps })
     }
 
-    /// The URL of the repository at `path` (relative to the VM home), pushed
-    /// to by plain receive-pack. Paths are ones agent-vm derives, never raw
-    /// user input.
+    /// The URL of the repository at `path` (relative to the VM home). Paths
+    /// are ones agent-vm derives, never raw user input.
     pub fn url(&self, path: &str) -> String {
         debug_assert!(path.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c)), "{path}");
-        self.prepare.lock().unwrap().remove(path);
         format!("{SCHEME}://{}/{path}", self.id)
     }
 
-    /// [`Remote::url`], with pushes running `prepare` (a command line built
-    /// with [`crate::shell`]; its stdout goes to stderr) before receive-pack
-    /// when `path` does not exist, in the same connection, and receive-pack
-    /// only if it succeeds.
-    pub fn url_preparing(&self, path: &str, prepare: String) -> String {
-        let url = self.url(path);
-        self.prepare.lock().unwrap().insert(path.to_owned(), prepare);
-        url
+    /// [`Remote::url`], with `step` (a command line built with
+    /// [`crate::shell`]) run first in the same connection: its stdout joins
+    /// the remote stderr ([`Remote::take_stderr`]), and the git program runs
+    /// only if it succeeds. One connection instead of two on a slow VM.
+    pub fn url_with_step(&self, path: &str, step: String) -> String {
+        let mut steps = self.steps.lock().unwrap();
+        steps.push(step);
+        let n = steps.len() - 1;
+        debug_assert!(path.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c)), "{path}");
+        format!("{SCHEME}://{}.{n}/{path}", self.id)
     }
 
     /// What the remote git wrote on stderr so far (taken, not copied).
@@ -129,29 +129,40 @@ impl SmartSubtransport for Subtransport {
             .strip_prefix(&format!("{SCHEME}://"))
             .ok_or_else(|| net_error(format!("not an agent-vm URL: {url}")))?;
         let (id, path) = rest.split_once('/').ok_or_else(|| net_error(format!("no path in {url}")))?;
-        let id: u64 = id.parse().map_err(|_| net_error(format!("bad session in {url}")))?;
-        let (session, stderr, prepare) = {
+        let (id, step) = match id.split_once('.') {
+            Some((id, step)) => (id, Some(step)),
+            None => (id, None),
+        };
+        let bad = || net_error(format!("bad session in {url}"));
+        let id: u64 = id.parse().map_err(|_| bad())?;
+        let (session, stderr, step) = {
             let registry = REGISTRY.lock().unwrap();
             let reg = registry
                 .as_ref()
                 .and_then(|m| m.get(&id))
                 .ok_or_else(|| net_error("the SSH session for this transfer is gone"))?;
-            (reg.session.clone(), reg.stderr.clone(), reg.prepare.lock().unwrap().get(path).cloned())
+            let step = match step {
+                Some(n) => {
+                    let n: usize = n.parse().map_err(|_| bad())?;
+                    Some(reg.steps.lock().unwrap().get(n).cloned().ok_or_else(bad)?)
+                }
+                None => None,
+            };
+            (reg.session.clone(), reg.stderr.clone(), step)
         };
-        let command = match action {
-            Service::UploadPackLs | Service::UploadPack => shell::quote(&["git-upload-pack", path]),
+        let argv: &[&str] = match action {
+            Service::UploadPackLs | Service::UploadPack => &["git-upload-pack", path],
             // No `git maintenance --auto` after each push: it costs a process
             // per push, and the agent's own commits run it anyway.
             Service::ReceivePackLs | Service::ReceivePack => {
-                shell::quote(&["git", "-c", "receive.autogc=false", "receive-pack", path]).and_then(|receive| {
-                    match prepare {
-                        Some(prepare) => shell::exec_after_preparing(path, &prepare, &receive),
-                        None => Ok(receive),
-                    }
-                })
+                &["git", "-c", "receive.autogc=false", "receive-pack", path]
             }
-        }
-        .map_err(net_error)?;
+        };
+        let program = shell::quote(argv).map_err(net_error)?;
+        let command = match step {
+            Some(step) => shell::then_exec(&step, &program),
+            None => program,
+        };
         let pipe = Arc::new(Mutex::new(Pipe::open(session, command, stderr)?));
         *current = Some(pipe.clone());
         Ok(Box::new(Stream(pipe)))

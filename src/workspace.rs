@@ -252,17 +252,23 @@ for f in pack/*.pack pack/*.idx; do
   if [ -f "$f" ]; then mv -f -- "$f" "$o/pack/"; fi
 done"#;
 
-/// $1 workspace, $2 branch: "absent", or "present" then what `git status
-/// --porcelain=v2 --branch` says (its "# branch.*" headers, then one line
-/// per uncommitted change), then "# tip <commit or ->" when the branch is
-/// not the one checked out. One git process in the usual case: each costs
-/// on a slow guest.
+/// $1 workspace, $2 branch: "absent", or "present" then the "# branch.*"
+/// headers of `git status --porcelain=v2 --branch`, "# changes <how many
+/// uncommitted>", and "# tip <commit or ->" when the branch is not the one
+/// checked out. One git process in the usual case: each costs on a slow
+/// guest.
 macro_rules! probe {
     () => {
         r##"if [ ! -d "$1/.git" ]; then echo absent; else
 echo present
 s=$(git -C "$1" status --porcelain=v2 --branch 2>/dev/null) || s=
-printf '%s\n' "$s"
+n=0
+while IFS= read -r l; do
+  case $l in "# "*) printf '%s\n' "$l" ;; ?*) n=$((n+1)) ;; esac
+done <<EOF
+$s
+EOF
+echo "# changes $n"
 case "
 $s
 " in
@@ -275,6 +281,15 @@ fi"##
     };
 }
 const PROBE: &str = probe!();
+
+/// [`PROBE`] run before a fetch's upload-pack, in its connection, then an
+/// end marker: git's own messages follow it.
+macro_rules! end_of_probe {
+    () => {
+        "# end of probe"
+    };
+}
+const PROBE_BEFORE_FETCH: &str = concat!(probe!(), "\necho '", end_of_probe!(), "'");
 
 /// $1 workspace: delete it.
 const REMOVE: &str = r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
@@ -401,7 +416,7 @@ impl Vm {
         let args = [ws.cache.as_str(), &ws.dir, &ws.branch, &label, &t];
         let spec = format!("refs/heads/{0}:refs/heads/{0}", ws.branch);
         let guard = Guard { refname: format!("refs/heads/{}", ws.branch), tip };
-        let prepare = shell::script(PREPARE_WORKSPACE, &args)?;
+        let prepare = shell::unless_exists(&ws.dir, &shell::script(PREPARE_WORKSPACE, &args)?)?;
         // A new workspace may be checked out before the push can start.
         progress.waiting("Preparing the workspace in the VM");
         let pushed = match self.git_push(host, &ws.dir, Some(prepare), &spec, progress, Some(guard)).await {
@@ -518,7 +533,7 @@ impl Vm {
     ) -> Result<Option<Pushed>> {
         let preparing = prepare.is_some();
         let url = match prepare {
-            Some(prepare) => self.remote.url_preparing(path, prepare),
+            Some(prepare) => self.remote.url_with_step(path, prepare),
             None => self.remote.url(path),
         };
         let git_dir = host.git_dir.clone();
@@ -558,9 +573,11 @@ impl Vm {
     }
 
     /// Fetches the workspace's branch into `refs/remotes/agent-vm/<branch>`
-    /// (that ref only: no tags, no other refs) and returns its new tip.
-    pub async fn fetch(&self, host: &HostRepo, ws: &Workspace, progress: &Progress) -> Result<Oid> {
-        let url = self.remote.url(&ws.dir);
+    /// (that ref only: no tags, no other refs). Returns what the VM said of
+    /// the workspace just before (asked in the same connection: uncommitted
+    /// changes are counted there) and how the fetch went: its new tip.
+    pub async fn fetch(&self, host: &HostRepo, ws: &Workspace, progress: &Progress) -> Result<(Probe, Result<Oid>)> {
+        let url = self.remote.url_with_step(&ws.dir, shell::script(PROBE_BEFORE_FETCH, &[&ws.dir, &ws.branch])?);
         let git_dir = host.git_dir.clone();
         let tracking = HostRepo::tracking_ref(&ws.branch);
         let refspec = format!("+refs/heads/{}:{tracking}", ws.branch);
@@ -585,7 +602,14 @@ impl Vm {
         .await?;
         progress.finish();
         let stderr = self.remote.take_stderr();
-        result.map_err(|e| with_remote_stderr(e, &stderr))
+        let (said, git_stderr) = split_probe(&stderr, &ws.branch);
+        let result = result.map_err(|e| with_remote_stderr(e, git_stderr));
+        match said {
+            Some(probe) => Ok((probe, result)),
+            None => Err(result
+                .err()
+                .unwrap_or_else(|| anyhow!("unexpected answer from the VM while inspecting {}", ws.dir))),
+        }
     }
 
     pub async fn remove(&self, ws: &Workspace) -> Result<()> {
@@ -692,7 +716,7 @@ fn parse_probe(out: &str, branch: &str) -> Option<Probe> {
         "present" => {}
         _ => return None,
     }
-    let (mut head, mut head_oid, mut tip, mut changes) = (None, None, None, 0);
+    let (mut head, mut head_oid, mut tip, mut changes) = (None, None, None, None);
     for line in lines {
         if let Some(oid) = line.strip_prefix("# branch.oid ") {
             head_oid = parse_oid(oid).ok();
@@ -700,16 +724,28 @@ fn parse_probe(out: &str, branch: &str) -> Option<Probe> {
             head = Some(name);
         } else if let Some(t) = line.strip_prefix("# tip ") {
             tip = Some(if t == "-" { None } else { Some(parse_oid(t).ok()?) });
-        } else if !line.starts_with('#') && !line.is_empty() {
-            changes += 1;
+        } else if let Some(n) = line.strip_prefix("# changes ") {
+            changes = Some(n.parse().ok()?);
         }
     }
+    let changes = changes?;
     let tip = match tip {
         Some(t) => t,
         None if head == Some(branch) => head_oid,
         None => return None,
     };
     Some(Probe::Present { tip, changes })
+}
+
+/// What [`PROBE_BEFORE_FETCH`] said, and the remote git's messages after it.
+fn split_probe<'a>(stderr: &'a str, branch: &str) -> (Option<Probe>, &'a str) {
+    match stderr
+        .split_once(concat!("\n", end_of_probe!(), "\n"))
+        .or_else(|| stderr.strip_suffix(concat!("\n", end_of_probe!())).map(|said| (said, "")))
+    {
+        Some((said, rest)) => (parse_probe(said, branch), rest),
+        None => (None, stderr),
+    }
 }
 
 fn ser_oid<S: serde::Serializer>(oid: &Option<Oid>, s: S) -> Result<S::Ok, S::Error> {
@@ -1048,6 +1084,35 @@ mod tests {
         // Nonsense from the VM is refused, not guessed at.
         assert_eq!(parse_probe("present\n# tip nonsense\n", "b"), None);
         assert_eq!(parse_probe("maybe\n", "b"), None);
+    }
+
+    /// The probe a fetch runs first, by sh with the host's git, then what
+    /// upload-pack would say: the two are told apart.
+    #[test]
+    fn the_probe_before_a_fetch_is_told_apart_from_git() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ws = tmp.path().join("ws");
+        std::fs::create_dir(&ws).unwrap();
+        host_git(&ws, &["init", "-q", "-b", "b"]);
+        std::fs::write(ws.join("a"), "1").unwrap();
+        host_git(&ws, &["add", "a"]);
+        host_git(&ws, &["commit", "-q", "-m", "a"]);
+        let head = Oid::from_str(&host_git(&ws, &["rev-parse", "HEAD"])).unwrap();
+        std::fs::write(ws.join("new"), "x").unwrap();
+        let run = |dir: &Path, git_says: &str| {
+            let probe = shell::script(PROBE_BEFORE_FETCH, &[dir.to_str().unwrap(), "b"]).unwrap();
+            let git = shell::script("printf '%s' \"$1\" >&2", &[git_says]).unwrap();
+            let out = std::process::Command::new("sh").arg("-c").arg(shell::then_exec(&probe, &git)).output().unwrap();
+            assert!(out.stdout.is_empty());
+            // Trimmed, as the transport hands it over.
+            String::from_utf8(out.stderr).unwrap().trim().to_owned()
+        };
+        let text = run(&ws, "");
+        assert_eq!(split_probe(&text, "b"), (Some(Probe::Present { tip: Some(head), changes: 1 }), ""));
+        let text = run(&tmp.path().join("gone"), "fatal: not a git repository");
+        assert_eq!(split_probe(&text, "b"), (Some(Probe::Absent), "fatal: not a git repository"));
+        // No marker: the probe did not finish; git's words are all there is.
+        assert_eq!(split_probe("fatal: x", "b"), (None, "fatal: x"));
     }
 
     /// The listing script run by sh with the host's git, in a directory

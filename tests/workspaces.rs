@@ -247,6 +247,10 @@ fn clean_refuses_to_drop_unfetched_commits(w: &World, repo: &Path) {
     w.run_in(repo, &["clean", "doomed", "--yes", "--force"]).ok();
     assert_ne!(w.guest_args("test -d \"$1\"", &[&ws]).code, Some(0));
     w.run_in(repo, &["clean", "doomed", "--yes"]).fails_with("no workspace");
+    // Nothing to fetch from: said so, and the host branch is left as it was.
+    let before = head_of(repo, "refs/heads/doomed");
+    w.run_in(repo, &["fetch", "doomed"]).fails_with("there is no workspace for \"doomed\"");
+    assert_eq!(head_of(repo, "refs/heads/doomed"), before);
 }
 
 fn status_lists_workspaces(w: &World, repo: &Path) {

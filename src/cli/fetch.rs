@@ -33,11 +33,8 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
 pub(super) async fn fetch_branch(ctx: &Context, host: &HostRepo, vm: &Vm, branch: &str) -> Result<ExitCode> {
     let _lock = host.lock_branch(branch, &ctx.ui)?;
     let ws = Workspace::new(host, branch);
-    // Counting uncommitted changes walks the VM's tree: do it while the
-    // commits travel.
-    let progress = Progress::new(&ctx.ui);
-    let (probe, fetched) = tokio::join!(vm.probe(&ws), vm.fetch(host, &ws, &progress));
-    match probe? {
+    let (probe, fetched) = vm.fetch(host, &ws, &Progress::new(&ctx.ui)).await?;
+    match probe {
         Probe::Absent => bail!("there is no workspace for {branch:?} in the VM; `agent-vm push {branch}` creates one"),
         Probe::Present { tip: None, .. } => {
             bail!("the workspace ~/{} has no branch {branch:?} (did the agent delete or rename it?)", ws.dir)
