@@ -1055,6 +1055,17 @@ mod tests {
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
+    /// A new repository at `dir` on `branch`, with file `a` ("1")
+    /// committed; returns the commit.
+    fn one_commit(dir: &Path, branch: &str) -> String {
+        std::fs::create_dir_all(dir).unwrap();
+        host_git(dir, &["init", "-q", "-b", branch]);
+        std::fs::write(dir.join("a"), "1").unwrap();
+        host_git(dir, &["add", "a"]);
+        host_git(dir, &["commit", "-q", "-m", "a"]);
+        host_git(dir, &["rev-parse", "HEAD"])
+    }
+
     /// The probe script run by sh with the host's git, as the VM runs it.
     #[test]
     fn probe_reports_tip_and_changes() {
@@ -1092,12 +1103,7 @@ mod tests {
     fn the_probe_before_a_fetch_is_told_apart_from_git() {
         let tmp = tempfile::tempdir().unwrap();
         let ws = tmp.path().join("ws");
-        std::fs::create_dir(&ws).unwrap();
-        host_git(&ws, &["init", "-q", "-b", "b"]);
-        std::fs::write(ws.join("a"), "1").unwrap();
-        host_git(&ws, &["add", "a"]);
-        host_git(&ws, &["commit", "-q", "-m", "a"]);
-        let head = Oid::from_str(&host_git(&ws, &["rev-parse", "HEAD"])).unwrap();
+        let head = Oid::from_str(&one_commit(&ws, "b")).unwrap();
         std::fs::write(ws.join("new"), "x").unwrap();
         let run = |dir: &Path, git_says: &str| {
             let probe = shell::script(PROBE_BEFORE_FETCH, &[dir.to_str().unwrap(), "b"]).unwrap();
@@ -1162,12 +1168,7 @@ mod tests {
     fn a_missing_workspace_is_made_before_the_push_once_the_cache_has_the_tip() {
         let home = tempfile::tempdir().unwrap();
         let src = home.path().join("src");
-        std::fs::create_dir(&src).unwrap();
-        host_git(&src, &["init", "-q", "-b", "main"]);
-        std::fs::write(src.join("a"), "1").unwrap();
-        host_git(&src, &["add", "a"]);
-        host_git(&src, &["commit", "-q", "-m", "a"]);
-        let tip = host_git(&src, &["rev-parse", "HEAD"]);
+        let tip = one_commit(&src, "main");
         let branch = "f/x'$(touch${IFS}pwned)`id`";
         let ws = Workspace::new(&host("/h/r", "r"), branch);
         let args = [ws.cache.as_str(), &ws.dir, branch, "/h/r", &tip];
