@@ -418,7 +418,7 @@ impl Vm {
         let guard = Guard { refname: format!("refs/heads/{}", ws.branch), tip };
         let prepare = shell::unless_exists(&ws.dir, &shell::script(PREPARE_WORKSPACE, &args)?)?;
         // A new workspace may be checked out before the push can start.
-        progress.waiting("Preparing the workspace in the VM");
+        progress.waiting("Opening the workspace in the VM");
         let pushed = match self.git_push(host, &ws.dir, Some(prepare), &spec, progress, Some(guard)).await {
             Ok(pushed) => pushed,
             Err(e) => {
