@@ -57,8 +57,12 @@ impl Remote {
     /// The URL of the repository at `path` (relative to the VM home). Paths
     /// are ones agent-vm derives, never raw user input.
     pub fn url(&self, path: &str) -> String {
+        self.url_keyed(&self.id.to_string(), path)
+    }
+
+    fn url_keyed(&self, key: &str, path: &str) -> String {
         debug_assert!(path.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c)), "{path}");
-        format!("{SCHEME}://{}/{path}", self.id)
+        format!("{SCHEME}://{key}/{path}")
     }
 
     /// [`Remote::url`], with `step` (a command line built with
@@ -68,9 +72,7 @@ impl Remote {
     pub fn url_with_step(&self, path: &str, step: String) -> String {
         let mut steps = self.steps.lock().unwrap();
         steps.push(step);
-        let n = steps.len() - 1;
-        debug_assert!(path.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c)), "{path}");
-        format!("{SCHEME}://{}.{n}/{path}", self.id)
+        self.url_keyed(&format!("{}.{}", self.id, steps.len() - 1), path)
     }
 
     /// What the remote git wrote on stderr so far (taken, not copied).

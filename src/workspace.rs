@@ -362,7 +362,9 @@ fn push_through(remote: &mut git2::Remote, refspec: &str, bar: &Progress) -> Res
         }
         Ok(())
     });
-    callbacks.pack_progress(|_stage, current, total| bar.objects("Packing", current, total));
+    callbacks.pack_progress(|_stage, current, total| {
+        bar.objects("Packing", current, total);
+    });
     callbacks.push_transfer_progress(|current, total, bytes| {
         bar.transfer("Pushing", current, total, bytes);
     });
@@ -662,8 +664,9 @@ async fn branch_pack(
     let written = tokio::task::spawn_blocking(move || -> Result<_> {
         let repo = Repository::open(&git_dir)?;
         let dir = tempfile::tempdir()?;
-        let written =
-            crate::pack::write_branch_pack(&repo, tip, dir.path(), &|stage, n, total| bar.objects(stage, n, total))?;
+        let written = crate::pack::write_branch_pack(&repo, tip, dir.path(), &|stage, n, total| {
+            bar.objects(stage, n, total);
+        })?;
         tracing::debug!(objects = written.objects, reused = written.reused, "branch pack written");
         let name = |path: &Path| format!("pack/{}", path.file_name().unwrap_or_default().to_string_lossy());
         let files = vec![(name(&written.pack), written.pack.clone()), (name(&written.idx), written.idx.clone())];
@@ -921,15 +924,15 @@ impl Progress {
         bar
     }
 
-    fn objects(&self, stage: &str, current: usize, total: usize) {
+    fn objects(&self, stage: &str, current: usize, total: usize) -> indicatif::ProgressBar {
         let bar = self.bar(Phase::Objects, stage);
         bar.set_length(total as u64);
         bar.set_position(current as u64);
+        bar
     }
 
     fn transfer(&self, stage: &str, current: usize, total: usize, bytes: usize) -> bool {
-        self.objects(stage, current, total);
-        let bar = self.bar(Phase::Objects, stage);
+        let bar = self.objects(stage, current, total);
         let secs = bar.elapsed().as_secs_f64().max(0.001);
         bar.set_message(format!(
             "{}, {}/s",

@@ -209,7 +209,6 @@ pub fn host_cmdlines() -> String {
         .collect()
 }
 
-/// The fields of `git for-each-ref`, one line a ref, for before/after checks.
 /// `len` incompressible bytes (xorshift from `seed`).
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut data = vec![0u8; len];
@@ -223,6 +222,7 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// The fields of `git for-each-ref`, one line a ref, for before/after checks.
 pub fn refs(dir: &Path) -> Vec<String> {
     git(dir, &["for-each-ref", "--format=%(refname) %(objectname)"]).lines().map(str::to_owned).collect()
 }
