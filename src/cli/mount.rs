@@ -11,6 +11,11 @@ use super::Context;
 /// repositories there instead of obeying config and hooks the agent wrote;
 /// set AGENT_VM_MOUNT_OWNED_BY_ME=1 to opt out if you trust the VM. A stale
 /// mount (VM restarted) is replaced. `connect` mounts automatically.
+///
+/// Names and attributes are cached for up to 20 s, so a file the agent
+/// creates or changes can take that long to show up here. Run tools that
+/// read many files (search, builds, tests) in the VM with `agent-vm connect
+/// BRANCH -- CMD`: each file read through the mount is a few round trips.
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
