@@ -87,6 +87,14 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         let mut ssh = std::process::Command::new("ssh");
         ssh.arg("-F").arg(&endpoint.config_file);
         ssh.arg(if interactive { "-t" } else { "-T" });
+        // A connection of its own: Lima's ssh.config shares one master
+        // connection (ControlMaster auto, ControlPersist), and a session on
+        // a master opened by someone else (Lima's host agent does at boot,
+        // before provisioning sets sshd's AcceptEnv) silently loses the
+        // variables below. Nothing of the host is forwarded, whatever the
+        // user's own ssh config says for `Host *`.
+        ssh.args(["-o", "ControlMaster=no", "-o", "ControlPath=none"]);
+        ssh.args(["-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes"]);
         for (name, _) in &env {
             ssh.arg("-o").arg(format!("SendEnv={name}"));
         }

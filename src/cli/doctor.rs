@@ -39,7 +39,8 @@ pub async fn run(_ctx: &Context, args: Args) -> Result<ExitCode> {
         "install Lima from https://lima-vm.io/docs/installation/ (or set AGENT_VM_LIMACTL)".to_owned()
     };
     let checks = vec![
-        tool("limactl", limactl, &["--version"], true, lima_fix),
+        user(),
+        lima(limactl, lima_fix),
         tool("ssh", find_on_path("ssh"), &["-V"], true, install("openssh", "openssh-client")),
         tool("sshfs", find_on_path("sshfs"), &["--version"], true, install("gromgit/fuse/sshfs-mac", "sshfs")),
         fuse(),
@@ -65,6 +66,70 @@ pub async fn run(_ctx: &Context, args: Args) -> Result<ExitCode> {
         }
     }
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// agent-vm runs as the user: limactl exits at once as root, and the VM's
+/// user takes the host user's name and uid.
+fn user() -> Check {
+    let root = crate::vm::is_root();
+    Check {
+        name: "user",
+        ok: !root,
+        required: true,
+        detail: if root { "running as root".to_owned() } else { whoami::username().unwrap_or_default() },
+        fix: root.then(|| "run agent-vm as your own user: limactl refuses to run as root".to_owned()),
+    }
+}
+
+/// limactl runs, and is at least the template's `minimumLimaVersion`.
+fn lima(path: Option<PathBuf>, install_fix: String) -> Check {
+    let mut check = tool("limactl", path.clone(), &["--version"], true, install_fix);
+    let Some(path) = path.filter(|_| check.ok) else { return check };
+    let out = Command::new(&path).arg("--version").stdin(Stdio::null()).output();
+    let said = match &out {
+        Ok(o) => String::from_utf8_lossy(if o.stdout.is_empty() { &o.stderr } else { &o.stdout }).trim().to_owned(),
+        Err(e) => format!("cannot run: {e}"),
+    };
+    let minimum = minimum_lima_version();
+    let problem = match (&out, parse_version(&said)) {
+        (Ok(o), _) if !o.status.success() => {
+            Some(format!("`limactl --version` failed: {}", crate::workspace::printable(&said)))
+        }
+        (Err(_), _) => Some(said.clone()),
+        (_, None) => Some(format!("cannot tell the version from {:?}", crate::workspace::printable(&said))),
+        (_, Some(v)) if minimum.is_some_and(|m| v < m) => {
+            let m = minimum.unwrap();
+            Some(format!(
+                "Lima {}.{}.{} is older than {}.{}.{}, which agent-vm's template needs",
+                v.0, v.1, v.2, m.0, m.1, m.2
+            ))
+        }
+        _ => None,
+    };
+    if let Some(problem) = problem {
+        check.ok = false;
+        check.detail = format!("{} ({problem})", path.display());
+        check.fix = Some("install a current Lima: https://lima-vm.io/docs/installation/".to_owned());
+    }
+    check
+}
+
+type Version = (u64, u64, u64);
+
+/// The first `X.Y[.Z]` in a version line (`limactl version 2.2.0`, `v2.2.0-3-gabc`).
+fn parse_version(text: &str) -> Option<Version> {
+    text.split(|c: char| !(c.is_ascii_digit() || c == '.')).find_map(|word| {
+        let mut parts = word.split('.').map(|p| p.parse::<u64>().ok());
+        let (major, minor) = (parts.next()??, parts.next()??);
+        Some((major, minor, parts.next().flatten().unwrap_or(0)))
+    })
+}
+
+fn minimum_lima_version() -> Option<Version> {
+    crate::provision::TEMPLATE
+        .lines()
+        .find_map(|l| l.strip_prefix("minimumLimaVersion:"))
+        .and_then(|v| parse_version(v.trim().trim_matches('"')))
 }
 
 fn tool(name: &'static str, path: Option<PathBuf>, version_args: &[&str], required: bool, fix: String) -> Check {
@@ -107,4 +172,18 @@ fn fuse() -> Check {
         (dev && helper.is_some(), detail, "sudo apt-get install fuse3")
     };
     Check { name: "fuse", ok, required: true, detail, fix: (!ok).then(|| fix.to_owned()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_from_what_limactl_says() {
+        assert_eq!(parse_version("limactl version 2.2.0"), Some((2, 2, 0)));
+        assert_eq!(parse_version("limactl version v2.2.0-153-g183a60d7"), Some((2, 2, 0)));
+        assert_eq!(parse_version("limactl version 1.10"), Some((1, 10, 0)));
+        assert_eq!(parse_version("limactl version <unknown>"), None);
+        assert!(minimum_lima_version().is_some(), "the template names its minimum Lima version");
+    }
 }

@@ -17,6 +17,7 @@ mod snapshot;
 mod ssh_config;
 mod start;
 mod status;
+mod stop;
 mod unmount;
 
 use std::process::ExitCode;
@@ -63,6 +64,7 @@ struct Global {
 #[derive(Debug, Subcommand)]
 enum Command {
     Start(start::Args),
+    Stop(stop::Args),
     Status(status::Args),
     Connect(connect::Args),
     Push(push::Args),
@@ -109,6 +111,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Start(args) => start::run(&ctx, args).await,
+            Command::Stop(args) => stop::run(&ctx, args).await,
             Command::Status(args) => status::run(&ctx, args).await,
             Command::Connect(args) => connect::run(&ctx, args).await,
             Command::Push(args) => push::run(&ctx, args).await,

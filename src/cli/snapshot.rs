@@ -80,7 +80,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         // The mount would go stale with the VM: detach it now.
         super::unmount(backend.as_ref(), true)?;
         ctx.ui.say(&format!("Stopping VM '{}' for the snapshot…", backend.instance()));
-        backend.stop()?;
+        backend.stop(false)?;
     }
     let result = match &args.op {
         Op::Create { name } => snapshots.create(name).map(|_| format!("Saved snapshot {name:?}.")),

@@ -67,11 +67,15 @@ fn write_entry(instance: &str, endpoint: &Endpoint) -> Result<PathBuf> {
     Ok(file)
 }
 
-/// The Host entry, from what agent-vm itself connects with.
+/// The Host entry, from what agent-vm itself connects with. It comes first
+/// in ~/.ssh/config (the Include is the top line) and OpenSSH takes the
+/// first value it reads, so a `Host *` with `ForwardAgent yes` below it
+/// forwards nothing into the VM.
 fn entry(instance: &str, ep: &Endpoint) -> Result<String> {
     let mut out = format!(
         "# agent-vm instance '{instance}' (rewritten by agent-vm when it starts the VM)\nHost {instance}\n  \
-         HostName {}\n  Port {}\n  User {}\n  IdentitiesOnly yes\n",
+         HostName {}\n  Port {}\n  User {}\n  IdentitiesOnly yes\n  \
+         ForwardAgent no\n  ForwardX11 no\n  ClearAllForwardings yes\n",
         value(Path::new(&ep.host))?,
         ep.port,
         value(Path::new(&ep.user))?

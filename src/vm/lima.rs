@@ -32,6 +32,8 @@ struct ListEntry {
     disk: Option<u64>,
     ssh_local_port: Option<u16>,
     vm_type: Option<String>,
+    #[serde(default)]
+    errors: Vec<String>,
 }
 
 impl Lima {
@@ -53,7 +55,15 @@ impl Lima {
                 )
             })?,
         };
-        Ok(Lima { limactl, home: lima_home()?, instance: instance.to_owned(), verbose })
+        let home = lima_home()?;
+        check_socket_path(&home, instance)?;
+        if is_root() {
+            bail!(
+                "agent-vm is running as root, and limactl refuses to run as root: run agent-vm as your own user \
+                 (the VM's user gets your login name and uid)"
+            );
+        }
+        Ok(Lima { limactl, home, instance: instance.to_owned(), verbose })
     }
 
     fn dir(&self) -> PathBuf {
@@ -87,7 +97,8 @@ impl Lima {
         for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
             let line = line.unwrap_or_default();
             if self.verbose {
-                eprintln!("  {}", lima_message(&line));
+                // Lima relays guest output in some lines: never raw escapes.
+                eprintln!("  {}", crate::workspace::printable(&lima_message(&line)));
             }
             tail.push(line);
             if tail.len() > 30 {
@@ -97,23 +108,70 @@ impl Lima {
         let status = child.wait()?;
         let _ = out_thread.join();
         if !status.success() {
-            let said: Vec<String> = tail.iter().map(|l| lima_message(l)).collect();
+            let said: Vec<String> = tail.iter().map(|l| crate::workspace::printable(&lima_message(l))).collect();
             bail!("{what} failed: limactl {} exited with {status}:\n  {}", args.join(" "), said.join("\n  "));
         }
         Ok(())
     }
 }
 
-/// Lima logs logfmt lines (`time=… level=info msg="…"`): show the message.
-fn lima_message(line: &str) -> String {
-    match line.find("msg=") {
-        Some(i) => {
-            let rest = &line[i + 4..];
-            let msg = rest.strip_prefix('"').and_then(|r| r.rfind('"').map(|end| &r[..end])).unwrap_or(rest);
-            msg.replace("\\\"", "\"")
+impl Lima {
+    /// `limactl start`, which can fail while the VM keeps running: when a
+    /// requirement (SSH, the guest agent, the boot scripts) times out, Lima
+    /// calls the VM "degraded" and exits 1, and when `--timeout` expires it
+    /// gives up waiting but leaves the VM up. Say which it is and what to do.
+    fn run_start(&self, args: &[String], what: &str, creating: bool) -> Result<()> {
+        let Err(err) = self.run(args, what) else { return Ok(()) };
+        let running = matches!(self.inspect(), Ok(Some(i)) if i.state == State::Running);
+        if !running {
+            return Err(err);
         }
-        None => line.to_owned(),
+        let log = self.dir().join("ha.stderr.log");
+        let next = if creating {
+            "agent-vm did not provision it. Look at the log, then either `agent-vm provision` (to use it as it is) \
+             or `agent-vm destroy` and `agent-vm start` (to create it again)"
+        } else {
+            "Look at the log, then `agent-vm stop` and `agent-vm start` to boot it again"
+        };
+        Err(err.context(format!(
+            "VM '{}' is running, but Lima did not finish starting it (degraded or timed out), so agent-vm does not \
+             use it: Lima's log is {}. {next}",
+            self.instance,
+            log.display()
+        )))
     }
+}
+
+/// Lima logs logfmt lines (`time=… level=info msg="…" key=value…`): show
+/// the message, then any fields after it (an `error=` says what failed).
+fn lima_message(line: &str) -> String {
+    let Some(i) = line.find("msg=") else { return line.to_owned() };
+    let (msg, rest) = logfmt_value(&line[i + 4..]);
+    let fields = rest.trim();
+    if fields.is_empty() { msg } else { format!("{msg} ({fields})") }
+}
+
+/// One logfmt value (quoted with `\"` escapes, or bare up to a space) and
+/// what follows it.
+fn logfmt_value(s: &str) -> (String, &str) {
+    let Some(quoted) = s.strip_prefix('"') else {
+        let end = s.find(' ').unwrap_or(s.len());
+        return (s[..end].to_owned(), &s[end..]);
+    };
+    let mut out = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return (out, &quoted[i + 1..]),
+            '\\' => match chars.next() {
+                Some((_, 'n')) => out.push(' '),
+                Some((_, c)) => out.push(c),
+                None => break,
+            },
+            c => out.push(c),
+        }
+    }
+    (out, "")
 }
 
 impl Backend for Lima {
@@ -151,6 +209,7 @@ impl Backend for Lima {
                 memory_bytes: entry.memory,
                 disk_bytes: entry.disk,
                 vm_type: entry.vm_type,
+                errors: entry.errors,
             }));
         }
         Ok(None)
@@ -171,16 +230,21 @@ impl Backend for Lima {
             args.push("--set=.nestedVirtualization = true".to_owned());
         }
         args.push(template.display().to_string());
-        self.run(&args, &format!("creating VM '{}'", self.instance))
+        self.run_start(&args, &format!("creating VM '{}'", self.instance), true)
     }
 
     fn start(&self) -> Result<()> {
         let args = vec!["start".to_owned(), "--timeout=30m".to_owned(), self.instance.clone()];
-        self.run(&args, &format!("starting VM '{}'", self.instance))
+        self.run_start(&args, &format!("starting VM '{}'", self.instance), false)
     }
 
-    fn stop(&self) -> Result<()> {
-        self.run(&["stop".to_owned(), self.instance.clone()], &format!("stopping VM '{}'", self.instance))
+    fn stop(&self, force: bool) -> Result<()> {
+        let mut args = vec!["stop".to_owned()];
+        if force {
+            args.push("--force".to_owned());
+        }
+        args.push(self.instance.clone());
+        self.run(&args, &format!("stopping VM '{}'", self.instance))
     }
 
     fn delete(&self) -> Result<()> {
@@ -283,6 +347,33 @@ fn nested_virtualization_available() -> bool {
         })
 }
 
+/// The longest Unix socket path the OS takes (`sun_path`, with its NUL).
+const SOCKET_PATH_MAX: usize = if cfg!(target_os = "macos") { 104 } else { 108 };
+
+/// Lima keeps sockets in the instance directory (`ssh.sock`, and a
+/// temporary `ssh.sock.<16 digits>` while OpenSSH sets the master up), and
+/// refuses to create an instance whose longest one would not fit; check it
+/// first, with a message that says what to shorten.
+fn check_socket_path(home: &Path, instance: &str) -> Result<()> {
+    let longest = home.join(instance).join("ssh.sock.1234567890123456");
+    let len = longest.as_os_str().len();
+    if len >= SOCKET_PATH_MAX {
+        bail!(
+            "instance name {instance:?} is too long for LIMA_HOME {}: Lima's SSH socket would be {} (a {len}-byte path), \
+             and this OS takes Unix socket paths under {SOCKET_PATH_MAX} bytes. Choose a shorter --instance name or a \
+             shorter LIMA_HOME",
+            home.display(),
+            home.join(instance).join("ssh.sock").display()
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Lima's Host alias for an instance: `lima-<name>` with `.` and `_` as `-`.
 pub fn host_alias(instance: &str) -> String {
     format!("lima-{}", instance.replace(['.', '_'], "-"))
@@ -313,11 +404,25 @@ mod tests {
     }
 
     #[test]
-    fn names_are_checked() {
-        assert!(super::super::validate_name("agent-vm").is_ok());
-        for bad in ["", "-x", "a/b", "a b", "../x", "a;b"] {
-            assert!(super::super::validate_name(bad).is_err(), "{bad}");
+    fn names_follow_lima() {
+        use super::super::validate_name;
+        for good in ["agent-vm", "a", "A.b_c-9", &"x".repeat(76)] {
+            assert!(validate_name(good).is_ok(), "{good}");
         }
+        let long = "x".repeat(77);
+        for bad in ["", "-x", "x-", "a--b", "a._b", "a/b", "a b", "../x", "a;b", "ü", "t.yaml", "t.yml", &long] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        assert!(validate_name(&long).unwrap_err().to_string().contains("at most 76"));
+    }
+
+    #[test]
+    fn socket_paths_must_fit() {
+        let home = Path::new("/home/someone/.lima");
+        assert!(check_socket_path(home, "agent-vm").is_ok());
+        let deep = PathBuf::from(format!("/{}", "d".repeat(60)));
+        let err = check_socket_path(&deep, "agent-vm-with-a-name").unwrap_err().to_string();
+        assert!(err.contains("shorter") && err.contains("ssh.sock"), "{err}");
     }
 
     #[test]
@@ -327,6 +432,17 @@ mod tests {
             r#"Waiting for "ssh""#
         );
         assert_eq!(lima_message("plain"), "plain");
+        // Fields after the message, quoted ones included, stay apart from it.
+        assert_eq!(
+            lima_message(
+                r#"time="t" level=info msg="Attempting to download the image" arch=x86_64 digest= location="/a b""#
+            ),
+            r#"Attempting to download the image (arch=x86_64 digest= location="/a b")"#
+        );
+        assert_eq!(
+            lima_message(r#"level=fatal msg="failed: \"x\" is bad" error="exit status 1""#),
+            r#"failed: "x" is bad (error="exit status 1")"#
+        );
     }
 
     #[test]

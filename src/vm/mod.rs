@@ -5,7 +5,7 @@
 mod lima;
 mod ssh_host;
 
-pub(crate) use lima::find_on_path;
+pub(crate) use lima::{find_on_path, is_root};
 
 pub use lima::Lima;
 pub use ssh_host::SshHost;
@@ -70,6 +70,8 @@ pub struct Instance {
     pub ssh_port: Option<u16>,
     /// Lima's vmType (qemu, vz, …), or "ssh".
     pub vm_type: Option<String>,
+    /// What the backend says is wrong with it (Lima: why it is Broken).
+    pub errors: Vec<String>,
 }
 
 pub trait Backend {
@@ -81,7 +83,8 @@ pub trait Backend {
     fn create(&self, template: &Path, resources: &Resources) -> Result<()>;
     /// Boots an existing, stopped instance.
     fn start(&self) -> Result<()>;
-    fn stop(&self) -> Result<()>;
+    /// Shuts the instance down; `force` kills it (for a Broken one).
+    fn stop(&self, force: bool) -> Result<()>;
     /// Stops (if needed) and deletes the instance and its disk.
     fn delete(&self) -> Result<()>;
     /// How to reach the running instance over SSH. Re-read after every start:
@@ -129,6 +132,7 @@ pub fn ensure_running(backend: &dyn Backend, resources: &Resources, ui: &crate::
             Ok(Started::Created)
         }
         Some(i) if i.state == State::Running => Ok(Started::AlreadyRunning),
+        Some(i) if i.state == State::Other("Broken".into()) => Err(broken(&i)),
         Some(i) => {
             if let State::Other(s) = &i.state {
                 ui.say(&format!("VM '{}' is {s}; trying to start it.", backend.instance()));
@@ -139,6 +143,23 @@ pub fn ensure_running(backend: &dyn Backend, resources: &Resources, ui: &crate::
             Ok(Started::Booted)
         }
     }
+}
+
+/// Lima calls an instance Broken when only one of its host agent and QEMU
+/// is alive, or the host agent does not answer: starting it again fails,
+/// and only the user should decide to pull the plug.
+pub fn broken(i: &Instance) -> anyhow::Error {
+    let why = if i.errors.is_empty() {
+        String::new()
+    } else {
+        format!(" (Lima: {})", i.errors.iter().map(|e| crate::workspace::printable(e)).collect::<Vec<_>>().join("; "))
+    };
+    anyhow::anyhow!(
+        "VM '{0}' is Broken{why}: its QEMU process or Lima's host agent has died or hangs, so agent-vm cannot use \
+         it. Commits in the VM are on its disk and survive a restart; files the agent was writing at this moment \
+         may not. Run `agent-vm stop --force` (it kills what is left of the VM), then `agent-vm start`",
+        i.name
+    )
 }
 
 /// The instance, or an error telling how to create it.
@@ -154,23 +175,36 @@ pub fn existing(backend: &dyn Backend) -> Result<Instance> {
 /// The instance if it runs, or an error telling how to start it.
 pub fn running(backend: &dyn Backend) -> Result<Instance> {
     let i = existing(backend)?;
+    if i.state == State::Other("Broken".into()) {
+        return Err(broken(&i));
+    }
     if i.state != State::Running {
         anyhow::bail!("VM '{}' is not running (it is {}). Start it with `agent-vm start`", i.name, i.state);
     }
     Ok(i)
 }
 
-/// Lima's rule for instance names (it rejects others itself, but later and
-/// less clearly); the name also becomes part of host paths.
+/// Lima's rule for instance names (`pkg/identifiers`): letters and digits,
+/// with single `.`, `_` or `-` between them, at most 76 characters, and no
+/// `.yaml`/`.yml` ending. Checked before anything is created, for every
+/// backend, as the name also becomes part of host paths.
 pub fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 76
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !ok {
-        anyhow::bail!(
-            "invalid instance name {name:?}: use letters, digits, '-', '_' and '.', starting with a letter or digit"
-        );
+    let words_ok = name.split(['.', '_', '-']).all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric()));
+    let problem = if name.is_empty() {
+        Some("it is empty".to_owned())
+    } else if !words_ok {
+        Some("use letters and digits, with single '.', '_' or '-' between them".to_owned())
+    } else if name.len() > MAX_NAME {
+        Some(format!("it has {} characters, and Lima allows at most {MAX_NAME}", name.len()))
+    } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+        Some("Lima takes a name ending in .yaml or .yml for a template file".to_owned())
+    } else {
+        None
+    };
+    match problem {
+        Some(why) => anyhow::bail!("invalid instance name {name:?}: {why}"),
+        None => Ok(()),
     }
-    Ok(())
 }
+
+const MAX_NAME: usize = 76;

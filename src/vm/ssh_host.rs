@@ -59,6 +59,7 @@ impl Backend for SshHost {
             disk_bytes: None,
             ssh_port: Some(ep.port),
             vm_type: Some("ssh".into()),
+            errors: Vec::new(),
         }))
     }
 
@@ -77,7 +78,7 @@ impl Backend for SshHost {
         )
     }
 
-    fn stop(&self) -> Result<()> {
+    fn stop(&self, _force: bool) -> Result<()> {
         Err(self.unmanaged("stop"))
     }
 

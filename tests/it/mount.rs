@@ -2,9 +2,7 @@
 //! heals after a VM restart, and nothing the (hostile) VM writes acts on the
 //! host.
 
-mod common;
-
-use common::World;
+use crate::common::World;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -1,14 +1,12 @@
 //! Provisioning against a real guest: home files, credentials, environment
 //! pass-through, idempotence, the sentinel — and the template's invariants.
 
-mod common;
-
-use common::{Run, World};
+use crate::common::{Run, World};
 use std::process::Stdio;
 
 #[test]
 fn template_keeps_the_vm_away_from_the_host() {
-    let t: serde_yaml_ng::Value = serde_yaml_ng::from_str(include_str!("../vm-template/agent-vm.yaml")).unwrap();
+    let t: serde_yaml_ng::Value = serde_yaml_ng::from_str(include_str!("../../vm-template/agent-vm.yaml")).unwrap();
     assert_eq!(t["mounts"], serde_yaml_ng::Value::Sequence(vec![]), "the VM must mount nothing of the host");
     assert_eq!(t["ssh"]["forwardAgent"], false);
     assert_eq!(t["ssh"]["loadDotSSHPubKeys"], false);
@@ -53,7 +51,7 @@ fn provisioning_against_a_real_guest() {
     );
     assert_eq!(
         w.guest("cat .gitconfig").ok().stdout,
-        std::fs::read_to_string(common::repo().join("common/homedir/.gitconfig")).unwrap()
+        std::fs::read_to_string(crate::common::repo().join("common/homedir/.gitconfig")).unwrap()
     );
 
     // Credentials: exact content, root-owned, readable by the VM user's group only.
@@ -84,7 +82,7 @@ fn provisioning_against_a_real_guest() {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let guest_ps = w.guest("ps -eo args").ok().stdout.clone();
-    let host_ps = common::host_cmdlines();
+    let host_ps = crate::common::host_cmdlines();
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "sk-test-7f3a unset\n");
     assert!(guest_ps.contains("sleep 4"), "the session was not running: {guest_ps}");
@@ -136,7 +134,7 @@ fn provisioning_against_a_real_guest() {
 
     // A home directory without the sentinel stops provisioning with a clear error.
     let broken = tempfile::tempdir().unwrap();
-    copy_tree(&common::repo().join("tests/fixtures/common"), broken.path());
+    copy_tree(&crate::common::repo().join("tests/fixtures/common"), broken.path());
     std::fs::remove_file(broken.path().join("homedir/.claude.json")).unwrap();
     let r = Run::from(
         w.agent_vm(&["provision"]).env("AGENT_VM_COMMON_DIR", broken.path()).output().unwrap(),

@@ -1,8 +1,6 @@
 //! CLI behaviour that needs no VM: help, bad input, missing tools.
 
-mod common;
-
-use common::{BIN, Run, World};
+use crate::common::{BIN, Run, World};
 use std::process::{Command, Stdio};
 
 fn bare(args: &[&str], envs: &[(&str, &str)]) -> Run {
@@ -20,6 +18,7 @@ fn help_lists_every_subcommand() {
     r.ok();
     for sub in [
         "start",
+        "stop",
         "status",
         "connect",
         "push",
@@ -61,11 +60,41 @@ fn doctor_reports_missing_tools_and_fails() {
 
 #[test]
 fn doctor_passes_with_everything_present() {
-    // The stand-in plays limactl; ssh, sshfs and FUSE are installed by .ci/run.
+    // The real limactl (scripts/build-lima); ssh, sshfs and FUSE come from scripts/test.
     let w = World::new("doc");
-    let r = w.run(&["doctor"]);
+    let r = w.run(&["doctor", "--json"]);
     assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
-    assert!(r.stdout.contains("ok       limactl"), "{}", r.stdout);
+    let checks = r.json();
+    let check = |name: &str| checks.as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone();
+    assert_eq!(check("limactl")["ok"], true);
+    assert!(check("limactl")["detail"].as_str().unwrap().contains("2.2.0"), "{checks:#}");
+    assert_eq!(check("user")["ok"], true);
+    assert!(w.run(&["doctor"]).stdout.contains("ok       limactl"));
+}
+
+#[test]
+fn doctor_refuses_a_limactl_older_than_the_template_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("limactl");
+    std::fs::write(&fake, "#!/bin/sh\necho 'limactl version 0.9.1'\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let r = bare(&["doctor", "--json"], &[("AGENT_VM_LIMACTL", fake.to_str().unwrap())]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    let lima = r.json().as_array().unwrap().iter().find(|c| c["name"] == "limactl").unwrap().clone();
+    assert_eq!(lima["ok"], false);
+    assert!(lima["detail"].as_str().unwrap().contains("older than"), "{lima:#}");
+    // One that cannot run (limactl exits at once as root, for instance).
+    std::fs::write(&fake, "#!/bin/sh\necho 'limactl: must not run as the root user' >&2; exit 1\n").unwrap();
+    let r = bare(&["doctor", "--json"], &[("AGENT_VM_LIMACTL", fake.to_str().unwrap())]);
+    let lima = r.json().as_array().unwrap().iter().find(|c| c["name"] == "limactl").unwrap().clone();
+    assert!(lima["detail"].as_str().unwrap().contains("must not run as the root user"), "{lima:#}");
+}
+
+#[test]
+fn the_template_passes_limactl_validate() {
+    let w = World::new("validate");
+    let template = crate::common::repo().join("vm-template/agent-vm.yaml");
+    w.limactl(&["validate", template.to_str().unwrap()]).ok();
 }
 
 #[test]
@@ -80,9 +109,20 @@ fn unknown_instance_is_a_clear_error() {
 #[test]
 fn invalid_instance_names_are_refused() {
     let w = World::new("x");
-    for bad in ["../etc", "a b", "-rf", "a;b"] {
+    for bad in ["../etc", "a b", "-rf", "a;b", "a--b", "x.", "t.yaml", &"n".repeat(77)] {
         w.run(&[&format!("--instance={bad}"), "status"]).fails_with("invalid instance name");
+        w.run(&[&format!("--instance={bad}"), "start"]).fails_with("invalid instance name");
     }
+    // A name whose Lima sockets would not fit under LIMA_HOME: refused
+    // before anything is created, saying what to shorten.
+    let deep = w.home.path().join("d".repeat(60));
+    let r = Run::from(
+        w.agent_vm(&["--instance", "a-rather-long-instance-name", "start"]).env("LIMA_HOME", &deep).output().unwrap(),
+        &["start"],
+    );
+    r.fails_with("shorter");
+    assert!(!deep.join("a-rather-long-instance-name").exists());
+    assert!(w.lima_list().is_empty());
 }
 
 #[test]

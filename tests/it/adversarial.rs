@@ -5,9 +5,7 @@
 //! file outside the mount changes, no host branch is rewound, and each
 //! command succeeds, fails or warns clearly.
 
-mod common;
-
-use common::{Run, World, git, host_cmdlines, noise, refs};
+use crate::common::{Run, World, git, host_cmdlines, noise, refs};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

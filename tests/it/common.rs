@@ -1,5 +1,5 @@
 //! Test harness: runs the real agent-vm binary against a real Debian 13
-//! guest, booted by the limactl stand-in in tests/support/.
+//! guest started by the real limactl (Lima 2.2, built by scripts/build-lima).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -8,29 +8,57 @@ use std::sync::OnceLock;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_agent-vm");
 
+/// The guest's vCPUs and memory. Lima leaves `-smp`/`-m` to us once
+/// QEMU_SYSTEM_X86_64 carries arguments, so the VM is created with the
+/// template's resources (what `limactl list` reports) while each guest gets
+/// a size that lets several run side by side on a small test machine.
+const GUEST_QEMU: &str = "qemu-system-x86_64 -machine q35 -accel tcg,thread=single -cpu qemu64,-cx16 -smp 1 -m 1536";
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-pub fn support_dir() -> PathBuf {
-    repo().join("tests/support")
+/// Runs a build script that prints the directory it made (cached), or
+/// takes the directory from `var`. A test that needs it fails, never skips.
+fn built(var: &str, script: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(var) {
+        return PathBuf::from(dir);
+    }
+    let out = Command::new(repo().join("scripts").join(script))
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run scripts/{script}: {e}"));
+    assert!(out.status.success(), "scripts/{script} failed: the VM tests cannot run (scripts/test prepares it)");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim())
 }
 
-/// The cached guest image, built on first use. A test that needs the VM
-/// fails (never skips) when it cannot be built.
+/// The cached guest image (disk.qcow2, vmlinuz, initrd.img, cmdline).
 pub fn image() -> &'static Path {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        if let Some(dir) = std::env::var_os("AGENT_VM_TEST_IMAGE") {
-            return PathBuf::from(dir);
-        }
-        let out = Command::new(repo().join("scripts/build-test-image"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("cannot run scripts/build-test-image");
-        assert!(out.status.success(), "scripts/build-test-image failed: the VM tests cannot run");
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim())
-    })
+    IMAGE.get_or_init(|| built("AGENT_VM_TEST_IMAGE", "build-test-image"))
+}
+
+/// The real Lima: `<prefix>/bin/limactl` and its guest agent.
+pub fn lima_prefix() -> &'static Path {
+    static LIMA: OnceLock<PathBuf> = OnceLock::new();
+    LIMA.get_or_init(|| built("AGENT_VM_TEST_LIMA", "build-lima"))
+}
+
+/// The host user's login name and uid: Lima gives the guest user both.
+pub fn host_user() -> String {
+    whoami::username().unwrap()
+}
+
+pub fn host_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    // A file the test process creates is owned by its uid.
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().metadata().unwrap().uid()
+}
+
+pub fn limactl_bin() -> PathBuf {
+    lima_prefix().join("bin/limactl")
 }
 
 /// An isolated world for one test: its own HOME and LIMA_HOME, and a VM
@@ -39,50 +67,75 @@ pub struct World {
     pub home: tempfile::TempDir,
     pub lima_home: PathBuf,
     pub instance: String,
-    image: Option<PathBuf>,
 }
 
 impl World {
-    /// A world whose VM can be started (the guest image is built if needed).
+    /// A world whose VM can be started: Lima's global override points every
+    /// instance at the local test image (no download).
     pub fn with_vm(instance: &str) -> World {
-        let mut w = World::new(instance);
-        w.image = Some(image().to_owned());
+        let w = World::new(instance);
+        let img = image();
+        let cmdline = std::fs::read_to_string(img.join("cmdline")).unwrap();
+        w.write_override(&format!(
+            "images:\n- location: {disk:?}\n  arch: x86_64\n  kernel:\n    location: {kernel:?}\n    cmdline: {cmdline:?}\n  initrd:\n    location: {initrd:?}\nfirmware:\n  legacyBIOS: true\n",
+            disk = img.join("disk.qcow2"),
+            kernel = img.join("vmlinuz"),
+            initrd = img.join("initrd.img"),
+            cmdline = cmdline.trim(),
+        ));
         w
     }
 
     /// A world with no guest image: for tests that must not boot anything.
+    /// An image path that does not exist makes any start fail at once,
+    /// without reaching for the template's download URL.
     pub fn new(instance: &str) -> World {
-        let home = tempfile::Builder::new().prefix("agent-vm-test-").tempdir().unwrap();
+        let home = tempfile::Builder::new().prefix("avm-").tempdir().unwrap();
         let lima_home = home.path().join(".lima");
         std::fs::create_dir_all(&lima_home).unwrap();
-        World { home, lima_home, instance: instance.to_owned(), image: None }
+        let w = World { home, lima_home, instance: instance.to_owned() };
+        w.write_override("images:\n- location: /nonexistent/agent-vm-test-image.qcow2\n  arch: x86_64\n");
+        w
     }
 
-    /// The path the user's commands see: the stand-in first.
+    /// `$LIMA_HOME/_config/override.yaml`: merged by Lima into every
+    /// instance at every start, before the template's own values.
+    pub fn write_override(&self, yaml: &str) {
+        let dir = self.lima_home.join("_config");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("override.yaml"), yaml).unwrap();
+    }
+
+    /// The path the user's commands see: the real limactl first.
     pub fn path_var(&self) -> std::ffi::OsString {
-        let mut paths = vec![support_dir()];
+        let mut paths = vec![lima_prefix().join("bin")];
         paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
         std::env::join_paths(paths).unwrap()
     }
 
+    /// The environment every command of this world runs with.
+    pub fn env_vars(&self) -> Vec<(String, std::ffi::OsString)> {
+        let mut vars: Vec<(String, std::ffi::OsString)> = vec![
+            ("HOME".into(), self.home.path().into()),
+            ("LIMA_HOME".into(), self.lima_home.clone().into()),
+            ("PATH".into(), self.path_var()),
+            ("QEMU_SYSTEM_X86_64".into(), GUEST_QEMU.into()),
+            ("AGENT_VM_INSTANCE".into(), self.instance.clone().into()),
+            // Provision from the test package lists: no network from the guest.
+            ("AGENT_VM_COMMON_DIR".into(), repo().join("tests/fixtures/common").into()),
+        ];
+        vars.sort();
+        vars
+    }
+
     fn env(&self, cmd: &mut Command) {
-        cmd.env("HOME", self.home.path())
-            .env("LIMA_HOME", &self.lima_home)
-            .env("PATH", self.path_var())
-            .env("AGENT_VM_INSTANCE", &self.instance)
+        cmd.envs(self.env_vars())
             .env_remove("AGENT_VM_LIMACTL")
             .env_remove("AGENT_VM_CONFIG")
             .env_remove("XDG_CONFIG_HOME")
             .env_remove("XDG_STATE_HOME")
-            // Provision from the test package lists: no network from the guest.
-            .env("AGENT_VM_COMMON_DIR", repo().join("tests/fixtures/common"))
             .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
             .env_remove("RUST_LOG");
-        match &self.image {
-            Some(image) => cmd.env("AGENT_VM_TEST_IMAGE", image),
-            // The stand-in would build the image itself: make that fail loudly.
-            None => cmd.env("AGENT_VM_TEST_IMAGE", "/nonexistent-test-image"),
-        };
     }
 
     /// `agent-vm ARGS` as the user would run it, stdin closed.
@@ -97,9 +150,9 @@ impl World {
         Run::from(self.agent_vm(args).output().unwrap(), args)
     }
 
-    /// `limactl ARGS` (the stand-in), as the user might run it by hand.
+    /// `limactl ARGS`, as the user might run it by hand.
     pub fn limactl(&self, args: &[&str]) -> Run {
-        let mut cmd = Command::new(support_dir().join("limactl"));
+        let mut cmd = Command::new(limactl_bin());
         self.env(&mut cmd);
         Run::from(cmd.args(args).stdin(Stdio::null()).output().unwrap(), args)
     }
@@ -123,7 +176,7 @@ impl World {
         Run::from(out, &[script])
     }
 
-    /// The stand-in's own view of the instance (`limactl list --json`).
+    /// Lima's own view of the instances (`limactl list --json`).
     pub fn lima_list(&self) -> Vec<serde_json::Value> {
         let r = self.limactl(&["list", "--json"]);
         r.ok();

@@ -1,9 +1,7 @@
 //! Git workspaces against a real guest: connect / push / fetch / clean /
 //! clean-all, hostile branch names, and what never leaves or changes the host.
 
-mod common;
-
-use common::{World, git, noise, refs};
+use crate::common::{World, git, noise, refs};
 use std::path::Path;
 
 fn head_of(dir: &Path, rev: &str) -> String {

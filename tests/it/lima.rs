@@ -1,0 +1,147 @@
+//! What real Lima does that agent-vm must cope with: its port forwarding,
+//! Broken and degraded instances, and its own SSH master. (Snapshots:
+//! runs_and_editors.)
+
+use crate::common::{World, host_user};
+use std::time::{Duration, Instant};
+
+/// Guest sockets on every loopback and wildcard address, TCP and UDP: the
+/// guest agent reports each to Lima's host agent (its debug log shows it),
+/// and none may appear on the host.
+#[test]
+fn nothing_in_the_guest_is_forwarded_to_the_host() {
+    let w = World::with_vm("pf");
+    w.run(&["start"]).ok();
+    const BASE: u16 = 47310;
+    let listeners = r#"
+import socket, sys, time
+base = int(sys.argv[1])
+socks = []
+for i, (family, ip) in enumerate([(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"),
+                                  (socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]):
+    for j, kind in enumerate([socket.SOCK_STREAM, socket.SOCK_DGRAM]):
+        s = socket.socket(family, kind)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((ip, base + 2 * i + j))
+        if kind == socket.SOCK_STREAM:
+            s.listen()
+        socks.append(s)
+print("bound", flush=True)
+time.sleep(3600)
+"#;
+    w.guest_args(
+        r#"printf '%s' "$1" > /tmp/listen.py && (setsid python3 /tmp/listen.py "$2" > /tmp/listen.out 2>&1 &) && sleep 2 && cat /tmp/listen.out"#,
+        &[listeners, &BASE.to_string()],
+    )
+    .ok();
+    let expected: Vec<(&str, &str, u16)> = ["127.0.0.1", "::1", "0.0.0.0", "::"]
+        .iter()
+        .enumerate()
+        .flat_map(|(i, ip)| [("tcp", *ip, BASE + 2 * i as u16), ("udp", *ip, BASE + 2 * i as u16 + 1)])
+        .collect();
+    // The host agent has heard of every socket: forwarding was decided.
+    let log_path = w.instance_dir().join("ha.stderr.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap().replace('\\', "");
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|(proto, ip, port)| !log.contains(&format!(r#"protocol:"{proto}"  ip:"{ip}"  port:{port}}}"#)))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the guest agent never reported {missing:?}; log:\n{log}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains("Forwarding TCP from") && !log.contains("Forwarding UDP from"), "Lima forwarded:\n{log}");
+    // Nothing listens on those ports on the host, on any address.
+    let host_sockets: String = ["tcp", "tcp6", "udp", "udp6"]
+        .iter()
+        .map(|t| std::fs::read_to_string(format!("/proc/net/{t}")).unwrap())
+        .collect();
+    for (proto, ip, port) in &expected {
+        let hex = format!(":{port:04X} ");
+        assert!(
+            !host_sockets.contains(&hex),
+            "{proto} {ip}:{port} from the guest is open on the host:\n{host_sockets}"
+        );
+        assert!(std::net::TcpStream::connect(("127.0.0.1", *port)).is_err(), "host 127.0.0.1:{port} answers");
+    }
+}
+
+/// A VM whose host agent died is Broken in Lima's eyes: agent-vm says so and
+/// what to run, starts nothing, and `stop --force` then `start` bring it back
+/// with its workspaces.
+#[test]
+fn broken_and_degraded_vms_are_named_and_recovered() {
+    let w = World::with_vm("brk");
+    let repo = w.repo("proj");
+    w.run_in(&repo, &["push", "main"]).ok();
+    let ha_pid: i32 = std::fs::read_to_string(w.instance_dir().join("ha.pid")).unwrap().trim().parse().unwrap();
+    // SAFETY: kill(2) on a pid this test's own limactl started.
+    assert_eq!(unsafe { libc::kill(ha_pid, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.lima_list()[0]["status"] != "Broken" {
+        assert!(Instant::now() < deadline, "Lima never called the VM Broken: {:?}", w.lima_list());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for args in [&["status"][..], &["start"], &["connect", "--", "true"], &["fetch", "main"]] {
+        let r = w.run_in(&repo, args);
+        r.fails_with("Broken");
+        assert!(r.stderr.contains("agent-vm stop --force"), "{args:?} should say what to run:\n{}", r.stderr);
+    }
+    assert_eq!(w.lima_list()[0]["status"], "Broken", "nothing may have restarted it");
+    w.run(&["stop"]).fails_with("stop --force");
+    w.run(&["stop", "--force"]).ok();
+    assert_eq!(w.lima_list()[0]["status"], "Stopped");
+    // The workspace survived on the VM's disk.
+    w.run_in(&repo, &["fetch", "main"]).ok();
+    let ws = w.workspace_dir(&repo, "main");
+    assert_eq!(w.guest(&format!("cat {ws}/README")).ok().stdout, "hello\n");
+
+    // Degraded: the guest agent cannot start on the next boot (its unit is
+    // masked), so Lima waits a minute for it, calls the VM degraded and
+    // exits 1 with the VM running. agent-vm must not claim success.
+    w.guest("sudo systemctl mask lima-guestagent.service").ok();
+    w.run(&["stop"]).ok();
+    let r = w.run(&["start"]);
+    r.fails_with("did not finish starting it");
+    assert!(r.stderr.contains("ha.stderr.log") && r.stderr.contains("agent-vm stop"), "{}", r.stderr);
+    assert!(!r.stderr.contains("started ("), "{}", r.stderr);
+    assert_eq!(w.lima_list()[0]["status"], "Running");
+}
+
+/// The interactive path (system ssh with Lima's ssh.config) gets the session
+/// variables even when an SSH master already exists: Lima's host agent opens
+/// one at boot, before agent-vm provisions sshd's AcceptEnv, and a session
+/// riding on it would silently lose them.
+#[test]
+fn session_variables_arrive_whoever_opened_the_ssh_master() {
+    let w = World::with_vm("mux");
+    w.run(&["start"]).ok();
+    // As a new user would: a plain ssh first (it opens or reuses the master).
+    let ssh = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(w.instance_dir().join("ssh.config"))
+        .args(["lima-mux", "true"])
+        .stdin(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ssh.success());
+    assert!(w.instance_dir().join("ssh.sock").exists(), "a master should be up");
+    // `connect` with a terminal takes the system ssh path.
+    let out = std::process::Command::new("script")
+        .args(["-qec", &format!("{} connect -- printenv ANTHROPIC_API_KEY", crate::common::BIN), "/dev/null"])
+        .envs(w.env_vars())
+        .env("ANTHROPIC_API_KEY", "sk-test-arrives")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("sk-test-arrives"), "the variable did not arrive: {text}");
+    assert_eq!(host_user(), w.guest("id -un").ok().stdout.trim());
+}

@@ -1,0 +1,14 @@
+//! agent-vm's integration tests: one binary, a module per area, so it builds
+//! once and its VM tests run side by side as threads (`RUST_TEST_THREADS`).
+//! Each VM test boots its own Debian 13 guest with the real limactl.
+
+mod common;
+
+mod adversarial;
+mod cli;
+mod lima;
+mod mount;
+mod provision;
+mod runs_and_editors;
+mod vm_lifecycle;
+mod workspaces;
