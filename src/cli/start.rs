@@ -33,6 +33,13 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         disk_gib: args.disk.unwrap_or(defaults.disk_gib),
     };
     let asked = args.memory.is_some() || args.vcpu.is_some() || args.disk.is_some();
+    // Other commands use a VM whose SSH answers, whatever Lima thinks of it;
+    // `start` is asked about the VM itself, so it says when Lima calls it Broken.
+    if let Some(i) = ctx.backend()?.inspect()?
+        && i.state == crate::vm::State::Other("Broken".into())
+    {
+        return Err(crate::vm::broken(&i));
+    }
     let (backend, session, started) = super::session_with(ctx, true, &resources, &args.host.options()).await?;
     if asked && started != Started::Created {
         ctx.ui.say(

@@ -30,6 +30,8 @@ struct Status {
     gcp_credentials: Option<bool>,
     /// Workspaces in the VM (empty when it is not running).
     workspaces: Vec<WorkspaceStatus>,
+    /// What is wrong with the VM and what to run, when it is not usable.
+    problem: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -98,7 +100,10 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         mounted: mount_state == crate::mount::State::Mounted,
         state: mount_state.to_string(),
     };
+    let problem =
+        (instance.state == State::Other("Broken".into())).then(|| format!("{:#}", crate::vm::broken(&instance)));
     let status = Status {
+        problem,
         instance: instance.name,
         state: instance.state.to_string(),
         running,
@@ -115,6 +120,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("VM:        {} ({})", status.instance, status.state);
+    if let Some(problem) = &status.problem {
+        println!("Problem:   {problem}");
+    }
     let gib = |b: Option<u64>| b.map_or("?".to_owned(), |b| format!("{} GiB", b >> 30));
     println!(
         "Resources: {} vCPU, {} memory, {} disk",

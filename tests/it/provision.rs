@@ -57,7 +57,7 @@ fn provisioning_against_a_real_guest() {
     // Credentials: exact content, root-owned, readable by the VM user's group only.
     assert_eq!(
         w.guest("stat -c '%a %U %G' /etc/google/application_default_credentials.json").ok().stdout,
-        "640 root lima\n"
+        format!("640 root {}\n", crate::common::host_user())
     );
     assert_eq!(w.guest("cat /etc/google/application_default_credentials.json").ok().stdout, adc_json);
     let profile = w.guest("bash -lc 'echo $GOOGLE_APPLICATION_CREDENTIALS $CLOUD_ML_REGION'").ok().stdout.clone();
