@@ -41,13 +41,30 @@ pub struct Written {
 /// Progress callback: stage, done, total.
 pub type Progress<'a> = &'a dyn Fn(&str, usize, usize);
 
+/// libgit2's object hash verification, off while this lives.
+struct UnverifiedReads;
+
+impl UnverifiedReads {
+    fn new() -> UnverifiedReads {
+        git2::opts::strict_hash_verification(false);
+        UnverifiedReads
+    }
+}
+
+impl Drop for UnverifiedReads {
+    fn drop(&mut self) {
+        git2::opts::strict_hash_verification(true);
+    }
+}
+
 /// Every object reachable from `tip`: commits, trees, blobs (gitlinks are
 /// other repositories' commits and are skipped, as git does).
 pub fn reachable(repo: &Repository, tip: Oid, progress: Progress) -> Result<Vec<Oid>> {
     // These are the host's own objects: re-hashing every tree read (libgit2's
-    // default) would triple the walk's time. Objects from the VM are hashed
-    // anyway, by the indexer that names them.
-    git2::opts::strict_hash_verification(false);
+    // default) would triple the walk's time. The switch is process-wide, so
+    // it is on again as soon as the walk ends (a fetch later in the same
+    // process, `run --fetch`, reads objects the VM sent).
+    let _unverified = UnverifiedReads::new();
     let mut seen = HashSet::new();
     let mut order = Vec::new();
     let mut walk = repo.revwalk()?;
@@ -413,6 +430,36 @@ mod tests {
         git(dir, &["commit", "-q", "-m", name]);
     }
 
+    /// Tests that walk a repository (and so switch libgit2's verification).
+    static WALKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// After the walk, libgit2 checks object hashes again: a loose object
+    /// whose content does not match its name is refused, not read.
+    #[test]
+    fn hash_verification_is_back_on_after_the_walk() {
+        // The switch is process-wide: no other walk may run meanwhile.
+        let _alone = WALKS.lock().unwrap_or_else(|e| e.into_inner());
+        let tmp = tempfile::tempdir().unwrap();
+        git(tmp.path(), &["init", "-q"]);
+        commit_file(tmp.path(), "f", "hello");
+        let repo = Repository::open(tmp.path()).unwrap();
+        let blob = repo.blob(b"a blob of mine").unwrap();
+        let tip = repo.head().unwrap().target().unwrap();
+        assert!(reachable(&repo, tip, &|_, _, _| {}).unwrap().len() >= 3);
+        // Same length, other bytes, under the old name.
+        let hex = blob.to_string();
+        let path = tmp.path().join(".git/objects").join(&hex[..2]).join(&hex[2..]);
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut z, b"blob 14\0a blob of your").unwrap();
+        let mut perms = std::fs::metadata(&path).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        std::fs::set_permissions(&path, perms).unwrap();
+        std::fs::write(&path, z.finish().unwrap()).unwrap();
+        let fresh = Repository::open(tmp.path()).unwrap();
+        assert!(fresh.find_blob(blob).is_err(), "a corrupt object was read as valid");
+    }
+
     #[test]
     fn offsets_encode_as_git_decodes_them() {
         for ofs in [1u64, 127, 128, 129, 16511, 16512, 1 << 31, u64::from(u32::MAX) * 3] {
@@ -435,6 +482,7 @@ mod tests {
     /// objects, pass git's own checks, and carry nothing of the other branch.
     #[test]
     fn branch_pack_is_exact_complete_and_valid() {
+        let _alone = WALKS.lock().unwrap_or_else(|e| e.into_inner());
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("src");
         std::fs::create_dir(&src).unwrap();

@@ -155,9 +155,9 @@ pub fn broken(i: &Instance) -> anyhow::Error {
         format!(" (Lima: {})", i.errors.iter().map(|e| crate::workspace::printable(e)).collect::<Vec<_>>().join("; "))
     };
     anyhow::anyhow!(
-        "VM '{0}' is Broken{why}: its QEMU process or Lima's host agent has died or hangs, so agent-vm cannot use \
-         it. Commits in the VM are on its disk and survive a restart; files the agent was writing at this moment \
-         may not. Run `agent-vm stop --force` (it kills what is left of the VM), then `agent-vm start`",
+        "VM '{0}' is Broken{why}: its QEMU process or Lima's host agent has died or hangs, so Lima cannot start \
+         or stop it normally. Run `agent-vm stop --force` (it asks the VM to write its files to disk when it still \
+         answers, then kills what is left of it), then `agent-vm start`; the workspaces are on the VM's disk",
         i.name
     )
 }

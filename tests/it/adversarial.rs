@@ -60,7 +60,9 @@ impl Suite {
         table.push_str(&format!("| **all** | **{}** | **{passed}** |\n", self.results.len()));
         println!("{table}");
         if let Some(path) = std::env::var_os("AGENT_VM_ADVERSARIAL_TABLE") {
-            std::fs::write(path, &table).unwrap();
+            // Two tests (the suite and the branch names) each add a table.
+            let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path).unwrap();
+            std::io::Write::write_all(&mut f, format!("{table}\n").as_bytes()).unwrap();
         }
         let failed: Vec<String> =
             self.results.iter().filter(|r| r.2.is_err()).map(|r| format!("{}: {}", r.0, r.1)).collect();
@@ -511,9 +513,11 @@ fn hostile_names(w: &World, host: &Host, s: &mut Suite) {
     assert!(names.len() >= 200, "the corpus has only {} names", names.len());
 
     s.case(C, &format!("{} hostile branch names through run --fetch: 0 injections, 0 collisions", names.len()), || {
-        // Each workspace commits its own branch name; fetching it back
-        // proves every name reached its own workspace and returned.
-        let record = r#"git symbolic-ref --short HEAD > name.txt && git add name.txt && git -c user.name=A -c user.email=a@vm commit -qm name"#;
+        // Each workspace commits its own branch name (as the message: two
+        // processes, no file to add); fetching it back proves every name
+        // reached its own workspace and returned.
+        let record =
+            r#"git -c user.name=A -c user.email=a@vm commit -q --allow-empty -m "$(git symbolic-ref --short HEAD)""#;
         let mut args: Vec<&str> = vec!["run", "-j", "4", "--fetch"];
         args.extend(names.iter().map(String::as_str));
         args.extend(["--", "sh", "-c", record]);
@@ -523,7 +527,7 @@ fn hostile_names(w: &World, host: &Host, s: &mut Suite) {
         let in_guest = w.guest_args(r#"test -e "$1" && echo injected || true"#, &[&marker]);
         check!(!in_guest.stdout.contains("injected"), "a branch name ran code in the VM");
         for n in &names {
-            let content = git(&repo, &["show", &format!("refs/heads/{n}:name.txt")]);
+            let content = git(&repo, &["log", "-1", "--format=%B", &format!("refs/heads/{n}")]);
             check!(content.trim_end_matches('\n') == n, "branch {n:?} came back with {content:?}");
         }
         let status = w.run_in(&repo, &["status", "--json"]).json();

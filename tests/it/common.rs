@@ -8,11 +8,17 @@ use std::sync::OnceLock;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_agent-vm");
 
-/// The guest's vCPUs and memory. Lima leaves `-smp`/`-m` to us once
-/// QEMU_SYSTEM_X86_64 carries arguments, so the VM is created with the
-/// template's resources (what `limactl list` reports) while each guest gets
-/// a size that lets several run side by side on a small test machine.
-const GUEST_QEMU: &str = "qemu-system-x86_64 -machine q35 -accel tcg,thread=single -cpu qemu64,-cx16 -smp 1 -m 1536";
+/// QEMU as the guests run it (`AGENT_VM_TEST_QEMU`, set by scripts/test):
+/// Lima leaves `-machine/-cpu/-accel/-smp/-m` to leading arguments in
+/// QEMU_SYSTEM_X86_64, so the VM is created with the template's resources
+/// (what `limactl list` reports) while each guest is TCG-emulated (KVM hangs
+/// guests on the test machines) with a size that lets several run side by
+/// side on a small machine.
+fn guest_qemu() -> String {
+    std::env::var("AGENT_VM_TEST_QEMU").unwrap_or_else(|_| {
+        "qemu-system-x86_64 -machine q35 -accel tcg,thread=single -cpu qemu64,-cx16 -smp 1 -m 1536".to_owned()
+    })
+}
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -119,7 +125,7 @@ impl World {
             ("HOME".into(), self.home.path().into()),
             ("LIMA_HOME".into(), self.lima_home.clone().into()),
             ("PATH".into(), self.path_var()),
-            ("QEMU_SYSTEM_X86_64".into(), GUEST_QEMU.into()),
+            ("QEMU_SYSTEM_X86_64".into(), guest_qemu().into()),
             ("AGENT_VM_INSTANCE".into(), self.instance.clone().into()),
             // Provision from the test package lists: no network from the guest.
             ("AGENT_VM_COMMON_DIR".into(), repo().join("tests/fixtures/common").into()),

@@ -110,9 +110,10 @@ fn broken_and_degraded_vms_are_named_and_recovered() {
     assert_eq!(w.guest(&format!("cat {ws}/README")).ok().stdout, "hello\n");
 
     // Degraded: the guest agent cannot start on the next boot (its unit is
-    // masked), so Lima waits a minute for it, calls the VM degraded and
-    // exits 1 with the VM running. agent-vm must not claim success.
-    w.guest("sudo systemctl mask lima-guestagent.service").ok();
+    // masked, so Lima's boot script cannot enable it), so Lima waits a
+    // minute for it, calls the VM degraded and exits 1 with the VM running.
+    // agent-vm must not claim success.
+    w.guest("sudo rm /etc/systemd/system/lima-guestagent.service && sudo systemctl mask lima-guestagent.service").ok();
     w.run(&["stop"]).ok();
     let r = w.run(&["start"]);
     r.fails_with("did not finish starting it");

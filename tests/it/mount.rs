@@ -162,13 +162,21 @@ fn busy_foreign_and_occupied_mount_points(w: &World, repo: &Path, point: &Path, 
     w.run_in(repo, &["mount"]).fails_with("is not empty");
     std::fs::remove_file(point.join("mine")).unwrap();
 
-    // Foreign: someone else's mount there is left alone.
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(point).status().unwrap();
-    assert!(st.success(), "the mount tests run as root (as CI does)");
+    // Foreign: someone else's mount there (the user's own sshfs of another
+    // directory) is left alone.
+    let st = std::process::Command::new("sshfs")
+        .arg("-F")
+        .arg(w.instance_dir().join("ssh.config"))
+        .args(["-o", "ControlMaster=no", "-o", "ControlPath=none"])
+        .arg(format!("lima-{}:/tmp", w.instance))
+        .arg(point)
+        .status()
+        .unwrap();
+    assert!(st.success(), "the user's own sshfs mount");
     w.run_in(repo, &["mount"]).fails_with("mount point for something else");
     w.run_in(repo, &["unmount"]).fails_with("not agent-vm's mount");
-    assert!(mounted(point).unwrap().contains("tmpfs"));
-    assert!(std::process::Command::new("umount").arg(point).status().unwrap().success());
+    assert!(mounted(point).unwrap().contains(":/tmp"), "{:?}", mounted(point));
+    assert!(std::process::Command::new("fusermount3").arg("-u").arg(point).status().unwrap().success());
     w.run_in(repo, &["mount"]).ok();
 }
 
