@@ -273,10 +273,19 @@ fn emit(stderr: bool, prefix: &str, line: &[u8]) {
 }
 
 /// `<dir>/<branch>.log`: git's rules for branch names (no `..`, no leading
-/// `/`, no component starting with `.`) make this a path inside `dir`, and
-/// no two branches map to the same file.
+/// `/`, no component starting with `.`) make this a path inside `dir`. A
+/// name with capitals or non-ASCII letters gets a short hash of its own
+/// (`Fix-A-1f2e3d4c.log`): on a case-insensitive or normalising filesystem
+/// (macOS) `Fix-A` and `fix-a`, or two spellings of `é`, would otherwise
+/// share one file.
 pub fn log_path(dir: &std::path::Path, branch: &str) -> PathBuf {
-    dir.join(format!("{branch}.log"))
+    if branch.bytes().all(|b| !b.is_ascii_uppercase() && b.is_ascii()) {
+        return dir.join(format!("{branch}.log"));
+    }
+    use sha1::Digest;
+    let hash = sha1::Sha1::digest(branch.as_bytes());
+    let short: String = hash.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("{branch}-{short}.log"))
 }
 
 #[cfg(test)]
@@ -291,6 +300,20 @@ mod tests {
             let p = log_path(dir, b);
             assert_eq!(p.parent(), Some(dir), "{b}");
         }
+    }
+
+    #[test]
+    fn log_files_differ_where_the_filesystem_ignores_case_or_normalises() {
+        let dir = std::path::Path::new("/logs");
+        let folded = |b: &str| log_path(dir, b).to_string_lossy().to_lowercase();
+        let names = ["fix-a", "Fix-A", "FIX-A", "feature/x", "Feature/x", "caf\u{e9}", "cafe\u{301}", "cafe"];
+        let mut seen = std::collections::HashSet::new();
+        for n in names {
+            // NFD of both spellings of é is the same: compare without accents too.
+            let key = folded(n).replace('\u{301}', "").replace('\u{e9}', "e");
+            assert!(seen.insert(key.clone()), "{n} shares a log file with another branch: {key}");
+        }
+        assert_eq!(log_path(dir, "fix-a"), PathBuf::from("/logs/fix-a.log"), "plain names stay readable");
     }
 
     #[test]

@@ -84,21 +84,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     if args.command.is_empty() || interactive {
         // A terminal session: OpenSSH handles the tty, window size and
         // signals natively, so hand the process over to it.
-        let mut ssh = std::process::Command::new("ssh");
-        ssh.arg("-F").arg(&endpoint.config_file);
-        ssh.arg(if interactive { "-t" } else { "-T" });
-        // A connection of its own: Lima's ssh.config shares one master
-        // connection (ControlMaster auto, ControlPersist), and a session on
-        // a master opened by someone else (Lima's host agent does at boot,
-        // before provisioning sets sshd's AcceptEnv) silently loses the
-        // variables below. Nothing of the host is forwarded, whatever the
-        // user's own ssh config says for `Host *`.
-        ssh.args(["-o", "ControlMaster=no", "-o", "ControlPath=none"]);
-        ssh.args(["-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes"]);
-        for (name, _) in &env {
-            ssh.arg("-o").arg(format!("SendEnv={name}"));
-        }
-        ssh.arg(&endpoint.alias);
+        let mut ssh = ssh_command(&endpoint, &env, interactive);
         if !args.command.is_empty() {
             ssh.arg("--").arg(shell::login_command(cwd.as_deref(), &args.command)?);
         } else if let Some(dir) = &cwd {
@@ -116,6 +102,65 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     Ok(exit_code(status))
 }
 
+/// The system ssh for a terminal session: `ssh … <alias>`, the remote
+/// command to be added.
+fn ssh_command(endpoint: &crate::ssh::Endpoint, env: &[(String, String)], interactive: bool) -> std::process::Command {
+    let mut ssh = std::process::Command::new("ssh");
+    ssh.arg("-F").arg(&endpoint.config_file);
+    ssh.arg(if interactive { "-t" } else { "-T" });
+    // A connection of its own: Lima's ssh.config shares one master
+    // connection (ControlMaster auto, ControlPersist), and a session on a
+    // master opened by someone else (Lima's host agent does at boot, before
+    // provisioning sets sshd's AcceptEnv) silently loses the variables
+    // below. Nothing of the host is forwarded, whatever the user's own ssh
+    // config says for `Host *` (the ssh backend reads it).
+    ssh.args(["-o", "ControlMaster=no", "-o", "ControlPath=none"]);
+    ssh.args(["-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes"]);
+    for (name, _) in env {
+        ssh.arg("-o").arg(format!("SendEnv={name}"));
+    }
+    ssh.arg(&endpoint.alias);
+    ssh
+}
+
 fn exit_code(status: u32) -> ExitCode {
     ExitCode::from(u8::try_from(status).unwrap_or(255))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What OpenSSH makes of the session's options (`ssh -G`, no
+    /// connection) over a user config that forwards everything.
+    #[test]
+    fn the_session_forwards_nothing_and_shares_no_master() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config");
+        std::fs::write(
+            &config,
+            "Host big\n  HostName 127.0.0.1\n  ControlMaster auto\n  ControlPath ~/.ssh/cm-%r@%h:%p\n\
+             Host *\n  ForwardAgent yes\n  ForwardX11 yes\n  RemoteForward 6000 localhost:6000\n",
+        )
+        .unwrap();
+        let ep = crate::ssh::Endpoint {
+            alias: "big".into(),
+            host: "127.0.0.1".into(),
+            port: 22,
+            user: "me".into(),
+            identity_files: Vec::new(),
+            config_file: config,
+            host_key: crate::ssh::HostKeyPolicy::AcceptAny,
+        };
+        let cmd = ssh_command(&ep, &[("ANTHROPIC_API_KEY".into(), "secret".into())], true);
+        let out = std::process::Command::new("ssh").arg("-G").args(cmd.get_args()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let seen = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        for line in ["forwardagent no", "forwardx11 no", "clearallforwardings yes", "controlmaster false"] {
+            assert!(seen.lines().any(|l| l == line), "ssh -G lacks {line:?}:\n{seen}");
+        }
+        assert!(!seen.lines().any(|l| l.starts_with("controlpath ")), "a shared master's socket: {seen}");
+        assert!(seen.contains("sendenv anthropic_api_key"), "{seen}");
+        assert!(!cmd.get_args().any(|a| a.to_string_lossy().contains("secret")), "a value on the command line");
+    }
 }

@@ -154,6 +154,40 @@ mod tests {
         assert!(text.ends_with("Host a\n  Port 1\n"));
     }
 
+    /// OpenSSH's own reading of the user's config (`ssh -G`, no connection):
+    /// a `Host *` asking for agent and X11 forwarding and a port forward
+    /// below the Include forwards nothing into the VM.
+    #[test]
+    fn the_entry_forwards_nothing_whatever_host_star_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let ep = Endpoint {
+            alias: "lima-vm1".into(),
+            host: "127.0.0.1".into(),
+            port: 2222,
+            user: "me".into(),
+            identity_files: vec![dir.path().join("key")],
+            config_file: dir.path().join("ssh.config"),
+            host_key: HostKeyPolicy::AcceptAny,
+        };
+        let entry_file = dir.path().join("vm1.conf");
+        std::fs::write(&entry_file, entry("vm1", &ep).unwrap()).unwrap();
+        let config = dir.path().join("config");
+        std::fs::write(
+            &config,
+            format!(
+                "Include {}\nHost *\n  ForwardAgent yes\n  ForwardX11 yes\n  LocalForward 5000 localhost:5000\n",
+                entry_file.display()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new("ssh").arg("-G").arg("-F").arg(&config).arg("vm1").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let seen = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        for line in ["forwardagent no", "forwardx11 no", "clearallforwardings yes", "port 2222"] {
+            assert!(seen.lines().any(|l| l == line), "ssh -G lacks {line:?}:\n{seen}");
+        }
+    }
+
     #[test]
     fn values_with_quotes_are_refused() {
         assert_eq!(value(Path::new("/a b/k")).unwrap(), "\"/a b/k\"");
