@@ -33,9 +33,10 @@ pub struct Ui {
 }
 
 impl Ui {
+    /// Messages may quote the VM (a warning's cause): never raw escapes.
     pub fn say(&self, msg: &str) {
         if !self.quiet {
-            eprintln!("{msg}");
+            eprintln!("{}", workspace::printable_lines(msg));
         }
     }
 }

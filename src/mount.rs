@@ -136,7 +136,7 @@ impl Mount {
             bail!(
                 "sshfs could not mount the VM's ~/workspace on {}: {}",
                 self.point.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
+                crate::workspace::printable(String::from_utf8_lossy(&out.stderr).trim())
             );
         }
         Ok(true)

@@ -251,8 +251,11 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
     let stage = format!("{STATE_DIR}/stage");
     let staged: Vec<File> = files.iter().filter(|f| !f.path.starts_with("common/homedir/")).cloned().collect();
     run_script(session, UNPACK_STAGE, &[&stage], &tarball(&staged)?, "staging the provisioning files").await?;
-    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
+    // The VM's progress lines reach our stderr line by line, neutralised.
+    let (mut out, lines) = tokio::io::duplex(64 << 10);
+    let to: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
         if ui.quiet { Box::new(tokio::io::sink()) } else { Box::new(tokio::io::stderr()) };
+    let relay = tokio::spawn(relay_lines(lines, to));
     let mut err = Vec::new();
     let status = session
         .exec_io(
@@ -261,7 +264,10 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
             &mut out,
             &mut err,
         )
-        .await?;
+        .await;
+    drop(out);
+    let _ = relay.await;
+    let status = status?;
     if status != 0 {
         bail!(
             "provisioning failed in the VM (exit status {status}): {}",
@@ -375,8 +381,37 @@ fn host_terminfo() -> Option<Vec<u8>> {
     out.status.success().then_some(out.stdout)
 }
 
+/// Copies text from the VM a line at a time (a line over 64 KiB is cut),
+/// with control characters neutralised: the VM's output reaches our stderr
+/// as text, never as terminal commands.
+async fn relay_lines(from: impl tokio::io::AsyncRead + Unpin, mut to: impl tokio::io::AsyncWrite + Unpin) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let mut reader = tokio::io::BufReader::new(from);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut reader).take(64 << 10).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = crate::workspace::printable(String::from_utf8_lossy(&line).trim_end_matches('\n'));
+        if to.write_all(format!("{text}\n").as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.flush().await;
+}
+
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn provisioning_output_is_relayed_as_text() {
+        let from: &[u8] = b"==> step\n\x1b]52;c;cHduZWQ=\x07copied\r\n\x1b[2Jcleared\npartial";
+        let mut to = Vec::new();
+        super::relay_lines(from, &mut to).await;
+        assert_eq!(String::from_utf8(to).unwrap(), "==> step\n?]52;c;cHduZWQ=?copied?\n?[2Jcleared\npartial\n");
+    }
+
     use super::*;
 
     fn f(path: &str, mode: u32, data: &str) -> File {

@@ -143,7 +143,7 @@ impl Output {
             bail!(
                 "{what} failed in the VM (exit status {}): {}",
                 self.status,
-                String::from_utf8_lossy(&self.stderr).trim()
+                crate::workspace::printable(String::from_utf8_lossy(&self.stderr).trim())
             );
         }
         Ok(self)

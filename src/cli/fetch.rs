@@ -60,7 +60,7 @@ pub(super) async fn fetch_branch(ctx: &Context, host: &HostRepo, vm: &Vm, branch
             ctx.ui.say(&format!("Created {branch:?} at {} from the VM.", short(to)))
         }
         Integrated::LeftAlone(why) => {
-            eprintln!("warning: fetched into agent-vm/{branch}, but {why}");
+            eprintln!("warning: fetched into agent-vm/{branch}, but {}", crate::workspace::printable_lines(&why));
             return Ok(ExitCode::from(2));
         }
     }

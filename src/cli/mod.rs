@@ -135,7 +135,9 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote the VM (remote stderr, libgit2's relay of the
+            // remote's messages): neutralised here whatever their source.
+            eprintln!("error: {}", crate::workspace::printable_lines(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

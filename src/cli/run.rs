@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 
 use super::Context;
 use crate::run::{Job, Output, Status};
-use crate::workspace::{HostRepo, Vm, printable};
+use crate::workspace::{HostRepo, Vm, printable, printable_lines};
 
 /// Run a command in several branches' workspaces at once
 ///
@@ -139,7 +139,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 Ok(c) if c == ExitCode::SUCCESS => {}
                 Ok(c) => code = c,
                 Err(e) => {
-                    eprintln!("error: fetching {:?}: {e:#}", o.job.branch);
+                    eprintln!("error: fetching {:?}: {}", o.job.branch, printable_lines(&format!("{e:#}")));
                     code = ExitCode::FAILURE;
                 }
             }

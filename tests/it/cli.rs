@@ -135,6 +135,16 @@ fn garbage_from_limactl_is_reported() {
         .fails_with("unexpected output from `limactl list --json`");
     std::fs::write(&fake, "#!/bin/sh\necho 'lima exploded' >&2\nexit 3\n").unwrap();
     bare(&["status"], &[("AGENT_VM_LIMACTL", fake.to_str().unwrap())]).fails_with("lima exploded");
+    // Whatever an error quotes reaches the terminal as text: no clipboard
+    // write (OSC 52), no title change, no screen clearing.
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nprintf 'bad \\033]52;c;cHduZWQ=\\007 \\033]0;title\\007 \\033[2J\\n' >&2\nexit 3\n",
+    )
+    .unwrap();
+    let r = bare(&["status"], &[("AGENT_VM_LIMACTL", fake.to_str().unwrap())]);
+    r.fails_with("bad ?]52;c;cHduZWQ=?");
+    assert!(!r.stderr.contains('\u{1b}') && !r.stderr.contains('\u{7}'), "{:?}", r.stderr);
 }
 
 #[test]
