@@ -31,6 +31,23 @@ pub struct Endpoint {
     pub host_key: HostKeyPolicy,
 }
 
+impl Endpoint {
+    /// An endpoint to test command lines and config entries with (nothing
+    /// listens there).
+    #[cfg(test)]
+    pub(crate) fn for_tests(alias: &str, config_file: PathBuf) -> Endpoint {
+        Endpoint {
+            alias: alias.into(),
+            host: "127.0.0.1".into(),
+            port: 2222,
+            user: "me".into(),
+            identity_files: vec![config_file.with_file_name("key")],
+            config_file,
+            host_key: HostKeyPolicy::AcceptAny,
+        }
+    }
+}
+
 /// Whether and against what the server's host key is checked, following the
 /// config's `StrictHostKeyChecking` and `UserKnownHostsFile`.
 #[derive(Debug, Clone, PartialEq)]

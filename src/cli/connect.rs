@@ -143,15 +143,7 @@ mod tests {
              Host *\n  ForwardAgent yes\n  ForwardX11 yes\n  RemoteForward 6000 localhost:6000\n",
         )
         .unwrap();
-        let ep = crate::ssh::Endpoint {
-            alias: "big".into(),
-            host: "127.0.0.1".into(),
-            port: 22,
-            user: "me".into(),
-            identity_files: Vec::new(),
-            config_file: config,
-            host_key: crate::ssh::HostKeyPolicy::AcceptAny,
-        };
+        let ep = crate::ssh::Endpoint::for_tests("big", config);
         let cmd = ssh_command(&ep, &[("ANTHROPIC_API_KEY".into(), "secret".into())], true);
         let out = std::process::Command::new("ssh").arg("-G").args(cmd.get_args()).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -160,15 +160,7 @@ mod tests {
     #[test]
     fn the_entry_forwards_nothing_whatever_host_star_says() {
         let dir = tempfile::tempdir().unwrap();
-        let ep = Endpoint {
-            alias: "lima-vm1".into(),
-            host: "127.0.0.1".into(),
-            port: 2222,
-            user: "me".into(),
-            identity_files: vec![dir.path().join("key")],
-            config_file: dir.path().join("ssh.config"),
-            host_key: HostKeyPolicy::AcceptAny,
-        };
+        let ep = Endpoint::for_tests("lima-vm1", dir.path().join("ssh.config"));
         let entry_file = dir.path().join("vm1.conf");
         std::fs::write(&entry_file, entry("vm1", &ep).unwrap()).unwrap();
         let config = dir.path().join("config");

@@ -12,6 +12,14 @@ fn bare(args: &[&str], envs: &[(&str, &str)]) -> Run {
     Run::from(cmd.output().unwrap(), args)
 }
 
+/// `dir/limactl`, a shell script with `body`: a limactl that misbehaves.
+fn fake_limactl(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+    let fake = dir.join("limactl");
+    std::fs::write(&fake, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    fake
+}
+
 #[test]
 fn help_lists_every_subcommand() {
     let r = bare(&["--help"], &[]);
@@ -75,16 +83,14 @@ fn doctor_passes_with_everything_present() {
 #[test]
 fn doctor_refuses_a_limactl_older_than_the_template_needs() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = dir.path().join("limactl");
-    std::fs::write(&fake, "#!/bin/sh\necho 'limactl version 0.9.1'\n").unwrap();
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let fake = fake_limactl(dir.path(), "echo 'limactl version 0.9.1'");
     let r = bare(&["doctor", "--json"], &[("AGENT_VM_LIMACTL", fake.to_str().unwrap())]);
     assert_eq!(r.code, Some(1), "{}", r.stdout);
     let lima = r.json().as_array().unwrap().iter().find(|c| c["name"] == "limactl").unwrap().clone();
     assert_eq!(lima["ok"], false);
     assert!(lima["detail"].as_str().unwrap().contains("older than"), "{lima:#}");
     // One that cannot run (limactl exits at once as root, for instance).
-    std::fs::write(&fake, "#!/bin/sh\necho 'limactl: must not run as the root user' >&2; exit 1\n").unwrap();
+    fake_limactl(dir.path(), "echo 'limactl: must not run as the root user' >&2; exit 1");
     let r = bare(&["doctor", "--json"], &[("AGENT_VM_LIMACTL", fake.to_str().unwrap())]);
     let lima = r.json().as_array().unwrap().iter().find(|c| c["name"] == "limactl").unwrap().clone();
     assert!(lima["detail"].as_str().unwrap().contains("must not run as the root user"), "{lima:#}");
@@ -128,20 +134,14 @@ fn invalid_instance_names_are_refused() {
 #[test]
 fn garbage_from_limactl_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = dir.path().join("limactl");
-    std::fs::write(&fake, "#!/bin/sh\necho '{not json'\n").unwrap();
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let fake = fake_limactl(dir.path(), "echo '{not json'");
     bare(&["status"], &[("AGENT_VM_LIMACTL", fake.to_str().unwrap())])
         .fails_with("unexpected output from `limactl list --json`");
-    std::fs::write(&fake, "#!/bin/sh\necho 'lima exploded' >&2\nexit 3\n").unwrap();
+    fake_limactl(dir.path(), "echo 'lima exploded' >&2\nexit 3");
     bare(&["status"], &[("AGENT_VM_LIMACTL", fake.to_str().unwrap())]).fails_with("lima exploded");
     // Whatever an error quotes reaches the terminal as text: no clipboard
     // write (OSC 52), no title change, no screen clearing.
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\nprintf 'bad \\033]52;c;cHduZWQ=\\007 \\033]0;title\\007 \\033[2J\\n' >&2\nexit 3\n",
-    )
-    .unwrap();
+    fake_limactl(dir.path(), "printf 'bad \\033]52;c;cHduZWQ=\\007 \\033]0;title\\007 \\033[2J\\n' >&2\nexit 3");
     let r = bare(&["status"], &[("AGENT_VM_LIMACTL", fake.to_str().unwrap())]);
     r.fails_with("bad ?]52;c;cHduZWQ=?");
     assert!(!r.stderr.contains('\u{1b}') && !r.stderr.contains('\u{7}'), "{:?}", r.stderr);
