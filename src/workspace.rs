@@ -43,6 +43,17 @@ impl HostRepo {
                 e.message()
             )
         })?;
+        Self::from_repo(repo)
+    }
+
+    /// The repository at exactly `git_dir` (as a workspace records it).
+    pub fn open(git_dir: &Path) -> Result<HostRepo> {
+        let repo = Repository::open_ext(git_dir, git2::RepositoryOpenFlags::NO_SEARCH, std::iter::empty::<&Path>())
+            .with_context(|| format!("cannot open the repository {}", git_dir.display()))?;
+        Self::from_repo(repo)
+    }
+
+    fn from_repo(repo: Repository) -> Result<HostRepo> {
         let git_dir = repo.commondir().canonicalize().context("cannot resolve the repository's git dir")?;
         let base = match repo.workdir() {
             Some(w) => w.to_path_buf(),

@@ -8,17 +8,40 @@ use crate::vm;
 
 /// Stop and delete the VM, with every workspace in it
 ///
-/// Commits that were not fetched back to the host are lost with the VM.
+/// Refuses (unless --force) while any workspace, of any repository, holds
+/// commits its host repository has not fetched or uncommitted changes, as
+/// `clean` does for one workspace; a VM that is not running cannot be
+/// checked, so it too needs --force.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Do not ask for confirmation (required when stdin is not a terminal)
     #[arg(short, long)]
     yes: bool,
+    /// Delete even with unfetched commits or uncommitted changes in the VM
+    #[arg(long)]
+    force: bool,
 }
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let backend = ctx.backend()?;
+    if !backend.manages_machine() {
+        return backend.delete().map(|_| ExitCode::SUCCESS);
+    }
     let instance = vm::existing(backend.as_ref())?;
+    if !args.force {
+        if instance.state != vm::State::Running {
+            bail!(
+                "VM '{}' is {}, so agent-vm cannot check its workspaces for commits that were not fetched. \
+                 Start it (`agent-vm start`) and run destroy again, or pass --force to delete it unchecked",
+                instance.name,
+                instance.state
+            );
+        }
+        let losses = losses(ctx).await?;
+        if !losses.is_empty() {
+            bail!("{}; fetch first (in each repository), or pass --force to delete the VM anyway", losses.join("; "));
+        }
+    }
     if !args.yes && !confirm(&format!("Delete VM '{}' and every workspace in it?", instance.name))? {
         bail!("not confirmed; nothing was deleted");
     }
@@ -34,6 +57,35 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     }
     ctx.ui.say(&format!("VM '{}' deleted.", instance.name));
     Ok(ExitCode::SUCCESS)
+}
+
+/// What deleting the VM would lose: each workspace with commits its host
+/// repository lacks or uncommitted changes. The repository a workspace
+/// names is only read, to compare commits.
+async fn losses(ctx: &Context) -> Result<Vec<String>> {
+    let (_backend, session) = super::session(ctx, false).await?;
+    let vm = crate::workspace::Vm::new(session)?;
+    let mut out = Vec::new();
+    for listed in vm.list().await? {
+        let probe = crate::workspace::Probe::Present { tip: listed.tip, changes: listed.changes };
+        let lost = match crate::workspace::HostRepo::open(std::path::Path::new(&listed.host_repo)) {
+            Ok(host) => super::clean::losses(&host, &crate::workspace::Workspace::new(&host, &listed.branch), &probe)?,
+            Err(_) => {
+                let mut lost = Vec::new();
+                if listed.tip.is_some() {
+                    lost.push(format!("commits of a repository this machine does not have ({:?})", listed.host_repo));
+                }
+                if listed.changes > 0 {
+                    lost.push(format!("{} uncommitted change(s)", listed.changes));
+                }
+                lost
+            }
+        };
+        if !lost.is_empty() {
+            out.push(format!("~/{} has {}", crate::workspace::printable(&listed.dir), lost.join(" and ")));
+        }
+    }
+    Ok(out)
 }
 
 /// Asks a yes/no question on the terminal; without one, refuses to guess.

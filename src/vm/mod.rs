@@ -87,6 +87,11 @@ pub trait Backend {
     fn stop(&self, force: bool) -> Result<()>;
     /// Stops (if needed) and deletes the instance and its disk.
     fn delete(&self) -> Result<()>;
+    /// Whether agent-vm creates and deletes the machine (not so for a
+    /// machine of the ssh backend: [`Backend::delete`] says why).
+    fn manages_machine(&self) -> bool {
+        true
+    }
     /// How to reach the running instance over SSH. Re-read after every start:
     /// the port changes.
     fn ssh_endpoint(&self) -> Result<Endpoint>;

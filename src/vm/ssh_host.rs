@@ -86,6 +86,10 @@ impl Backend for SshHost {
         Err(self.unmanaged("delete"))
     }
 
+    fn manages_machine(&self) -> bool {
+        false
+    }
+
     fn ssh_endpoint(&self) -> Result<Endpoint> {
         Endpoint::from_config_file(&self.config_file, &self.alias, Defaults::OpenSsh)
     }

@@ -61,7 +61,8 @@ fn mount_against_a_real_guest() {
     busy_foreign_and_occupied_mount_points(&w, &repo, &point, &host_ws);
     owned_by_me_opt_in_really_is_the_risk(&w, &repo, &ws, &host_ws);
 
-    w.run_in(&repo, &["destroy", "--yes"]).ok();
+    // The workspace holds the test's edits: --force (vm_lifecycle tests the guard).
+    w.run_in(&repo, &["destroy", "--yes", "--force"]).ok();
     assert!(mounted(&point).is_none(), "destroy left the mount behind");
 }
 

@@ -101,6 +101,19 @@ fn lifecycle_against_a_real_guest() {
     w.run(&["connect", "--", "true"]).fails_with("authentication failed");
     std::fs::rename(&aside, &key).unwrap();
 
+    // destroy refuses while a workspace of any repository holds what its
+    // host repository lacks, wherever destroy runs; --force overrides.
+    let repo = w.repo("proj");
+    w.run_in(&repo, &["push", "main"]).ok();
+    let ws = w.workspace_dir(&repo, "main");
+    w.agent_commit(&ws, "agent.txt", "work\n");
+    let r = w.run(&["destroy", "--yes"]);
+    r.fails_with("1 commit(s) the host has not fetched");
+    assert!(r.stderr.contains(&ws) && r.stderr.contains("--force"), "{}", r.stderr);
+    w.run_in(&repo, &["fetch", "main"]).ok();
+    w.guest_args(r#"echo draft > "$1/draft.txt" && git -C "$1" add draft.txt"#, &[&ws]).ok();
+    w.run(&["destroy", "--yes"]).fails_with("uncommitted change");
+    w.guest_args(r#"git -C "$1" reset -q --hard"#, &[&ws]).ok();
     // destroy needs confirmation; without a terminal that means --yes.
     w.run(&["destroy"]).fails_with("--yes");
     assert_eq!(w.lima_list().len(), 1, "destroy without --yes must not delete");
