@@ -107,6 +107,15 @@ impl HostRepo {
         Ok(file)
     }
 
+    /// The locks of several branches, taken in one order (sorted) so that
+    /// two commands locking overlapping sets cannot deadlock.
+    pub fn lock_branches(&self, branches: &[&str], ui: &crate::Ui) -> Result<Vec<std::fs::File>> {
+        let mut sorted = branches.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        sorted.into_iter().map(|b| self.lock_branch(b, ui)).collect()
+    }
+
     fn tracking_ref(branch: &str) -> String {
         format!("{TRACKING_PREFIX}{branch}")
     }

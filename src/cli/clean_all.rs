@@ -25,9 +25,18 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let host = HostRepo::discover()?;
     let (backend, session) = super::session(ctx, false).await?;
     let vm = Vm::new(session)?;
+    // Lock every branch that has a workspace (as run, push and fetch do),
+    // then look again: what was listed before the locks may have changed.
+    let branches: Vec<String> = vm.list().await?.into_iter().map(|l| l.branch).collect();
+    let valid: Vec<&str> =
+        branches.iter().map(String::as_str).filter(|b| crate::workspace::validate_branch(b).is_ok()).collect();
+    let _locks = host.lock_branches(&valid, &ctx.ui)?;
     let mut doomed = Vec::new();
     let mut refusals = Vec::new();
     for listed in vm.list().await? {
+        if !valid.contains(&listed.branch.as_str()) {
+            continue; // made after the locks were taken: not ours to delete now
+        }
         // The VM's record of the branch is only a hint: the workspace must be
         // where this repository would put that branch, or it is not ours.
         let ws = Workspace::new(&host, &listed.branch);

@@ -32,6 +32,11 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
 /// lock. Exit status 2: fetched, but the host branch was left alone.
 pub(super) async fn fetch_branch(ctx: &Context, host: &HostRepo, vm: &Vm, branch: &str) -> Result<ExitCode> {
     let _lock = host.lock_branch(branch, &ctx.ui)?;
+    fetch_locked(ctx, host, vm, branch).await
+}
+
+/// [`fetch_branch`] for a caller that holds the branch's lock.
+pub(super) async fn fetch_locked(ctx: &Context, host: &HostRepo, vm: &Vm, branch: &str) -> Result<ExitCode> {
     let ws = Workspace::new(host, branch);
     let (probe, fetched) = vm.fetch(host, &ws, &Progress::new(&ctx.ui)).await?;
     match probe {

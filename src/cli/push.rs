@@ -71,6 +71,17 @@ pub(super) async fn push_branch(
 ) -> Result<(Workspace, git2::Oid)> {
     crate::workspace::validate_branch(branch)?;
     let _lock = host.lock_branch(branch, &ctx.ui)?;
+    push_locked(ctx, host, vm, branch, objects).await
+}
+
+/// [`push_branch`] for a caller that holds the branch's lock.
+pub(super) async fn push_locked(
+    ctx: &Context,
+    host: &HostRepo,
+    vm: &Vm,
+    branch: &str,
+    objects: Objects,
+) -> Result<(Workspace, git2::Oid)> {
     let ws = Workspace::new(host, branch);
     let (tip, created) = host.ensure_branch(branch)?;
     if created {

@@ -92,9 +92,13 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let (backend, session) = super::session(ctx, true).await?;
     let endpoint = session.endpoint().clone();
     let vm = Vm::new(session)?;
+    // Every branch stays locked for the whole run: no push, fetch or clean
+    // of these workspaces meanwhile.
+    let names: Vec<&str> = branches.iter().map(String::as_str).collect();
+    let _locks = host.lock_branches(&names, &ctx.ui)?;
     let mut jobs = Vec::new();
     for branch in branches {
-        let (ws, tip) = super::push::push_branch(ctx, &host, &vm, branch, args.objects.objects()).await?;
+        let (ws, tip) = super::push::push_locked(ctx, &host, &vm, branch, args.objects.objects()).await?;
         jobs.push(Job { branch: branch.clone(), dir: ws.dir, base: tip.to_string() });
     }
     let parallel = match args.jobs {
@@ -135,7 +139,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     };
     if args.fetch && !interrupted {
         for o in &outcomes {
-            match super::fetch::fetch_branch(ctx, &host, &vm, &o.job.branch).await {
+            match super::fetch::fetch_locked(ctx, &host, &vm, &o.job.branch).await {
                 Ok(c) if c == ExitCode::SUCCESS => {}
                 Ok(c) => code = c,
                 Err(e) => {
