@@ -18,6 +18,10 @@ use crate::shell;
 use crate::ssh::Session;
 use crate::transport;
 
+mod integrate;
+
+pub use integrate::{Integrated, ahead_behind, contains, integrate, unfetched};
+
 /// Where the workspaces live in the VM, relative to the user's home.
 pub const WORKSPACE_ROOT: &str = "workspace";
 /// Per-repository object caches in the VM (bare repositories).
@@ -800,103 +804,6 @@ fn parse_oid(text: &str) -> Result<Oid> {
 
 fn with_remote_stderr(e: anyhow::Error, stderr: &str) -> anyhow::Error {
     if stderr.is_empty() { e } else { e.context(format!("the VM said: {}", printable(stderr))) }
-}
-
-/// Whether `commit` is `tip` or one of its ancestors, in the host repo (an
-/// object the host does not have is not contained).
-pub fn contains(repo: &Repository, tip: Oid, commit: Oid) -> bool {
-    tip == commit || (repo.find_commit(commit).is_ok() && repo.graph_descendant_of(tip, commit).unwrap_or(false))
-}
-
-/// What fetch did to the host branch.
-#[derive(Debug, PartialEq)]
-pub enum Integrated {
-    UpToDate,
-    /// The branch was checked out and clean: ref, index and files moved.
-    FastForwardedCheckout {
-        from: Oid,
-        to: Oid,
-    },
-    /// The branch was not checked out: only the ref moved.
-    FastForwardedRef {
-        from: Option<Oid>,
-        to: Oid,
-    },
-    /// Nothing changed on the host; the message says what to run.
-    LeftAlone(String),
-}
-
-/// Brings the host branch up to `new` if that is a fast-forward and safe;
-/// never rewinds or rewrites it.
-pub fn integrate(host: &HostRepo, branch: &str, new: Oid) -> Result<Integrated> {
-    let repo = &host.repo;
-    let refname = format!("refs/heads/{branch}");
-    let tracking = format!("agent-vm/{branch}");
-    let current = host.branch_tip(branch)?;
-    let Some(old) = current else {
-        repo.reference(&refname, new, false, "agent-vm fetch: branch from the VM")?;
-        return Ok(Integrated::FastForwardedRef { from: None, to: new });
-    };
-    if contains(repo, old, new) {
-        return Ok(Integrated::UpToDate);
-    }
-    if !repo.graph_descendant_of(new, old)? {
-        return Ok(Integrated::LeftAlone(format!(
-            "the host's {branch:?} and the VM's have diverged; nothing on the host changed. \
-             Merge or rebase yourself: `git merge {tracking}` or `git rebase {tracking}`"
-        )));
-    }
-    let checked_out =
-        !repo.is_bare() && repo.head().ok().and_then(|h| h.name().ok().map(str::to_owned)) == Some(refname.clone());
-    if checked_out {
-        let mut opts = git2::StatusOptions::new();
-        opts.include_untracked(false).include_ignored(false);
-        if !repo.statuses(Some(&mut opts))?.is_empty() {
-            return Ok(Integrated::LeftAlone(format!(
-                "{branch:?} is checked out and has uncommitted changes; nothing on the host changed. \
-                 Commit or stash them, then run `git merge --ff-only {tracking}`"
-            )));
-        }
-        let target = repo.find_commit(new)?;
-        let mut checkout = git2::build::CheckoutBuilder::new();
-        checkout.safe();
-        if let Err(e) = repo.checkout_tree(target.as_object(), Some(&mut checkout)) {
-            return Ok(Integrated::LeftAlone(format!(
-                "cannot fast-forward the checked-out {branch:?} ({}); nothing on the host changed. \
-                 Run `git merge --ff-only {tracking}` to see why",
-                printable(e.message())
-            )));
-        }
-        // Move the ref only if nobody moved it meanwhile.
-        repo.reference_matching(&refname, new, true, old, "agent-vm fetch: fast-forward")?;
-        return Ok(Integrated::FastForwardedCheckout { from: old, to: new });
-    }
-    repo.reference_matching(&refname, new, true, old, "agent-vm fetch: fast-forward")?;
-    Ok(Integrated::FastForwardedRef { from: Some(old), to: new })
-}
-
-/// Commits on `tip` that the host's `branch` (and its tracking ref) lack:
-/// `None` when the host does not even have the commit.
-pub fn unfetched(host: &HostRepo, branch: &str, tip: Oid) -> Result<Option<usize>> {
-    let repo = &host.repo;
-    if repo.find_commit(tip).is_err() {
-        return Ok(None);
-    }
-    let mut walk = repo.revwalk()?;
-    walk.push(tip)?;
-    for r in [format!("refs/heads/{branch}"), HostRepo::tracking_ref(branch)] {
-        if let Ok(oid) = repo.refname_to_id(&r) {
-            walk.hide(oid)?;
-        }
-    }
-    Ok(Some(walk.count()))
-}
-
-/// Ahead/behind of the VM tip relative to the host branch, when both known.
-pub fn ahead_behind(host: &HostRepo, branch: &str, vm_tip: Oid) -> Option<(usize, usize)> {
-    let host_tip = host.branch_tip(branch).ok()??;
-    host.repo.find_commit(vm_tip).ok()?;
-    host.repo.graph_ahead_behind(vm_tip, host_tip).ok()
 }
 
 /// Progress on stderr: a bar or spinner on a terminal, nothing otherwise.
