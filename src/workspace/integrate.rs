@@ -100,6 +100,44 @@ pub fn integrate(host: &HostRepo, branch: &str, new: Oid) -> Result<Integrated> 
     Ok(Integrated::FastForwardedCheckout { from: old, to: new })
 }
 
+/// Whether everything reachable from `tip` that is not reachable from
+/// `known` (the host's branch and tracking ref) is in the host repository:
+/// every commit, its tree and subtrees, every blob. libgit2 does not check
+/// connectivity when it fetches, and a ref pointing at a commit whose tree
+/// is missing breaks `git fsck`, checkout and gc; so no ref moves before
+/// this holds.
+pub fn check_complete(repo: &Repository, tip: Oid, known: &[Oid]) -> Result<()> {
+    let missing = |what: &str, id: Oid| anyhow::anyhow!("the VM sent incomplete history: {what} {id} is missing");
+    let odb = repo.odb()?;
+    let mut walk = repo.revwalk()?;
+    walk.push(tip).map_err(|_| missing("commit", tip))?;
+    for k in known {
+        let _ = walk.hide(*k);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for commit in walk {
+        let commit = commit.map_err(|e| anyhow::anyhow!("the VM sent incomplete history: {}", e.message()))?;
+        let commit = repo.find_commit(commit).map_err(|_| missing("commit", commit))?;
+        let mut trees = vec![commit.tree_id()];
+        while let Some(id) = trees.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            let tree = repo.find_tree(id).map_err(|_| missing("tree", id))?;
+            for entry in tree.iter() {
+                match entry.kind() {
+                    Some(git2::ObjectType::Tree) => trees.push(entry.id()),
+                    Some(git2::ObjectType::Blob) if seen.insert(entry.id()) && !odb.exists(entry.id()) => {
+                        return Err(missing("file", entry.id()));
+                    }
+                    _ => {} // a blob seen before, or a submodule's commit (another repository's)
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The repository (this one or a linked worktree) whose HEAD is `refname`.
 fn checked_out_in(repo: &Repository, refname: &str) -> Result<Option<Repository>> {
     let head_is = |r: &Repository| {
@@ -287,6 +325,33 @@ mod tests {
 
     fn open(dir: &Path) -> HostRepo {
         HostRepo::open(&dir.join(".git")).unwrap()
+    }
+
+    /// A commit whose tree never arrived (or a tree missing a file) is
+    /// incomplete history; the same history with everything present is not.
+    #[test]
+    fn incomplete_history_is_found_before_any_ref_moves() {
+        let (_tmp, host, vm) = host_and_vm();
+        let hr = open(&host);
+        let repo = &hr.repo;
+        let old = repo.head().unwrap().target().unwrap();
+        let complete = vm_commit(&host, &vm, "main", &[("new.txt", "n\n")]);
+        assert!(check_complete(repo, complete, &[old]).is_ok());
+        assert!(check_complete(repo, complete, &[]).is_ok());
+        let odb = repo.odb().unwrap();
+        let absent_tree = Oid::from_str("1111111111111111111111111111111111111111").unwrap();
+        let raw = format!("tree {absent_tree}\nparent {old}\nauthor a <a> 0 +0000\ncommitter a <a> 0 +0000\n\nvm\n");
+        let broken = odb.write(git2::ObjectType::Commit, raw.as_bytes()).unwrap();
+        let err = check_complete(repo, broken, &[old]).unwrap_err().to_string();
+        assert!(err.contains("tree 1111111"), "{err}");
+        // A tree naming a file that is not there.
+        let mut tree = Vec::new();
+        tree.extend_from_slice(b"100644 ghost\0");
+        tree.extend_from_slice(Oid::from_str("2222222222222222222222222222222222222222").unwrap().as_bytes());
+        let tree = odb.write(git2::ObjectType::Tree, &tree).unwrap();
+        let raw = format!("tree {tree}\nparent {old}\nauthor a <a> 0 +0000\ncommitter a <a> 0 +0000\n\nvm\n");
+        let ghost = odb.write(git2::ObjectType::Commit, raw.as_bytes()).unwrap();
+        assert!(check_complete(repo, ghost, &[old]).unwrap_err().to_string().contains("file 2222222"));
     }
 
     #[test]

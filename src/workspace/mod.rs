@@ -618,8 +618,12 @@ impl Vm {
         let url = self.remote.url_with_step(&ws.dir, shell::script(PROBE_BEFORE_FETCH, &[&ws.dir, &ws.branch])?);
         let git_dir = host.git_dir.clone();
         let tracking = HostRepo::tracking_ref(&ws.branch);
-        let refspec = format!("+refs/heads/{}:{tracking}", ws.branch);
+        // No destination: libgit2 moves no ref itself. The tracking ref
+        // moves below, once the history it would point at is complete.
+        let wanted = format!("refs/heads/{}", ws.branch);
+        let refspec = wanted.clone();
         let progress2 = progress.clone();
+        let ws_branch = ws.branch.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<Oid> {
             let repo = Repository::open(&git_dir)?;
             let mut remote = repo.remote_anonymous(&url)?;
@@ -633,8 +637,18 @@ impl Vm {
                 .update_fetchhead(false)
                 .prune(git2::FetchPrune::Off);
             remote.fetch(&[refspec.as_str()], Some(&mut opts), Some("agent-vm fetch"))?;
-            let oid = repo.refname_to_id(&tracking).context("the VM's branch did not arrive")?;
-            repo.find_commit(oid).context("the VM's branch does not point to a commit")?;
+            let oid = remote
+                .list()?
+                .iter()
+                .find(|h| h.name() == wanted)
+                .map(|h| h.oid())
+                .context("the VM's branch did not arrive")?;
+            let known: Vec<Oid> = [format!("refs/heads/{}", ws_branch), tracking.clone()]
+                .iter()
+                .filter_map(|r| repo.refname_to_id(r).ok())
+                .collect();
+            integrate::check_complete(&repo, oid, &known)?;
+            repo.reference(&tracking, oid, true, "agent-vm fetch")?;
             Ok(oid)
         })
         .await?;
