@@ -19,6 +19,7 @@ use crate::ssh::Session;
 use crate::transport;
 
 mod integrate;
+mod view;
 
 pub use integrate::{Integrated, ahead_behind, contains, integrate, unfetched};
 
@@ -626,7 +627,13 @@ impl Vm {
         let ws_branch = ws.branch.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<Oid> {
             let repo = Repository::open(&git_dir)?;
-            let mut remote = repo.remote_anonymous(&url)?;
+            // Only this branch's history is offered to the VM in negotiation.
+            let known: Vec<(String, Oid)> = [format!("refs/heads/{ws_branch}"), tracking.clone()]
+                .into_iter()
+                .filter_map(|r| repo.refname_to_id(&r).ok().map(|id| (r, id)))
+                .collect();
+            let view = view::View::new(&git_dir, &known)?;
+            let mut remote = view.repo.remote_anonymous(&url)?;
             let mut callbacks = git2::RemoteCallbacks::new();
             callbacks.transfer_progress(|p| {
                 progress2.transfer("Fetching", p.received_objects(), p.total_objects(), p.received_bytes())
@@ -643,10 +650,11 @@ impl Vm {
                 .find(|h| h.name() == wanted)
                 .map(|h| h.oid())
                 .context("the VM's branch did not arrive")?;
-            let known: Vec<Oid> = [format!("refs/heads/{}", ws_branch), tracking.clone()]
-                .iter()
-                .filter_map(|r| repo.refname_to_id(r).ok())
-                .collect();
+            drop(remote);
+            view.move_objects_into(&git_dir)?;
+            // A fresh handle sees the packs that just arrived.
+            let repo = Repository::open(&git_dir)?;
+            let known: Vec<Oid> = known.iter().map(|(_, id)| *id).collect();
             integrate::check_complete(&repo, oid, &known)?;
             repo.reference(&tracking, oid, true, "agent-vm fetch")?;
             Ok(oid)

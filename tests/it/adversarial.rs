@@ -374,6 +374,26 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
         host.clean()?;
         fsck(&repo)
     });
+    s.case(C, "fetch negotiation names only the fetched branch's history", || {
+        // A host-only commit on another branch, and a tag on it: the VM
+        // must not learn their ids from the fetch's "have" lines.
+        let secret = git(&repo, &["commit-tree", "HEAD^{tree}", "-m", "host-private"]).trim().to_owned();
+        git(&repo, &["update-ref", "refs/heads/host-private", &secret]);
+        git(&repo, &["tag", "private-tag", &secret]);
+        w.guest_args(r#"cd "$1" && git reset -q --hard refs/heads/victim"#, &[&ws]).ok();
+        w.agent_commit(&ws, "negotiate.txt", "new\n");
+        fake_upload_pack(w, "#!/bin/sh\ntee -a /tmp/negotiation.log | /usr/bin/git-upload-pack \"$@\"\n");
+        let r = w.run_in(&repo, &["fetch", "victim"]);
+        w.guest("sudo rm -f /usr/local/bin/git-upload-pack").ok();
+        let said = w.guest("cat /tmp/negotiation.log; rm -f /tmp/negotiation.log").stdout;
+        git(&repo, &["tag", "-d", "private-tag"]);
+        git(&repo, &["update-ref", "-d", "refs/heads/host-private"]);
+        check!(r.code == Some(0) || r.code == Some(2), "fetch failed: {}", r.stderr);
+        check!(said.contains("want "), "the fetch asked for nothing: {said}");
+        check!(!said.contains(&secret), "the VM learnt the id of a host-only commit:\n{said}");
+        host.clean()?;
+        fsck(&repo)
+    });
     s.case(C, "a malformed pack from the VM fails the fetch cleanly", || {
         let before = refs(&repo);
         fake_upload_pack(w, "#!/bin/sh\nhead -c 100000 /dev/urandom\n");
