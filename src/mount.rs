@@ -113,6 +113,7 @@ impl Mount {
                 self.point.display()
             );
         }
+        contains_symlinks()?;
         let mkdir = crate::shell::quote(&["mkdir", "-p", WORKSPACE_ROOT])?;
         session.exec(&mkdir).await?.check("creating ~/workspace")?;
         let owned_by_me = std::env::var(OWNED_BY_ME_ENV).is_ok_and(|v| v == "1");
@@ -170,6 +171,23 @@ impl Mount {
 }
 
 /// sshfs options, chosen for safety first, then speed (see scripts/bench).
+/// Whether this sshfs can refuse symlinks that point out of the mount
+/// (`-o contain_symlinks`): older builds show the VM's links to host paths
+/// as the host's files. agent-vm does not mount with such an sshfs.
+pub fn contains_symlinks() -> Result<()> {
+    let help = Command::new("sshfs").arg("-h").stdin(Stdio::null()).output();
+    let text = help.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr));
+    match text {
+        Ok(t) if t.contains("contain_symlinks") => Ok(()),
+        Ok(_) => bail!(
+            "this sshfs has no `contain_symlinks` option: with it, a hostile VM can make files of this machine \
+             appear in, and be written through, the mount (CVE-2026-47187). Install sshfs 3.7.6 or later (or your \
+             distribution's fixed build); `agent-vm doctor` checks it. `connect --no-mount` works without a mount"
+        ),
+        Err(e) => bail!("cannot run sshfs: {e}; install it (`agent-vm doctor` says how)"),
+    }
+}
+
 fn options(owned_by_me: bool) -> String {
     let mut o = vec![
         // Survive VM restarts: ssh re-reads ssh.config (new port) on reconnect.
@@ -181,6 +199,10 @@ fn options(owned_by_me: bool) -> String {
         "ControlPath=none",
         // Resolve symlinks in the VM: a link can never lead to a host file.
         "follow_symlinks",
+        // And should a lying SFTP server answer with a link anyway (the
+        // agent can replace sftp-server), sshfs refuses absolute and `..`
+        // targets (CVE-2026-47187; sshfs 3.7.6, and distributions' fixes).
+        "contain_symlinks",
         // Nothing in the mount runs or acts as a device on the host.
         "nosuid",
         "nodev",
@@ -298,7 +320,9 @@ mod tests {
     #[test]
     fn options_are_safe_by_default() {
         let o = options(false);
-        for must in ["follow_symlinks", "nosuid", "nodev", "noexec", "uid=65534", "gid=65534", "reconnect"] {
+        for must in
+            ["follow_symlinks", "contain_symlinks", "nosuid", "nodev", "noexec", "uid=65534", "gid=65534", "reconnect"]
+        {
             assert!(o.split(',').any(|x| x == must), "{must} missing from {o}");
         }
         assert!(!options(true).contains("uid="));

@@ -42,7 +42,7 @@ pub async fn run(_ctx: &Context, args: Args) -> Result<ExitCode> {
         user(),
         lima(limactl, lima_fix),
         tool("ssh", find_on_path("ssh"), &["-V"], true, install("openssh", "openssh-client")),
-        tool("sshfs", find_on_path("sshfs"), &["--version"], true, install("gromgit/fuse/sshfs-mac", "sshfs")),
+        sshfs(),
         fuse(),
         tool("git", find_on_path("git"), &["--version"], false, install("git", "git")),
     ];
@@ -130,6 +130,21 @@ fn minimum_lima_version() -> Option<Version> {
         .lines()
         .find_map(|l| l.strip_prefix("minimumLimaVersion:"))
         .and_then(|v| parse_version(v.trim().trim_matches('"')))
+}
+
+/// sshfs, with the option that keeps the VM's symlinks out of the host.
+fn sshfs() -> Check {
+    let mut check =
+        tool("sshfs", find_on_path("sshfs"), &["--version"], true, install("gromgit/fuse/sshfs-mac", "sshfs"));
+    if check.ok
+        && let Err(e) = crate::mount::contains_symlinks()
+    {
+        check.ok = false;
+        check.detail = format!("{} ({e:#})", check.detail);
+        check.fix =
+            Some("install sshfs 3.7.6 or later, or your distribution's build with the CVE-2026-47187 fix".to_owned());
+    }
+    check
 }
 
 fn tool(name: &'static str, path: Option<PathBuf>, version_args: &[&str], required: bool, fix: String) -> Check {

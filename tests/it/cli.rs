@@ -97,6 +97,27 @@ fn doctor_refuses_a_limactl_older_than_the_template_needs() {
 }
 
 #[test]
+fn doctor_refuses_an_sshfs_that_cannot_contain_symlinks() {
+    let w = World::new("oldsshfs");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("sshfs");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'SSHFS version 3.7.1'\necho '    -o follow_symlinks     follow symlinks on the server'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut path = std::ffi::OsString::from(dir.path());
+    path.push(":");
+    path.push(w.path_var());
+    let r = Run::from(w.agent_vm(&["doctor", "--json"]).env("PATH", path).output().unwrap(), &["doctor"]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    let sshfs = r.json().as_array().unwrap().iter().find(|c| c["name"] == "sshfs").unwrap().clone();
+    assert_eq!(sshfs["ok"], false);
+    assert!(sshfs["detail"].as_str().unwrap().contains("CVE-2026-47187"), "{sshfs:#}");
+}
+
+#[test]
 fn the_template_passes_limactl_validate() {
     let w = World::new("validate");
     let template = crate::common::repo().join("vm-template/agent-vm.yaml");
