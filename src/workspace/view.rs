@@ -21,6 +21,7 @@ impl View {
     pub fn new(host_git_dir: &Path, refs: &[(String, Oid)]) -> Result<View> {
         let parent = host_git_dir.join("agent-vm");
         std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        remove_abandoned(&parent);
         let dir = tempfile::Builder::new().prefix("fetch-").tempdir_in(&parent)?;
         let repo = Repository::init_bare(dir.path())?;
         let objects = host_git_dir.join("objects").canonicalize()?;
@@ -61,5 +62,17 @@ impl View {
             }
         }
         Ok(())
+    }
+}
+
+/// Views left behind by a fetch that was killed: an hour old is long past
+/// any fetch still running.
+fn remove_abandoned(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+        if e.file_name().to_string_lossy().starts_with("fetch-") && old.is_some_and(|a| a.as_secs() > 3600) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
