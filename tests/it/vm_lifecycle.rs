@@ -108,7 +108,7 @@ fn lifecycle_against_a_real_guest() {
     let ws = w.workspace_dir(&repo, "main");
     w.agent_commit(&ws, "agent.txt", "work\n");
     let r = w.run(&["destroy", "--yes"]);
-    r.fails_with("1 commit(s) the host has not fetched");
+    r.fails_with("commits the host has not fetched");
     assert!(r.stderr.contains(&ws) && r.stderr.contains("--force"), "{}", r.stderr);
     w.run_in(&repo, &["fetch", "main"]).ok();
     w.guest_args(r#"echo draft > "$1/draft.txt" && git -C "$1" add draft.txt"#, &[&ws]).ok();
