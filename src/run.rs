@@ -241,6 +241,12 @@ impl Sink {
                     let line: Vec<u8> = buf.drain(..=end).collect();
                     emit(stderr, prefix, &line[..line.len() - 1]);
                 }
+                // A command that never ends its line must not fill our memory:
+                // past MAX_LINE, what it sent so far is shown as a line.
+                if buf.len() > MAX_LINE {
+                    emit(stderr, prefix, buf);
+                    buf.clear();
+                }
             }
         }
         Ok(())
@@ -278,6 +284,9 @@ fn emit(stderr: bool, prefix: &str, line: &[u8]) {
 /// (`Fix-A-1f2e3d4c.log`): on a case-insensitive or normalising filesystem
 /// (macOS) `Fix-A` and `fix-a`, or two spellings of `é`, would otherwise
 /// share one file.
+/// The longest unfinished line `run` keeps before showing it.
+const MAX_LINE: usize = 64 << 10;
+
 pub fn log_path(dir: &std::path::Path, branch: &str) -> PathBuf {
     if branch.bytes().all(|b| !b.is_ascii_uppercase() && b.is_ascii()) {
         return dir.join(format!("{branch}.log"));
@@ -314,6 +323,16 @@ mod tests {
             assert!(seen.insert(key.clone()), "{n} shares a log file with another branch: {key}");
         }
         assert_eq!(log_path(dir, "fix-a"), PathBuf::from("/logs/fix-a.log"), "plain names stay readable");
+    }
+
+    #[test]
+    fn an_endless_line_is_shown_in_pieces_not_kept() {
+        let mut sink = Sink::new(&Output::Prefixed, "b", 1).unwrap();
+        for _ in 0..40 {
+            sink.write(false, &[b'x'; 8192]).unwrap();
+            let Sink::Prefixed { partial, .. } = &sink else { panic!() };
+            assert!(partial[0].len() <= MAX_LINE, "{} bytes kept", partial[0].len());
+        }
     }
 
     #[test]

@@ -48,6 +48,50 @@ impl Endpoint {
     }
 }
 
+/// The most output agent-vm collects from one command in the VM (its own
+/// scripts answer in kilobytes; a hostile VM could answer forever).
+const MAX_OUTPUT: usize = 64 << 20;
+
+/// A buffer that refuses to grow past its cap.
+struct Capped(Vec<u8>, usize);
+
+impl Capped {
+    fn new(cap: usize) -> Capped {
+        Capped(Vec::new(), cap)
+    }
+}
+
+impl tokio::io::AsyncWrite for Capped {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.0.len() + buf.len() > self.1 {
+            let cap = self.1;
+            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                "the VM sent more than {cap} bytes of output for one command"
+            ))));
+        }
+        self.0.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// Whether and against what the server's host key is checked, following the
 /// config's `StrictHostKeyChecking` and `UserKnownHostsFile`.
 #[derive(Debug, Clone, PartialEq)]
@@ -380,10 +424,10 @@ impl Session {
 
     /// Runs `command` with `input` as its stdin and collects its output.
     pub async fn exec_with_input(&self, command: &str, input: &[u8]) -> Result<Output> {
-        let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
+        let mut stdout = Capped::new(MAX_OUTPUT);
+        let mut stderr = Capped::new(MAX_OUTPUT);
         let status = self.exec_io(command, std::io::Cursor::new(input.to_vec()), &mut stdout, &mut stderr).await?;
-        Ok(Output { status, stdout, stderr })
+        Ok(Output { status, stdout: stdout.0, stderr: stderr.0 })
     }
 
     /// Runs `command`, streaming `stdin` to it and its output to `stdout` and
@@ -482,6 +526,16 @@ fn load_keys(endpoint: &Endpoint) -> Result<Vec<(PathBuf, russh::keys::PrivateKe
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn collected_output_is_capped() {
+        use tokio::io::AsyncWriteExt;
+        let mut out = Capped::new(10);
+        out.write_all(b"0123456789").await.unwrap();
+        let err = out.write_all(b"x").await.unwrap_err().to_string();
+        assert!(err.contains("more than 10 bytes"), "{err}");
+        assert_eq!(out.0, b"0123456789");
+    }
+
     use super::*;
 
     const LIMA_CONFIG: &str = r#"# This SSH config file can be passed to 'ssh -F'.
