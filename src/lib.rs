@@ -17,6 +17,9 @@ pub mod transport;
 pub mod vm;
 pub mod workspace;
 
+#[cfg(test)]
+mod test_git;
+
 use std::path::PathBuf;
 
 use anyhow::{Result, anyhow};

@@ -280,18 +280,8 @@ pub fn ahead_behind(host: &HostRepo, branch: &str, vm_tip: Oid) -> Option<(usize
 mod tests {
     use super::*;
     use std::path::Path;
-    use std::process::Command;
 
-    fn git(dir: &Path, args: &[&str]) -> String {
-        let out = Command::new("git")
-            .current_dir(dir)
-            .args(["-c", "user.name=T", "-c", "user.email=t@e", "-c", "init.defaultBranch=main"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    }
+    use crate::test_git::git;
 
     /// A host repository (main checked out: README, .gitignore for `.env`
     /// and `build/`) and a clone standing in for the VM's workspace.
