@@ -36,7 +36,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     // Other commands use a VM whose SSH answers, whatever Lima thinks of it;
     // `start` is asked about the VM itself, so it says when Lima calls it Broken.
     if let Some(i) = ctx.backend()?.inspect()?
-        && i.state == crate::vm::State::Other("Broken".into())
+        && i.state == crate::vm::State::Broken
     {
         return Err(crate::vm::broken(&i));
     }

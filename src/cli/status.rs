@@ -100,8 +100,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         mounted: mount_state == crate::mount::State::Mounted,
         state: mount_state.to_string(),
     };
-    let problem =
-        (instance.state == State::Other("Broken".into())).then(|| format!("{:#}", crate::vm::broken(&instance)));
+    let problem = (instance.state == State::Broken).then(|| format!("{:#}", crate::vm::broken(&instance)));
     let status = Status {
         problem,
         instance: instance.name,

@@ -24,7 +24,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         ctx.ui.say(&format!("VM '{}' is already stopped.", instance.name));
         return Ok(ExitCode::SUCCESS);
     }
-    if instance.state == State::Other("Broken".into()) && !args.force {
+    if instance.state == State::Broken && !args.force {
         return Err(vm::broken(&instance));
     }
     if super::unmount(backend.as_ref(), true)? {

@@ -199,6 +199,7 @@ impl Backend for Lima {
             let state = match entry.status.as_str() {
                 "Running" => State::Running,
                 "Stopped" => State::Stopped,
+                "Broken" => State::Broken,
                 other => State::Other(other.to_owned()),
             };
             return Ok(Some(Instance {

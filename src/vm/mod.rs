@@ -44,7 +44,10 @@ impl Default for Resources {
 pub enum State {
     Running,
     Stopped,
-    /// Anything else the backend reports (Lima: Broken, Installing, …).
+    /// Lima's Broken: only one of its host agent and QEMU is alive, or the
+    /// host agent does not answer ([`broken`] says what to do).
+    Broken,
+    /// Anything else the backend reports (Lima: Installing, …).
     Other(String),
 }
 
@@ -53,6 +56,7 @@ impl std::fmt::Display for State {
         match self {
             State::Running => f.write_str("Running"),
             State::Stopped => f.write_str("Stopped"),
+            State::Broken => f.write_str("Broken"),
             State::Other(s) if s.is_empty() => f.write_str("Unknown"),
             State::Other(s) => f.write_str(s),
         }
@@ -137,7 +141,7 @@ pub fn ensure_running(backend: &dyn Backend, resources: &Resources, ui: &crate::
             Ok(Started::Created)
         }
         Some(i) if i.state == State::Running => Ok(Started::AlreadyRunning),
-        Some(i) if i.state == State::Other("Broken".into()) => Err(broken(&i)),
+        Some(i) if i.state == State::Broken => Err(broken(&i)),
         Some(i) => {
             if let State::Other(s) = &i.state {
                 ui.say(&format!("VM '{}' is {s}; trying to start it.", backend.instance()));
@@ -180,7 +184,7 @@ pub fn existing(backend: &dyn Backend) -> Result<Instance> {
 /// The instance if it runs, or an error telling how to start it.
 pub fn running(backend: &dyn Backend) -> Result<Instance> {
     let i = existing(backend)?;
-    if i.state == State::Other("Broken".into()) {
+    if i.state == State::Broken {
         return Err(broken(&i));
     }
     if i.state != State::Running {
