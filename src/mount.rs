@@ -170,7 +170,6 @@ impl Mount {
     }
 }
 
-/// sshfs options, chosen for safety first, then speed (see scripts/bench).
 /// Whether this sshfs can refuse symlinks that point out of the mount
 /// (`-o contain_symlinks`): older builds show the VM's links to host paths
 /// as the host's files. agent-vm does not mount with such an sshfs.
@@ -180,7 +179,7 @@ pub fn contains_symlinks() -> Result<()> {
     match text {
         Ok(t) if t.contains("contain_symlinks") => Ok(()),
         Ok(_) => bail!(
-            "this sshfs has no `contain_symlinks` option: with it, a hostile VM can make files of this machine \
+            "this sshfs has no `contain_symlinks` option: through such an sshfs, a hostile VM can make files of this machine \
              appear in, and be written through, the mount (CVE-2026-47187). Install sshfs 3.7.6 or later (or your \
              distribution's fixed build); `agent-vm doctor` checks it. `connect --no-mount` works without a mount"
         ),
@@ -188,6 +187,7 @@ pub fn contains_symlinks() -> Result<()> {
     }
 }
 
+/// sshfs options, chosen for safety first, then speed (see scripts/bench).
 fn options(owned_by_me: bool) -> String {
     let mut o = vec![
         // Survive VM restarts: ssh re-reads ssh.config (new port) on reconnect.

@@ -278,15 +278,15 @@ fn emit(stderr: bool, prefix: &str, line: &[u8]) {
     }
 }
 
+/// The longest unfinished line `run` keeps before showing it.
+const MAX_LINE: usize = 64 << 10;
+
 /// `<dir>/<branch>.log`: git's rules for branch names (no `..`, no leading
 /// `/`, no component starting with `.`) make this a path inside `dir`. A
 /// name with capitals or non-ASCII letters gets a short hash of its own
 /// (`Fix-A-1f2e3d4c.log`): on a case-insensitive or normalising filesystem
 /// (macOS) `Fix-A` and `fix-a`, or two spellings of `é`, would otherwise
 /// share one file.
-/// The longest unfinished line `run` keeps before showing it.
-const MAX_LINE: usize = 64 << 10;
-
 pub fn log_path(dir: &std::path::Path, branch: &str) -> PathBuf {
     if branch.bytes().all(|b| !b.is_ascii_uppercase() && b.is_ascii()) {
         return dir.join(format!("{branch}.log"));
