@@ -83,8 +83,7 @@ fn user() -> Check {
 
 /// limactl runs, and is at least the template's `minimumLimaVersion`.
 fn lima(path: Option<PathBuf>, install_fix: String) -> Check {
-    let mut check = tool("limactl", path.clone(), &["--version"], true, install_fix);
-    let Some(path) = path.filter(|_| check.ok) else { return check };
+    let Some(path) = path.filter(|p| p.is_file()) else { return tool("limactl", None, &[], true, install_fix) };
     let out = Command::new(&path).arg("--version").stdin(Stdio::null()).output();
     let said = match &out {
         Ok(o) => String::from_utf8_lossy(if o.stdout.is_empty() { &o.stderr } else { &o.stdout }).trim().to_owned(),
@@ -106,12 +105,14 @@ fn lima(path: Option<PathBuf>, install_fix: String) -> Check {
         }
         _ => None,
     };
-    if let Some(problem) = problem {
-        check.ok = false;
-        check.detail = format!("{} ({problem})", path.display());
-        check.fix = Some("install a current Lima: https://lima-vm.io/docs/installation/".to_owned());
+    let detail = format!("{} ({})", path.display(), problem.as_deref().unwrap_or(said.lines().next().unwrap_or("")));
+    Check {
+        name: "limactl",
+        ok: problem.is_none(),
+        required: true,
+        detail,
+        fix: problem.map(|_| "install a current Lima: https://lima-vm.io/docs/installation/".to_owned()),
     }
-    check
 }
 
 type Version = (u64, u64, u64);
