@@ -4,7 +4,7 @@ use anyhow::{Result, bail};
 
 use super::Context;
 use super::destroy::confirm;
-use crate::workspace::{self, HostRepo, Probe, Workspace};
+use crate::workspace::{self, HostRepo, Probe};
 
 /// Delete a branch's workspace in the VM
 ///
@@ -30,7 +30,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     if probe == Probe::Absent {
         bail!("there is no workspace for {branch:?} in the VM");
     }
-    let losses = losses(&host, &ws, &probe)?;
+    let losses = losses(Some(&host), &ws.branch, &probe)?;
     if !losses.is_empty() && !args.force {
         bail!("~/{} has {}; fetch first, or pass --force to delete anyway", ws.dir, losses.join(" and "));
     }
@@ -45,15 +45,17 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// What deleting the workspace would lose, in words.
-pub(super) fn losses(host: &HostRepo, ws: &Workspace, probe: &Probe) -> Result<Vec<String>> {
+/// What deleting `branch`'s workspace would lose, in words. Without `host`
+/// (the repository it came from is not on this machine) any commit counts.
+pub(super) fn losses(host: Option<&HostRepo>, branch: &str, probe: &Probe) -> Result<Vec<String>> {
     let mut out = Vec::new();
     if let Probe::Present { tip, changes } = probe {
         if let Some(tip) = tip {
-            match workspace::unfetched(host, &ws.branch, *tip)? {
-                None => out.push("commits the host has not fetched".to_owned()),
-                Some(0) => {}
-                Some(n) => out.push(format!("{n} commit(s) the host has not fetched")),
+            match host.map(|h| workspace::unfetched(h, branch, *tip)).transpose()? {
+                None => out.push("commits of a repository this machine does not have".to_owned()),
+                Some(None) => out.push("commits the host has not fetched".to_owned()),
+                Some(Some(0)) => {}
+                Some(Some(n)) => out.push(format!("{n} commit(s) the host has not fetched")),
             }
         }
         if *changes > 0 {

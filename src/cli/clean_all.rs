@@ -44,7 +44,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             continue;
         }
         let probe = Probe::Present { tip: listed.tip, changes: listed.changes };
-        let losses = super::clean::losses(&host, &ws, &probe)?;
+        let losses = super::clean::losses(Some(&host), &ws.branch, &probe)?;
         if !losses.is_empty() {
             refusals.push(format!("~/{} has {}", ws.dir, losses.join(" and ")));
         }

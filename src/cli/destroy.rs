@@ -68,21 +68,11 @@ async fn losses(ctx: &Context) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for listed in vm.list().await? {
         let probe = crate::workspace::Probe::Present { tip: listed.tip, changes: listed.changes };
-        let lost = match crate::workspace::HostRepo::open(std::path::Path::new(&listed.host_repo)) {
-            Ok(host) => super::clean::losses(&host, &crate::workspace::Workspace::new(&host, &listed.branch), &probe)?,
-            Err(_) => {
-                let mut lost = Vec::new();
-                if listed.tip.is_some() {
-                    lost.push(format!("commits of a repository this machine does not have ({:?})", listed.host_repo));
-                }
-                if listed.changes > 0 {
-                    lost.push(format!("{} uncommitted change(s)", listed.changes));
-                }
-                lost
-            }
-        };
+        let host = crate::workspace::HostRepo::open(std::path::Path::new(&listed.host_repo));
+        let lost = super::clean::losses(host.as_ref().ok(), &listed.branch, &probe)?;
         if !lost.is_empty() {
-            out.push(format!("~/{} has {}", crate::workspace::printable(&listed.dir), lost.join(" and ")));
+            let whose = if host.is_err() { format!(" ({:?})", listed.host_repo) } else { String::new() };
+            out.push(format!("~/{} has {}{whose}", crate::workspace::printable(&listed.dir), lost.join(" and ")));
         }
     }
     Ok(out)
