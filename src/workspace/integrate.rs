@@ -163,11 +163,7 @@ fn checked_out_in(repo: &Repository, refname: &str) -> Result<Option<Repository>
 fn unsafe_paths(repo: &Repository, tree: &git2::Tree) -> Result<Vec<String>> {
     let mut bad = Vec::new();
     let mut stack = vec![(String::new(), tree.id())];
-    let mut seen_trees = std::collections::HashSet::new();
     while let Some((prefix, id)) = stack.pop() {
-        if !seen_trees.insert((prefix.clone(), id)) {
-            continue;
-        }
         let tree = repo.find_tree(id)?;
         let mut names = std::collections::HashSet::new();
         for entry in tree.iter() {

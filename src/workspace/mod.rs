@@ -622,13 +622,11 @@ impl Vm {
         // No destination: libgit2 moves no ref itself. The tracking ref
         // moves below, once the history it would point at is complete.
         let wanted = format!("refs/heads/{}", ws.branch);
-        let refspec = wanted.clone();
         let progress2 = progress.clone();
-        let ws_branch = ws.branch.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<Oid> {
             let repo = Repository::open(&git_dir)?;
             // Only this branch's history is offered to the VM in negotiation.
-            let known: Vec<(String, Oid)> = [format!("refs/heads/{ws_branch}"), tracking.clone()]
+            let known: Vec<(String, Oid)> = [wanted.clone(), tracking.clone()]
                 .into_iter()
                 .filter_map(|r| repo.refname_to_id(&r).ok().map(|id| (r, id)))
                 .collect();
@@ -643,7 +641,7 @@ impl Vm {
                 .download_tags(git2::AutotagOption::None)
                 .update_fetchhead(false)
                 .prune(git2::FetchPrune::Off);
-            remote.fetch(&[refspec.as_str()], Some(&mut opts), Some("agent-vm fetch"))?;
+            remote.fetch(&[wanted.as_str()], Some(&mut opts), Some("agent-vm fetch"))?;
             let oid = remote
                 .list()?
                 .iter()
