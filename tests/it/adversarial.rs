@@ -382,9 +382,12 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
         git(&repo, &["tag", "private-tag", &secret]);
         w.guest_args(r#"cd "$1" && git reset -q --hard refs/heads/victim"#, &[&ws]).ok();
         w.agent_commit(&ws, "negotiate.txt", "new\n");
-        fake_upload_pack(w, "#!/bin/sh\ntee -a /tmp/negotiation.log | /usr/bin/git-upload-pack \"$@\"\n");
-        let r = w.run_in(&repo, &["fetch", "victim"]);
-        w.guest("sudo rm -f /usr/local/bin/git-upload-pack").ok();
+        let r = fetch_through(
+            w,
+            &repo,
+            "victim",
+            "#!/bin/sh\ntee -a /tmp/negotiation.log | /usr/bin/git-upload-pack \"$@\"\n",
+        );
         let said = w.guest("cat /tmp/negotiation.log; rm -f /tmp/negotiation.log").stdout;
         git(&repo, &["tag", "-d", "private-tag"]);
         git(&repo, &["update-ref", "-d", "refs/heads/host-private"]);
@@ -396,9 +399,7 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
     });
     s.case(C, "a malformed pack from the VM fails the fetch cleanly", || {
         let before = refs(&repo);
-        fake_upload_pack(w, "#!/bin/sh\nhead -c 100000 /dev/urandom\n");
-        let r = w.run_in(&repo, &["fetch", "victim"]);
-        w.guest("sudo rm -f /usr/local/bin/git-upload-pack").ok();
+        let r = fetch_through(w, &repo, "victim", "#!/bin/sh\nhead -c 100000 /dev/urandom\n");
         check!(r.code != Some(0) && !r.stderr.is_empty(), "fetch should fail: {}", r.stderr);
         check!(refs(&repo) == before, "refs changed after a malformed pack");
         host.clean()?;
@@ -424,9 +425,7 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
     });
     s.case(C, "a workspace deleted during fetch: clear error, then recovery", || {
         let before = refs(&repo);
-        fake_upload_pack(w, "#!/bin/sh\nrm -rf \"$1\"\nexec /usr/bin/git-upload-pack \"$@\"\n");
-        let r = w.run_in(&repo, &["fetch", "victim"]);
-        w.guest("sudo rm -f /usr/local/bin/git-upload-pack").ok();
+        let r = fetch_through(w, &repo, "victim", "#!/bin/sh\nrm -rf \"$1\"\nexec /usr/bin/git-upload-pack \"$@\"\n");
         check!(r.code != Some(0), "fetch from a vanished workspace should fail");
         check!(refs(&repo) == before, "refs changed");
         fsck(&repo)?;
@@ -441,9 +440,13 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
     });
 }
 
-/// Replaces the VM's git-upload-pack (the agent has sudo) with `script`.
-fn fake_upload_pack(w: &World, script: &str) {
+/// `fetch BRANCH` with the VM's git-upload-pack replaced (the agent has
+/// sudo) by `script` for that one fetch.
+fn fetch_through(w: &World, repo: &Path, branch: &str, script: &str) -> Run {
     w.install_in_guest("/usr/local/bin/git-upload-pack", script);
+    let r = w.run_in(repo, &["fetch", branch]);
+    w.guest("sudo rm -f /usr/local/bin/git-upload-pack").ok();
+    r
 }
 
 // ------------------------------------------------------------- hostile input
