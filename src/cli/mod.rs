@@ -13,6 +13,7 @@ mod mount;
 mod provision;
 mod push;
 mod run;
+mod sftp_relay;
 mod snapshot;
 mod ssh_config;
 mod start;
@@ -81,6 +82,8 @@ enum Command {
     Doctor(doctor::Args),
     Completions(completions::Args),
     Man(man::Args),
+    #[command(name = crate::mount::sftp_relay::SUBCOMMAND, hide = true)]
+    SftpRelay(sftp_relay::Args),
 }
 
 /// What every subcommand gets: the global options, resolved.
@@ -100,6 +103,13 @@ impl Context {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.global);
+    if let Command::SftpRelay(args) = cli.command {
+        // sshfs's child for the life of a mount: plain threads, no runtime.
+        return sftp_relay::run(args).unwrap_or_else(|e| {
+            eprintln!("error: {}", crate::workspace::printable_lines(&format!("{e:#}")));
+            ExitCode::FAILURE
+        });
+    }
     let ctx = Context { instance: cli.global.instance.clone(), ui: Ui { quiet: cli.global.quiet } };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -128,6 +138,7 @@ pub fn main() -> ExitCode {
             Command::Doctor(args) => doctor::run(&ctx, args).await,
             Command::Completions(args) => completions::run(&ctx, args).await,
             Command::Man(args) => man::run(&ctx, args).await,
+            Command::SftpRelay(_) => unreachable!("handled before the runtime starts"),
         }
     });
     // Do not wait for stray tasks (an SSH input pump blocked on our stdin).

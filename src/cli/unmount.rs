@@ -8,6 +8,7 @@ use super::Context;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Detach now even if files are open; the mount goes when they close
+    /// (macOS has no lazy unmount: there it is forced, and open files fail)
     #[arg(long)]
     lazy: bool,
 }

@@ -649,11 +649,12 @@ impl Vm {
                 .map(|h| h.oid())
                 .context("the VM's branch did not arrive")?;
             drop(remote);
-            view.move_objects_into(&git_dir)?;
-            // A fresh handle sees the packs that just arrived.
-            let repo = Repository::open(&git_dir)?;
+            // Checked in the view: what is refused never enters the host.
+            view.check_sizes(&git_dir, oid, view::max_object_bytes())?;
             let known: Vec<Oid> = known.iter().map(|(_, id)| *id).collect();
-            integrate::check_complete(&repo, oid, &known)?;
+            integrate::check_complete(&view.reopen()?, oid, &known)?;
+            view.move_objects_into(&git_dir)?;
+            let repo = Repository::open(&git_dir)?;
             repo.reference(&tracking, oid, true, "agent-vm fetch")?;
             Ok(oid)
         })

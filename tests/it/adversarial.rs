@@ -423,6 +423,59 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
         host.clean()?;
         fsck(&repo)
     });
+    s.case(C, "a small pack that inflates to a huge file is refused before it lands", || {
+        let before = refs(&repo);
+        let start = tip_in_guest(w, &ws);
+        // 64 MiB of zeros: a few hundred KB packed. The limit is 16 MB.
+        let blob = w
+            .guest_args(
+                r#"cd "$1" && head -c 64M /dev/zero > zeros.bin && git add zeros.bin &&
+                   git -c user.name=A -c user.email=a@vm commit -qm zeros && git rev-parse HEAD:zeros.bin"#,
+                &[&ws],
+            )
+            .ok()
+            .stdout
+            .trim()
+            .to_owned();
+        let objects_before = dir_size(&repo.join(".git/objects"));
+        let r = Run::from(
+            w.agent_vm(&["fetch", "victim"])
+                .current_dir(&repo)
+                .env("AGENT_VM_MAX_OBJECT_BYTES", "16000000")
+                .output()
+                .unwrap(),
+            &["fetch"],
+        );
+        w.guest_args(r#"cd "$1" && git reset -q --hard "$2""#, &[&ws, &start]).ok();
+        fails_clearly(&r, "\"zeros.bin\" of 64 MiB, over the limit")?;
+        check!(r.stderr.contains("AGENT_VM_MAX_OBJECT_BYTES"), "no way forward named: {}", r.stderr);
+        check!(refs(&repo) == before, "refs changed after an over-limit file");
+        check!(!has_object(&repo, &blob), "the refused file reached the host's objects");
+        let grown = dir_size(&repo.join(".git/objects")).saturating_sub(objects_before);
+        check!(grown < 4 << 20, "the host's objects grew by {grown} bytes");
+        host.clean()?;
+        fsck(&repo)
+    });
+    s.case(C, "a pack whose commit lacks its tree moves no ref", || {
+        let before = refs(&repo);
+        let start = tip_in_guest(w, &ws);
+        let commit = w.agent_commit(&ws, "orphan.txt", "its tree never leaves the VM\n");
+        // git-upload-pack's pack-objects replaced (the agent's own global
+        // git config) by one that sends the wanted commit alone.
+        w.install_in_guest(
+            "/usr/local/bin/commit-only-pack",
+            "#!/bin/sh\ncat >/dev/null\ngit rev-parse HEAD | exec git pack-objects --stdout -q\n",
+        );
+        w.guest("git config --global uploadpack.packObjectsHook /usr/local/bin/commit-only-pack").ok();
+        let r = w.run_in(&repo, &["fetch", "victim"]);
+        w.guest("git config --global --unset uploadpack.packObjectsHook").ok();
+        w.guest_args(r#"cd "$1" && git reset -q --hard "$2""#, &[&ws, &start]).ok();
+        fails_clearly(&r, "incomplete history")?;
+        check!(refs(&repo) == before, "a ref moved to incomplete history");
+        check!(!has_object(&repo, &commit), "the incomplete commit reached the host's objects");
+        host.clean()?;
+        fsck(&repo)
+    });
     s.case(C, "a workspace deleted during fetch: clear error, then recovery", || {
         let before = refs(&repo);
         let r = fetch_through(w, &repo, "victim", "#!/bin/sh\nrm -rf \"$1\"\nexec /usr/bin/git-upload-pack \"$@\"\n");
@@ -438,6 +491,23 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
         ok(&w.run_in(&repo, &["clean", "victim", "--yes", "--force"]))?;
         host.clean()
     });
+}
+
+fn tip_in_guest(w: &World, ws: &str) -> String {
+    w.guest_args(r#"git -C "$1" rev-parse HEAD"#, &[ws]).ok().stdout.trim().to_owned()
+}
+
+fn has_object(repo: &Path, id: &str) -> bool {
+    Command::new("git").args(["cat-file", "-e", id]).current_dir(repo).status().unwrap().success()
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let meta = e.metadata().unwrap();
+        total += if meta.is_dir() { dir_size(&e.path()) } else { meta.len() };
+    }
+    total
 }
 
 /// `fetch BRANCH` with the VM's git-upload-pack replaced (the agent has

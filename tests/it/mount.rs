@@ -57,6 +57,8 @@ fn mount_against_a_real_guest() {
     hostile_git_config_does_not_run_on_the_host(&w, &ws, &host_ws);
     symlinks_never_reach_host_files(&w, &ws, &host_ws);
     nothing_executes_from_the_mount(&w, &ws, &host_ws);
+    special_files_never_reach_the_host(&w, &ws, &host_ws);
+    a_lying_sftp_server_cannot_reach_host_files(&w, &repo, &ws, &host_ws);
     a_restarted_vm_gets_its_mount_back(&w, &repo, &point, &host_ws);
     busy_foreign_and_occupied_mount_points(&w, &repo, &point, &host_ws);
     owned_by_me_opt_in_really_is_the_risk(&w, &repo, &ws, &host_ws);
@@ -133,6 +135,124 @@ fn nothing_executes_from_the_mount(w: &World, ws: &str, host_ws: &Path) {
     let err = std::process::Command::new(host_ws.join("run.sh")).status().unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
     assert!(!marker.exists());
+}
+
+/// Opens `path` for reading in a thread: the result, or None when the
+/// open did not come back within 10 s (a FIFO on the host waits for ever).
+fn open_within(path: &Path) -> Option<std::io::Result<String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read_to_string(&path));
+    });
+    rx.recv_timeout(Duration::from_secs(10)).ok()
+}
+
+fn special_files_never_reach_the_host(w: &World, ws: &str, host_ws: &Path) {
+    w.guest_args(
+        r#"cd "$1" && mkdir special && cd special && mkfifo fifo && sudo mknod null-dev c 1 3 &&
+           python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind("sock")' &&
+           ln -s fifo to-fifo && echo plain > plain"#,
+        &[ws],
+    )
+    .ok();
+    let dir = host_ws.join("special");
+    eventually("the plain file beside the special ones", || dir.join("plain").exists());
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    // The link is listed (it is a link in the VM); what it leads to is not.
+    assert_eq!(names, ["plain", "to-fifo"], "special files reached the host's listing");
+    for name in ["fifo", "null-dev", "sock", "to-fifo"] {
+        match open_within(&dir.join(name)) {
+            None => panic!("opening {name} through the mount hangs the host reader"),
+            Some(Ok(text)) => panic!("{name} opened through the mount: {text:?}"),
+            Some(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{name}: {e}"),
+        }
+    }
+    assert_eq!(std::fs::read_to_string(dir.join("plain")).unwrap(), "plain\n");
+}
+
+/// An SFTP server the agent put in place of the VM's: it passes everything
+/// to the real one, except that `…/evil` is a symlink (to STAT as well as
+/// LSTAT) whose target is the path in $EVIL_TARGET.
+const LYING_SFTP_SERVER: &str = r#"#!/usr/bin/python3
+import os, struct, subprocess, sys, threading
+target = open("/etc/evil-target").read().encode()
+real = subprocess.Popen(["/usr/lib/openssh/sftp-server.real"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+out = sys.stdout.buffer
+lock = threading.Lock()
+def send(packet):
+    with lock:
+        out.write(packet); out.flush()
+def answers():
+    while True:
+        head = real.stdout.read(4)
+        if len(head) < 4: os._exit(0)
+        send(head + real.stdout.read(struct.unpack(">I", head)[0]))
+threading.Thread(target=answers, daemon=True).start()
+def s(b): return struct.pack(">I", len(b)) + b
+while True:
+    head = sys.stdin.buffer.read(4)
+    if len(head) < 4: break
+    body = sys.stdin.buffer.read(struct.unpack(">I", head)[0])
+    kind = body[0]
+    if kind in (7, 17, 19):
+        rid = body[1:5]
+        n = struct.unpack(">I", body[5:9])[0]
+        path = body[9:9 + n]
+        if path.endswith(b"/evil"):
+            if kind == 19:
+                reply = bytes([104]) + rid + struct.pack(">I", 1) + s(target) + s(b"") + struct.pack(">I", 0)
+            else:
+                reply = bytes([105]) + rid + struct.pack(">II", 4, 0o120777)
+            send(struct.pack(">I", len(reply)) + reply)
+            continue
+    real.stdin.write(head + body); real.stdin.flush()
+real.stdin.close()
+real.wait()
+"#;
+
+fn a_lying_sftp_server_cannot_reach_host_files(w: &World, repo: &Path, ws: &str, host_ws: &Path) {
+    let secret = w.home.path().join("lie-secret.txt");
+    std::fs::write(&secret, "host secret\n").unwrap();
+    let point = host_ws.parent().unwrap();
+    // Absolute, and relative through `..` from the mount back to the file.
+    let depth = host_ws.join("x").components().count();
+    let relative = format!("{}{}", "../".repeat(depth), secret.display().to_string().trim_start_matches('/'));
+    w.guest("sudo mv /usr/lib/openssh/sftp-server /usr/lib/openssh/sftp-server.real").ok();
+    w.install_in_guest("/usr/lib/openssh/sftp-server", LYING_SFTP_SERVER);
+    w.guest_args(r#"cd "$1" && echo decoy > evil"#, &[ws]).ok();
+    for target in [secret.display().to_string(), relative] {
+        w.guest_args(r#"printf %s "$1" | sudo tee /etc/evil-target >/dev/null"#, &[&target]).ok();
+        // Control: the user's own sshfs, without the guards, does show the
+        // host's file: the lie works.
+        let control = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("sshfs")
+            .arg("-F")
+            .arg(w.instance_dir().join("ssh.config"))
+            .args(["-o", "ControlMaster=no,ControlPath=none,no_contain_symlinks"])
+            .arg(format!("lima-{}:{ws}", w.instance))
+            .arg(control.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let seen = std::fs::read_to_string(control.path().join("evil"));
+        assert!(std::process::Command::new("fusermount3").arg("-u").arg(control.path()).status().unwrap().success());
+        assert_eq!(seen.ok().as_deref(), Some("host secret\n"), "control: the lying server should have worked");
+
+        // agent-vm's mount (a new session: a new server).
+        w.run_in(repo, &["unmount"]).ok();
+        w.run_in(repo, &["mount"]).ok();
+        assert!(mounted(point).is_some());
+        let got = std::fs::read_to_string(host_ws.join("evil"));
+        assert!(got.is_err(), "a lying SFTP server showed {target} through the mount: {got:?}");
+        let _ = std::fs::write(host_ws.join("evil"), "overwritten\n");
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host secret\n");
+    }
+    w.guest("sudo mv /usr/lib/openssh/sftp-server.real /usr/lib/openssh/sftp-server").ok();
+    w.run_in(repo, &["unmount"]).ok();
+    w.run_in(repo, &["mount"]).ok();
 }
 
 fn a_restarted_vm_gets_its_mount_back(w: &World, repo: &Path, point: &Path, host_ws: &Path) {

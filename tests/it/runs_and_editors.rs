@@ -80,6 +80,29 @@ fn run_in_parallel_and_stop_everything_on_interrupt() {
     // So does agent-vm being killed outright: the VM notices the dropped
     // connection.
     interrupt_leaves_nothing_running(&w, &repo, "KILL", None);
+
+    clean_all_waits_for_a_running_run(&w, &repo);
+}
+
+/// clean-all takes the branch locks run holds: it waits instead of
+/// deleting a workspace under a running command.
+fn clean_all_waits_for_a_running_run(w: &World, repo: &Path) {
+    let marker = "sleep 7.25";
+    let child = w
+        .agent_vm(&["run", "race-a", "--", "bash", "-c", &format!("{marker} && echo ok > survived && cat survived")])
+        .current_dir(repo)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(eventually(120, || guest_count(w, "[s]leep 7.25") >= 1), "the command never started in the VM");
+    let clean = w.run_in(repo, &["clean-all", "--yes", "--force"]);
+    let run = Run::from(child.wait_with_output().unwrap(), &["run"]);
+    run.ok();
+    assert!(run.stdout.contains("race-a | ok"), "the command lost its workspace:\n{}\n{}", run.stdout, run.stderr);
+    clean.ok();
+    assert!(clean.stderr.contains("Waiting for another agent-vm command"), "{}", clean.stderr);
+    assert!(clean.stderr.contains("\"race-a\""), "clean-all did not delete the workspace after the run: {}", clean.stderr);
 }
 
 fn interrupt_leaves_nothing_running(w: &World, repo: &Path, signal: &str, code: Option<i32>) {

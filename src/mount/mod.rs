@@ -6,13 +6,17 @@
 //! cannot act on the host: files appear owned by another user (host git then
 //! refuses the repositories instead of obeying VM-written config and hooks),
 //! symlinks are resolved inside the VM (a link to `~/.ssh` shows the VM's
-//! file, never the host's), and setuid bits, devices and execution are off.
+//! file, never the host's), setuid bits, devices and execution are off, and
+//! every answer of the VM's SFTP server passes agent-vm's relay
+//! ([`sftp_relay`]), which keeps links, FIFOs and devices out.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+
+pub mod sftp_relay;
 
 use crate::ssh::Session;
 use crate::workspace::WORKSPACE_ROOT;
@@ -73,7 +77,7 @@ impl Mount {
         let Some((fstype, source)) = mounted_at(&self.point)? else {
             return Ok(State::NotMounted);
         };
-        if !fstype.contains("sshfs") && !fstype.contains("fuse") || source != self.source {
+        if !is_ours(&fstype, &source, &self.source) {
             return Ok(State::Foreign(format!("{source}, {fstype}")));
         }
         // A dead sshfs answers with ENOTCONN, or not at all: ask in a thread.
@@ -113,7 +117,7 @@ impl Mount {
                 self.point.display()
             );
         }
-        contains_symlinks()?;
+        let contain = sshfs_contains_symlinks()?;
         let mkdir = crate::shell::quote(&["mkdir", "-p", WORKSPACE_ROOT])?;
         session.exec(&mkdir).await?.check("creating ~/workspace")?;
         let owned_by_me = std::env::var(OWNED_BY_ME_ENV).is_ok_and(|v| v == "1");
@@ -129,7 +133,10 @@ impl Mount {
             .arg(&session.endpoint().config_file)
             .arg(&self.source)
             .arg(&self.point)
-            .args(["-o", &options(owned_by_me)])
+            .args(["-o", &options(owned_by_me, contain)])
+            // Every answer of the VM's SFTP server goes through agent-vm's relay.
+            .arg("-o")
+            .arg(format!("ssh_command={}", sftp_relay::ssh_command()?))
             .stdin(Stdio::null())
             .output()
             .context("cannot run sshfs: install it (`agent-vm doctor` says how)")?;
@@ -170,25 +177,31 @@ impl Mount {
     }
 }
 
-/// Whether this sshfs can refuse symlinks that point out of the mount
-/// (`-o contain_symlinks`): older builds show the VM's links to host paths
-/// as the host's files. agent-vm does not mount with such an sshfs.
-pub fn contains_symlinks() -> Result<()> {
+/// Whether a mount of `fstype` from `source` is agent-vm's mount of
+/// `ours`. On macOS, FUSE-T serves FUSE file systems over NFS: its sshfs
+/// mounts show as `nfs`, the source prefixed with FUSE-T's own name.
+fn is_ours(fstype: &str, source: &str, ours: &str) -> bool {
+    if fstype.contains("sshfs") || fstype.contains("fuse") {
+        return source == ours;
+    }
+    cfg!(target_os = "macos") && fstype == "nfs" && source.rsplit_once(['/', ' ']).map_or(source, |(_, s)| s) == ours
+}
+
+/// Whether this sshfs can itself refuse symlinks that point out of the
+/// mount (`-o contain_symlinks`, sshfs 3.7.6 and distributions' fixes of
+/// CVE-2026-47187). agent-vm's relay refuses them either way; the option is
+/// a second guard where the installed sshfs has it.
+pub fn sshfs_contains_symlinks() -> Result<bool> {
     let help = Command::new("sshfs").arg("-h").stdin(Stdio::null()).output();
-    let text = help.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr));
-    match text {
-        Ok(t) if t.contains("contain_symlinks") => Ok(()),
-        Ok(_) => bail!(
-            "this sshfs has no `contain_symlinks` option: through such an sshfs, a hostile VM can make files of this machine \
-             appear in, and be written through, the mount (CVE-2026-47187). Install sshfs 3.7.6 or later (or your \
-             distribution's fixed build); `agent-vm doctor` checks it. `connect --no-mount` works without a mount"
-        ),
+    match help {
+        Ok(o) => Ok(String::from_utf8_lossy(&o.stdout).contains("contain_symlinks")
+            || String::from_utf8_lossy(&o.stderr).contains("contain_symlinks")),
         Err(e) => bail!("cannot run sshfs: {e}; install it (`agent-vm doctor` says how)"),
     }
 }
 
 /// sshfs options, chosen for safety first, then speed (see scripts/bench).
-fn options(owned_by_me: bool) -> String {
+fn options(owned_by_me: bool, contain_symlinks: bool) -> String {
     let mut o = vec![
         // Survive VM restarts: ssh re-reads ssh.config (new port) on reconnect.
         "reconnect",
@@ -197,12 +210,10 @@ fn options(owned_by_me: bool) -> String {
         // One plain connection per mount; never a shared ControlMaster.
         "ControlMaster=no",
         "ControlPath=none",
-        // Resolve symlinks in the VM: a link can never lead to a host file.
+        // Resolve symlinks in the VM: a link can never lead to a host file
+        // (and should a lying SFTP server answer with one anyway, the relay
+        // refuses targets that leave the mount).
         "follow_symlinks",
-        // And should a lying SFTP server answer with a link anyway (the
-        // agent can replace sftp-server), sshfs refuses absolute and `..`
-        // targets (CVE-2026-47187; sshfs 3.7.6, and distributions' fixes).
-        "contain_symlinks",
         // Nothing in the mount runs or acts as a device on the host.
         "nosuid",
         "nodev",
@@ -217,7 +228,15 @@ fn options(owned_by_me: bool) -> String {
     .collect::<Vec<_>>();
     // The SSH layer's cipher preference (`\,`: a comma inside one option,
     // for FUSE's option parser).
+    if contain_symlinks {
+        o.push("contain_symlinks".to_owned());
+    }
     o.push(format!("Ciphers={}", crate::ssh::CIPHERS.iter().map(|c| c.as_ref()).collect::<Vec<_>>().join(r"\,")));
+    if cfg!(target_os = "macos") {
+        // macOS checks permissions against the mapped uid itself; without
+        // this, files owned by the foreign id are read-only to the user.
+        o.push("defer_permissions".to_owned());
+    }
     if owned_by_me {
         // Map the VM user to the host user: files look like the user's own.
         o.push("idmap=user".to_owned());
@@ -228,6 +247,8 @@ fn options(owned_by_me: bool) -> String {
     o.join(",")
 }
 
+/// macOS has no lazy unmount: "lazy" is forced there, and files still open
+/// in the mount fail from then on (`unmount --help` says so).
 #[cfg(target_os = "macos")]
 fn unmount_command(point: &Path, lazy: bool) -> Command {
     let mut c = Command::new("umount");
@@ -267,6 +288,7 @@ fn mounted_at(point: &Path) -> Result<Option<(String, String)>> {
 }
 
 /// The last (topmost) entry of a mountinfo table at `point`.
+#[cfg(not(target_os = "macos"))]
 fn parse_mountinfo(table: &str, point: &Path) -> Option<(String, String)> {
     let want = point.to_string_lossy();
     table.lines().rev().find_map(|line| {
@@ -280,6 +302,7 @@ fn parse_mountinfo(table: &str, point: &Path) -> Option<(String, String)> {
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
+#[cfg(not(target_os = "macos"))]
 fn unescape(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -300,11 +323,13 @@ fn unescape(field: &str) -> String {
 mod tests {
     use super::*;
 
+    #[cfg(not(target_os = "macos"))]
     const TABLE: &str = "22 27 0:21 / /proc rw,relatime - proc proc rw\n\
         90 27 0:50 / /home/u/.agent-vm-mounts/workspace rw,nosuid,nodev,noexec - fuse.sshfs lima-agent-vm:workspace rw,user_id=0\n\
         91 27 0:51 / /home/u/with\\040space rw - fuse.sshfs lima-x:workspace rw\n";
 
     #[test]
+    #[cfg(not(target_os = "macos"))]
     fn finds_our_mount() {
         let got = parse_mountinfo(TABLE, Path::new("/home/u/.agent-vm-mounts/workspace"));
         assert_eq!(got, Some(("fuse.sshfs".to_owned(), "lima-agent-vm:workspace".to_owned())));
@@ -312,20 +337,33 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(target_os = "macos"))]
     fn decodes_escaped_paths() {
         let got = parse_mountinfo(TABLE, Path::new("/home/u/with space"));
         assert_eq!(got.map(|g| g.1), Some("lima-x:workspace".to_owned()));
     }
 
     #[test]
+    fn only_our_source_is_ours() {
+        assert!(is_ours("fuse.sshfs", "lima-agent-vm:workspace", "lima-agent-vm:workspace"));
+        assert!(!is_ours("fuse.sshfs", "lima-other:workspace", "lima-agent-vm:workspace"));
+        assert!(!is_ours("ext4", "lima-agent-vm:workspace", "lima-agent-vm:workspace"));
+        // FUSE-T's NFS view counts on macOS only.
+        let fuse_t = is_ours("nfs", "fuse-t:/lima-agent-vm:workspace", "lima-agent-vm:workspace");
+        assert_eq!(fuse_t, cfg!(target_os = "macos"));
+        assert!(!is_ours("nfs", "fuse-t:/lima-other:workspace", "lima-agent-vm:workspace"));
+    }
+
+    #[test]
     fn options_are_safe_by_default() {
-        let o = options(false);
+        let o = options(false, true);
         for must in
             ["follow_symlinks", "contain_symlinks", "nosuid", "nodev", "noexec", "uid=65534", "gid=65534", "reconnect"]
         {
             assert!(o.split(',').any(|x| x == must), "{must} missing from {o}");
         }
-        assert!(!options(true).contains("uid="));
+        assert!(!options(true, true).contains("uid="));
+        assert!(!options(false, false).contains("contain_symlinks"));
         // One FUSE option (escaped commas), OpenSSH's names, AES-GCM first.
         assert!(
             o.contains(r",Ciphers=aes128-gcm@openssh.com\,aes256-gcm@openssh.com\,chacha20-poly1305@openssh.com\,"),
