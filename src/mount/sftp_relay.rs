@@ -305,7 +305,8 @@ mod tests {
     /// Attributes as OpenSSH's sftp-server sends them (size, ids, mode,
     /// times), with one extension pair.
     fn attrs(mode: u32) -> Vec<u8> {
-        let mut v = (ATTR_SIZE | ATTR_UIDGID | ATTR_PERMISSIONS | ATTR_ACMODTIME | ATTR_EXTENDED).to_be_bytes().to_vec();
+        let mut v =
+            (ATTR_SIZE | ATTR_UIDGID | ATTR_PERMISSIONS | ATTR_ACMODTIME | ATTR_EXTENDED).to_be_bytes().to_vec();
         v.extend_from_slice(&7u64.to_be_bytes());
         v.extend_from_slice(&[0, 0, 3, 232, 0, 0, 3, 232]);
         v.extend_from_slice(&mode.to_be_bytes());

@@ -102,7 +102,11 @@ fn clean_all_waits_for_a_running_run(w: &World, repo: &Path) {
     assert!(run.stdout.contains("race-a | ok"), "the command lost its workspace:\n{}\n{}", run.stdout, run.stderr);
     clean.ok();
     assert!(clean.stderr.contains("Waiting for another agent-vm command"), "{}", clean.stderr);
-    assert!(clean.stderr.contains("\"race-a\""), "clean-all did not delete the workspace after the run: {}", clean.stderr);
+    assert!(
+        clean.stderr.contains("\"race-a\""),
+        "clean-all did not delete the workspace after the run: {}",
+        clean.stderr
+    );
 }
 
 fn interrupt_leaves_nothing_running(w: &World, repo: &Path, signal: &str, code: Option<i32>) {
