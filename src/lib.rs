@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod mount;
 pub mod pack;
+mod printable;
 pub mod provision;
 pub mod run;
 pub mod shell;
@@ -16,6 +17,8 @@ pub mod ssh;
 pub mod transport;
 pub mod vm;
 pub mod workspace;
+
+pub use printable::{printable, printable_lines};
 
 #[cfg(test)]
 mod test_git;
@@ -39,7 +42,7 @@ impl Ui {
     /// Messages may quote the VM (a warning's cause): never raw escapes.
     pub fn say(&self, msg: &str) {
         if !self.quiet {
-            eprintln!("{}", workspace::printable_lines(msg));
+            eprintln!("{}", printable_lines(msg));
         }
     }
 }

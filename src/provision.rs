@@ -271,7 +271,7 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
     if status != 0 {
         bail!(
             "provisioning failed in the VM (exit status {status}): {}",
-            crate::workspace::printable(String::from_utf8_lossy(&err).trim())
+            crate::printable(String::from_utf8_lossy(&err).trim())
         );
     }
 
@@ -394,7 +394,7 @@ async fn relay_lines(from: impl tokio::io::AsyncRead + Unpin, mut to: impl tokio
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-        let text = crate::workspace::printable(String::from_utf8_lossy(&line).trim_end_matches('\n'));
+        let text = crate::printable(String::from_utf8_lossy(&line).trim_end_matches('\n'));
         if to.write_all(format!("{text}\n").as_bytes()).await.is_err() {
             break;
         }

@@ -11,9 +11,9 @@ use anyhow::{Context, Result};
 use russh::ChannelMsg;
 use tokio::sync::watch;
 
+use crate::printable;
 use crate::shell;
 use crate::ssh::{CONNECT_TIMEOUT, Endpoint, Session};
-use crate::workspace::printable;
 
 /// $1 directory, $2… the command. Runs the command in a session (process
 /// group) of its own, stdin from /dev/null; a watchdog reads our stdin and,

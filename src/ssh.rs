@@ -204,7 +204,7 @@ impl Output {
             bail!(
                 "{what} failed in the VM (exit status {}): {}",
                 self.status,
-                crate::workspace::printable(String::from_utf8_lossy(&self.stderr).trim())
+                crate::printable(String::from_utf8_lossy(&self.stderr).trim())
             );
         }
         Ok(self)

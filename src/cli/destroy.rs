@@ -72,7 +72,7 @@ async fn losses(ctx: &Context) -> Result<Vec<String>> {
         let lost = super::clean::losses(host.as_ref().ok(), &listed.branch, &probe)?;
         if !lost.is_empty() {
             let whose = if host.is_err() { format!(" ({:?})", listed.host_repo) } else { String::new() };
-            out.push(format!("~/{} has {}{whose}", crate::workspace::printable(&listed.dir), lost.join(" and ")));
+            out.push(format!("~/{} has {}{whose}", crate::printable(&listed.dir), lost.join(" and ")));
         }
     }
     Ok(out)

@@ -91,11 +91,9 @@ fn lima(path: Option<PathBuf>, install_fix: String) -> Check {
     };
     let minimum = minimum_lima_version();
     let problem = match (&out, parse_version(&said)) {
-        (Ok(o), _) if !o.status.success() => {
-            Some(format!("`limactl --version` failed: {}", crate::workspace::printable(&said)))
-        }
+        (Ok(o), _) if !o.status.success() => Some(format!("`limactl --version` failed: {}", crate::printable(&said))),
         (Err(_), _) => Some(said.clone()),
-        (_, None) => Some(format!("cannot tell the version from {:?}", crate::workspace::printable(&said))),
+        (_, None) => Some(format!("cannot tell the version from {:?}", crate::printable(&said))),
         (_, Some(v)) if minimum.is_some_and(|m| v < m) => {
             let m = minimum.unwrap();
             Some(format!(

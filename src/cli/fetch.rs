@@ -65,7 +65,7 @@ pub(super) async fn fetch_locked(ctx: &Context, host: &HostRepo, vm: &Vm, branch
             ctx.ui.say(&format!("Created {branch:?} at {} from the VM.", short(to)))
         }
         Integrated::LeftAlone(why) => {
-            eprintln!("warning: fetched into agent-vm/{branch}, but {}", crate::workspace::printable_lines(&why));
+            eprintln!("warning: fetched into agent-vm/{branch}, but {}", crate::printable_lines(&why));
             return Ok(ExitCode::from(2));
         }
     }

@@ -106,7 +106,7 @@ pub fn main() -> ExitCode {
     if let Command::SftpRelay(args) = cli.command {
         // sshfs's child for the life of a mount: plain threads, no runtime.
         return sftp_relay::run(args).unwrap_or_else(|e| {
-            eprintln!("error: {}", crate::workspace::printable_lines(&format!("{e:#}")));
+            eprintln!("error: {}", crate::printable_lines(&format!("{e:#}")));
             ExitCode::FAILURE
         });
     }
@@ -148,7 +148,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // Errors quote the VM (remote stderr, libgit2's relay of the
             // remote's messages): neutralised here whatever their source.
-            eprintln!("error: {}", crate::workspace::printable_lines(&format!("{e:#}")));
+            eprintln!("error: {}", crate::printable_lines(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -5,7 +5,8 @@ use anyhow::{Result, bail};
 
 use super::Context;
 use crate::run::{Job, Output, Status};
-use crate::workspace::{HostRepo, Vm, printable, printable_lines};
+use crate::workspace::{HostRepo, Vm};
+use crate::{printable, printable_lines};
 
 /// Run a command in several branches' workspaces at once
 ///

@@ -4,9 +4,10 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::Context;
+use crate::printable;
 use crate::ssh::Session;
 use crate::vm::{self, State};
-use crate::workspace::{self, HostRepo, Listed, Vm, Workspace, printable};
+use crate::workspace::{self, HostRepo, Listed, Vm, Workspace};
 
 /// Show the VM's state, resources and SSH endpoint
 #[derive(Debug, clap::Args)]

@@ -144,7 +144,7 @@ impl Mount {
             bail!(
                 "sshfs could not mount the VM's ~/workspace on {}: {}",
                 self.point.display(),
-                crate::workspace::printable(String::from_utf8_lossy(&out.stderr).trim())
+                crate::printable(String::from_utf8_lossy(&out.stderr).trim())
             );
         }
         Ok(true)

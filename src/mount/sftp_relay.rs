@@ -96,7 +96,7 @@ pub fn run(args: &[OsString]) -> Result<ExitCode> {
     let _ = child.kill();
     let status = child.wait().context("waiting for ssh")?;
     if let Err(e) = result {
-        eprintln!("agent-vm sftp-relay: {}", crate::workspace::printable(&format!("{e:#}")));
+        eprintln!("agent-vm sftp-relay: {}", crate::printable(&format!("{e:#}")));
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8))

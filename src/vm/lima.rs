@@ -98,7 +98,7 @@ impl Lima {
             let line = line.unwrap_or_default();
             if self.verbose {
                 // Lima relays guest output in some lines: never raw escapes.
-                eprintln!("  {}", crate::workspace::printable(&lima_message(&line)));
+                eprintln!("  {}", crate::printable(&lima_message(&line)));
             }
             tail.push(line);
             if tail.len() > 30 {
@@ -108,7 +108,7 @@ impl Lima {
         let status = child.wait()?;
         let _ = out_thread.join();
         if !status.success() {
-            let said: Vec<String> = tail.iter().map(|l| crate::workspace::printable(&lima_message(l))).collect();
+            let said: Vec<String> = tail.iter().map(|l| crate::printable(&lima_message(l))).collect();
             bail!("{what} failed: limactl {} exited with {status}:\n  {}", args.join(" "), said.join("\n  "));
         }
         Ok(())

@@ -161,7 +161,7 @@ pub fn broken(i: &Instance) -> anyhow::Error {
     let why = if i.errors.is_empty() {
         String::new()
     } else {
-        format!(" (Lima: {})", i.errors.iter().map(|e| crate::workspace::printable(e)).collect::<Vec<_>>().join("; "))
+        format!(" (Lima: {})", i.errors.iter().map(|e| crate::printable(e)).collect::<Vec<_>>().join("; "))
     };
     anyhow::anyhow!(
         "VM '{0}' is Broken{why}: its QEMU process or Lima's host agent has died or hangs, so Lima cannot start \

@@ -5,7 +5,8 @@
 use anyhow::Result;
 use git2::{Oid, Repository};
 
-use super::{HostRepo, printable};
+use super::HostRepo;
+use crate::printable;
 
 /// Whether `commit` is `tip` or one of its ancestors, in the host repo (an
 /// object the host does not have is not contained).

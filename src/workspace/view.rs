@@ -84,7 +84,7 @@ impl View {
             bail!("the VM sent an unreadable object {id}; nothing was changed");
         }
         let what = match (kind, path_in(&self.reopen()?, tip, id, max)) {
-            (_, Some(path)) => format!("the file {:?}", crate::workspace::printable(&path)),
+            (_, Some(path)) => format!("the file {:?}", crate::printable(&path)),
             (git2::ObjectType::Blob, None) => format!("a file (object {id})"),
             (kind, None) => format!("a {kind} (object {id})"),
         };

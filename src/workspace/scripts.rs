@@ -1,0 +1,418 @@
+//! The shell scripts agent-vm runs in the VM, and the reading of their
+//! (untrusted) answers. Fixed text; every variable part is a positional
+//! argument.
+
+use anyhow::{Result, bail};
+use git2::Oid;
+use serde::Serialize;
+
+/// Shell text that clones cache $1 locally (hard links, no copy) into a new
+/// workspace $2 on branch $3 (host repo $4, for display), configured in the
+/// same step (each process costs on a slow guest: none that is not needed).
+///
+/// Workspaces get their hooks from agent-vm's template (made once): a
+/// `push-to-checkout` hook that does what git's updateInstead does (refuse
+/// when the work tree or index differs from HEAD, else move the tree to the
+/// pushed commit) in two git processes instead of four.
+macro_rules! clone_workspace {
+    () => {
+        r#"tmp="$2.agent-vm-new"
+[ ! -e "$tmp" ] || rm -rf -- "$tmp"
+[ -d "${2%/*}" ] || mkdir -p -- "${2%/*}"
+tpl=.agent-vm/template
+if [ ! -x "$tpl/hooks/push-to-checkout" ]; then
+  mkdir -p "$tpl/hooks"
+  cat > "$tpl/hooks/push-to-checkout.new" <<'HOOK'
+#!/bin/sh
+# agent-vm: receive.denyCurrentBranch=updateInstead, with fewer processes.
+cd "$GIT_WORK_TREE" || exit 1
+if [ -n "$(git status --porcelain --untracked-files=no --ignore-submodules)" ]; then
+  echo "the workspace has uncommitted changes" >&2
+  exit 1
+fi
+exec git read-tree -u -m HEAD "$1"
+HOOK
+  chmod +x "$tpl/hooks/push-to-checkout.new"
+  mv -f "$tpl/hooks/push-to-checkout.new" "$tpl/hooks/push-to-checkout"
+fi
+git clone -q --local --template="$tpl" --branch="$3" -c receive.denyCurrentBranch=updateInstead \
+    -c core.untrackedCache=true -c "agent-vm.branch=$3" -c "agent-vm.hostRepo=$4" -- "$1" "$tmp"
+git -C "$tmp" remote remove origin
+mv -T -- "$tmp" "$2"
+"#
+    };
+}
+
+/// $1 cache, $2 workspace, $3 branch, $4 host repo (for display), $5 the
+/// host's tip: run before each push into a workspace, in the push's own
+/// connection. A missing workspace is created when the cache has the tip
+/// (another branch's workspace brought it, or the host just sent it),
+/// saying "created". Else exits 3: the host prepares the cache
+/// ([`ENSURE_CACHE`]) and runs this again.
+pub(super) const PREPARE_WORKSPACE: &str = concat!(
+    r#"set -e
+[ ! -d "$2/.git" ] || exit 0
+git --git-dir="$1" update-ref "refs/heads/$3" "$5" 2>/dev/null || exit 3
+"#,
+    clone_workspace!(),
+    "echo created"
+);
+
+/// $1 cache, $2 workspace: says "present" when the workspace exists. Else
+/// makes sure the bare cache exists (built aside and renamed into place, so
+/// concurrent first pushes never see a half-made cache) and says "new" (no
+/// pack yet: seed it) or "missing" (push the branch into the cache).
+pub(super) const ENSURE_CACHE: &str = r#"set -e
+if [ -d "$2/.git" ]; then echo present; exit 0; fi
+if [ ! -d "$1/objects" ]; then
+  mkdir -p "${1%/*}"
+  t="$1.new.$$"
+  rm -rf -- "$t"
+  git init -q --bare "$t"
+  git --git-dir="$t" config gc.auto 0
+  mv -T -- "$t" "$1" 2>/dev/null || rm -rf -- "$t"
+fi
+for f in "$1"/objects/pack/*.idx; do if [ -e "$f" ]; then echo missing; exit 0; fi; done
+echo new"#;
+
+/// $1 cache: unpack a tar of pack files (`pack/…`) and loose objects
+/// (`xx/…`) from stdin into it. Unpacked aside, then moved in with each
+/// index last: an interrupted transfer never leaves git an index whose pack
+/// is incomplete.
+pub(super) const UNPACK_OBJECTS: &str = r#"set -e
+o=$(cd -- "$1/objects" && pwd)
+tmp=$(mktemp -d "$o/incoming.XXXXXX")
+trap 'rm -rf -- "$tmp"' EXIT
+trap 'exit 1' HUP INT TERM PIPE
+tar -x --no-same-owner --no-same-permissions -f - -C "$tmp"
+cd "$tmp"
+for d in ??; do
+  if [ -d "$d" ]; then mkdir -p "$o/$d" && find "$d" -type f -exec mv -f -t "$o/$d" -- {} +; fi
+done
+mkdir -p "$o/pack"
+for f in pack/*.pack pack/*.idx; do
+  if [ -f "$f" ]; then mv -f -- "$f" "$o/pack/"; fi
+done"#;
+
+/// $1 workspace, $2 branch: "absent", or "present" then the "# branch.*"
+/// headers of `git status --porcelain=v2 --branch`, "# changes <how many
+/// uncommitted>", and "# tip <commit or ->" when the branch is not the one
+/// checked out. One git process in the usual case: each costs on a slow
+/// guest.
+macro_rules! probe {
+    () => {
+        r##"if [ ! -d "$1/.git" ]; then echo absent; else
+echo present
+s=$(git -C "$1" status --porcelain=v2 --branch 2>/dev/null) || s=
+n=0
+while IFS= read -r l; do
+  case $l in "# "*) printf '%s\n' "$l" ;; ?*) n=$((n+1)) ;; esac
+done <<EOF
+$s
+EOF
+echo "# changes $n"
+case "
+$s
+" in
+  *"
+# branch.head $2
+"*) ;;
+  *) echo "# tip $(git -C "$1" rev-parse --verify -q "refs/heads/$2^{commit}" || echo -)" ;;
+esac
+fi"##
+    };
+}
+pub(super) const PROBE: &str = probe!();
+
+/// [`PROBE`] run before a fetch's upload-pack, in its connection, then an
+/// end marker: git's own messages follow it.
+macro_rules! end_of_probe {
+    () => {
+        "# end of probe"
+    };
+}
+pub(super) const PROBE_BEFORE_FETCH: &str = concat!(probe!(), "\necho '", end_of_probe!(), "'");
+
+/// $1 workspace: delete it.
+pub(super) const REMOVE: &str = r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
+
+/// Every workspace: path, branch, host repo and what [`PROBE`] says of it,
+/// each field ending in NUL.
+pub(super) const LIST: &str = concat!(
+    "probe() {\n",
+    probe!(),
+    r#"
+}
+for d in workspace/*; do
+  [ -d "$d/.git" ] || continue
+  b=$(git -C "$d" config agent-vm.branch) || continue
+  r=$(git -C "$d" config agent-vm.hostRepo || true)
+  printf '%s\0%s\0%s\0' "$d" "$b" "$r"
+  probe "$d" "$b"
+  printf '\0'
+done"#
+);
+
+/// What the VM says about one workspace (untrusted).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Probe {
+    Absent,
+    Present { tip: Option<Oid>, changes: u64 },
+}
+
+/// Reads [`LIST`]'s answer (untrusted, for display).
+pub(super) fn parse_list(text: &str) -> Vec<Listed> {
+    let fields: Vec<&str> = text.split_terminator('\0').collect();
+    fields
+        .chunks_exact(4)
+        .map(|f| {
+            let (tip, changes) = match parse_probe(f[3], f[1]) {
+                Some(Probe::Present { tip, changes }) => (tip, changes),
+                _ => (None, 0),
+            };
+            Listed { dir: f[0].to_owned(), branch: f[1].to_owned(), host_repo: f[2].to_owned(), tip, changes }
+        })
+        .collect()
+}
+
+/// One workspace as listed by the VM (untrusted, for display).
+#[derive(Debug, Clone, Serialize)]
+pub struct Listed {
+    pub dir: String,
+    pub branch: String,
+    pub host_repo: String,
+    #[serde(serialize_with = "ser_oid")]
+    pub tip: Option<Oid>,
+    pub changes: u64,
+}
+
+/// Reads [`PROBE`]'s answer (untrusted: anything malformed is None).
+pub(super) fn parse_probe(out: &str, branch: &str) -> Option<Probe> {
+    let mut lines = out.lines();
+    match lines.next()? {
+        "absent" => return Some(Probe::Absent),
+        "present" => {}
+        _ => return None,
+    }
+    let (mut head, mut head_oid, mut tip, mut changes) = (None, None, None, None);
+    for line in lines {
+        if let Some(oid) = line.strip_prefix("# branch.oid ") {
+            head_oid = parse_oid(oid).ok();
+        } else if let Some(name) = line.strip_prefix("# branch.head ") {
+            head = Some(name);
+        } else if let Some(t) = line.strip_prefix("# tip ") {
+            tip = Some(if t == "-" { None } else { Some(parse_oid(t).ok()?) });
+        } else if let Some(n) = line.strip_prefix("# changes ") {
+            changes = Some(n.parse().ok()?);
+        }
+    }
+    let changes = changes?;
+    let tip = match tip {
+        Some(t) => t,
+        None if head == Some(branch) => head_oid,
+        None => return None,
+    };
+    Some(Probe::Present { tip, changes })
+}
+
+/// What [`PROBE_BEFORE_FETCH`] said, and the remote git's messages after it.
+pub(super) fn split_probe<'a>(stderr: &'a str, branch: &str) -> (Option<Probe>, &'a str) {
+    match stderr
+        .split_once(concat!("\n", end_of_probe!(), "\n"))
+        .or_else(|| stderr.strip_suffix(concat!("\n", end_of_probe!())).map(|said| (said, "")))
+    {
+        Some((said, rest)) => (parse_probe(said, branch), rest),
+        None => (None, stderr),
+    }
+}
+
+pub(super) fn ser_oid<S: serde::Serializer>(oid: &Option<Oid>, s: S) -> Result<S::Ok, S::Error> {
+    match oid {
+        Some(o) => s.serialize_str(&o.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+pub(super) fn parse_oid(text: &str) -> Result<Oid> {
+    let text = text.trim();
+    if text.len() != 40 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("the VM sent a malformed commit id");
+    }
+    Ok(Oid::from_str(text)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shell;
+    use crate::workspace::Workspace;
+    use crate::workspace::names::tests::host;
+    use std::path::Path;
+    #[test]
+    fn oids_from_the_vm_are_parsed_strictly() {
+        assert!(parse_oid("0123456789abcdef0123456789abcdef01234567").is_ok());
+        assert!(parse_oid("0123").is_err());
+        assert!(parse_oid("zz23456789abcdef0123456789abcdef01234567").is_err());
+    }
+
+    /// Runs the host's git in `dir`; its trimmed stdout.
+    fn host_git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=T", "-c", "user.email=t@e"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// A new repository at `dir` on `branch`, with file `a` ("1")
+    /// committed; returns the commit.
+    fn one_commit(dir: &Path, branch: &str) -> String {
+        std::fs::create_dir_all(dir).unwrap();
+        host_git(dir, &["init", "-q", "-b", branch]);
+        std::fs::write(dir.join("a"), "1").unwrap();
+        host_git(dir, &["add", "a"]);
+        host_git(dir, &["commit", "-q", "-m", "a"]);
+        host_git(dir, &["rev-parse", "HEAD"])
+    }
+
+    /// The probe script run by sh with the host's git, as the VM runs it.
+    #[test]
+    fn probe_reports_tip_and_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ws = tmp.path().join("ws");
+        let git = |args: &[&str]| host_git(&ws, args);
+        let probe = |branch: &str| {
+            let line = shell::script(PROBE, &[ws.to_str().unwrap(), branch]).unwrap();
+            let out = std::process::Command::new("sh").arg("-c").arg(line).output().unwrap();
+            parse_probe(&String::from_utf8(out.stdout).unwrap(), branch)
+        };
+        assert_eq!(probe("feature"), Some(Probe::Absent));
+        std::fs::create_dir(&ws).unwrap();
+        git(&["init", "-q", "-b", "feature"]);
+        assert_eq!(probe("feature"), Some(Probe::Present { tip: None, changes: 0 }));
+        std::fs::write(ws.join("a"), "1").unwrap();
+        git(&["add", "a"]);
+        git(&["commit", "-q", "-m", "a"]);
+        let head = Oid::from_str(&git(&["rev-parse", "HEAD"])).unwrap();
+        git(&["branch", "feat"]);
+        std::fs::write(ws.join("a"), "2").unwrap();
+        std::fs::write(ws.join("new file"), "x").unwrap();
+        assert_eq!(probe("feature"), Some(Probe::Present { tip: Some(head), changes: 2 }));
+        // A branch that is not checked out (a prefix of the one that is).
+        assert_eq!(probe("feat"), Some(Probe::Present { tip: Some(head), changes: 2 }));
+        assert_eq!(probe("gone"), Some(Probe::Present { tip: None, changes: 2 }));
+        // Nonsense from the VM is refused, not guessed at.
+        assert_eq!(parse_probe("present\n# tip nonsense\n", "b"), None);
+        assert_eq!(parse_probe("maybe\n", "b"), None);
+    }
+
+    /// The probe a fetch runs first, by sh with the host's git, then what
+    /// upload-pack would say: the two are told apart.
+    #[test]
+    fn the_probe_before_a_fetch_is_told_apart_from_git() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ws = tmp.path().join("ws");
+        let head = Oid::from_str(&one_commit(&ws, "b")).unwrap();
+        std::fs::write(ws.join("new"), "x").unwrap();
+        let run = |dir: &Path, git_says: &str| {
+            let probe = shell::script(PROBE_BEFORE_FETCH, &[dir.to_str().unwrap(), "b"]).unwrap();
+            let git = shell::script("printf '%s' \"$1\" >&2", &[git_says]).unwrap();
+            let out = std::process::Command::new("sh").arg("-c").arg(shell::then_exec(&probe, &git)).output().unwrap();
+            assert!(out.stdout.is_empty());
+            // Trimmed, as the transport hands it over.
+            String::from_utf8(out.stderr).unwrap().trim().to_owned()
+        };
+        let text = run(&ws, "");
+        assert_eq!(split_probe(&text, "b"), (Some(Probe::Present { tip: Some(head), changes: 1 }), ""));
+        let text = run(&tmp.path().join("gone"), "fatal: not a git repository");
+        assert_eq!(split_probe(&text, "b"), (Some(Probe::Absent), "fatal: not a git repository"));
+        // No marker: the probe did not finish; git's words are all there is.
+        assert_eq!(split_probe("fatal: x", "b"), (None, "fatal: x"));
+    }
+
+    /// The listing script run by sh with the host's git, in a directory
+    /// laid out like the VM user's home.
+    #[test]
+    fn list_reports_each_workspace() {
+        let home = tempfile::tempdir().unwrap();
+        let git = |dir: &str, args: &[&str]| host_git(&home.path().join(dir), args);
+        for (dir, branch) in [("workspace/r-a", "a"), ("workspace/r-b", "f/b'$(x)")] {
+            std::fs::create_dir_all(home.path().join(dir)).unwrap();
+            git(dir, &["init", "-q", "-b", branch]);
+            git(dir, &["config", "agent-vm.branch", branch]);
+            git(dir, &["config", "agent-vm.hostRepo", "/h/r\nx"]);
+            std::fs::write(home.path().join(dir).join("f"), "1").unwrap();
+            git(dir, &["add", "f"]);
+            git(dir, &["commit", "-q", "-m", "f"]);
+        }
+        // Not a workspace: no agent-vm.branch.
+        std::fs::create_dir_all(home.path().join("workspace/other")).unwrap();
+        git("workspace/other", &["init", "-q"]);
+        std::fs::write(home.path().join("workspace/r-b/f"), "2").unwrap();
+        git("workspace/r-b", &["checkout", "-q", "-b", "elsewhere"]);
+        let out = std::process::Command::new("sh")
+            .current_dir(home.path())
+            .arg("-c")
+            .arg(shell::script(LIST, &[] as &[&str]).unwrap())
+            .output()
+            .unwrap();
+        let listed = parse_list(&String::from_utf8(out.stdout).unwrap());
+        let tip = |dir: &str| Some(Oid::from_str(&git(dir, &["rev-parse", "HEAD"])).unwrap());
+        let got: Vec<_> = listed
+            .iter()
+            .map(|l| (l.dir.as_str(), l.branch.as_str(), l.host_repo.as_str(), l.tip, l.changes))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("workspace/r-a", "a", "/h/r\nx", tip("workspace/r-a"), 0),
+                ("workspace/r-b", "f/b'$(x)", "/h/r\nx", tip("workspace/r-b"), 1),
+            ]
+        );
+    }
+
+    /// The push's preparation and the cache check run by sh with the
+    /// host's git, in a directory laid out like the VM user's home.
+    #[test]
+    fn a_missing_workspace_is_made_before_the_push_once_the_cache_has_the_tip() {
+        let home = tempfile::tempdir().unwrap();
+        let src = home.path().join("src");
+        let tip = one_commit(&src, "main");
+        let branch = "f/x'$(touch${IFS}pwned)`id`";
+        let ws = Workspace::new(&host("/h/r", "r"), branch);
+        let args = [ws.cache.as_str(), &ws.dir, branch, "/h/r", &tip];
+        let run = |script: &str, args: &[&str]| {
+            let out = std::process::Command::new("sh")
+                .current_dir(home.path())
+                .arg("-c")
+                .arg(shell::script(script, args).unwrap())
+                .output()
+                .unwrap();
+            (out.status.code(), String::from_utf8(out.stdout).unwrap())
+        };
+        // No cache, then a cache without the tip: the host must bring it.
+        assert_eq!(run(PREPARE_WORKSPACE, &args).0, Some(3));
+        assert_eq!(run(ENSURE_CACHE, &args[..2]), (Some(0), "new\n".into()));
+        assert_eq!(run(PREPARE_WORKSPACE, &args).0, Some(3));
+        let cache = home.path().join(&ws.cache);
+        host_git(&src, &["push", "-q", cache.to_str().unwrap(), "HEAD:refs/heads/other"]);
+        host_git(&cache, &["repack", "-adq"]);
+        assert_eq!(run(ENSURE_CACHE, &args[..2]), (Some(0), "missing\n".into()));
+        // The cache has it (another branch brought it): made in place.
+        assert_eq!(run(PREPARE_WORKSPACE, &args), (Some(0), "created\n".into()));
+        let dir = home.path().join(&ws.dir);
+        assert_eq!(host_git(&dir, &["rev-parse", "HEAD"]), tip);
+        assert_eq!(host_git(&dir, &["symbolic-ref", "HEAD"]), format!("refs/heads/{branch}"));
+        assert_eq!(host_git(&dir, &["config", "agent-vm.branch"]), branch);
+        assert_eq!(host_git(&dir, &["remote"]), "");
+        assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "1");
+        assert!(!home.path().join("pwned").exists() && !dir.join("pwned").exists());
+        // Present: nothing more to do.
+        assert_eq!(run(PREPARE_WORKSPACE, &args), (Some(0), String::new()));
+        assert_eq!(run(ENSURE_CACHE, &args[..2]), (Some(0), "present\n".into()));
+    }
+}
