@@ -14,14 +14,23 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
-    pub instances: BTreeMap<String, InstanceConfig>,
+    pub instances: BTreeMap<String, Instance>,
+}
+
+/// One instance's entry: its backend, and what its agent may do.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(try_from = "RawInstance")]
+pub struct Instance {
+    pub backend: InstanceConfig,
+    pub network: Network,
+    pub agent: Agent,
 }
 
 /// How one instance is run.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub enum InstanceConfig {
     /// A Lima VM that agent-vm creates, starts, stops and deletes.
+    #[default]
     Lima,
     /// An existing machine reached over SSH; agent-vm never creates, stops
     /// or deletes it.
@@ -31,6 +40,67 @@ pub enum InstanceConfig {
         /// The OpenSSH config file that defines it (default ~/.ssh/config).
         ssh_config: Option<PathBuf>,
     },
+}
+
+/// What the agent may reach through the gateway (see `crate::gateway`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Network {
+    pub mode: crate::gateway::policy::Mode,
+    /// Destinations added to the default allowlist.
+    pub allow: Vec<String>,
+    /// Destinations refused whatever else says.
+    pub deny: Vec<String>,
+    /// Host names the gateway resolves to a fixed address (and may then
+    /// dial even when the address is private).
+    pub resolve: BTreeMap<String, std::net::IpAddr>,
+}
+
+/// The agent user in the VM.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Agent {
+    /// Give the agent root again (sudo): the VM is then not contained.
+    #[serde(default)]
+    pub sudo: bool,
+}
+
+/// The entry as written: every key in one flat map, checked for typos.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstance {
+    #[serde(default)]
+    backend: Option<String>,
+    host: Option<String>,
+    ssh_config: Option<PathBuf>,
+    #[serde(default)]
+    network: crate::gateway::policy::Mode,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    #[serde(default)]
+    resolve: BTreeMap<String, std::net::IpAddr>,
+    #[serde(default)]
+    agent: Agent,
+}
+
+impl TryFrom<RawInstance> for Instance {
+    type Error = String;
+
+    fn try_from(raw: RawInstance) -> std::result::Result<Instance, String> {
+        let backend = match (raw.backend.as_deref().unwrap_or("lima"), raw.host) {
+            ("lima", None) if raw.ssh_config.is_none() => InstanceConfig::Lima,
+            ("lima", _) => return Err("`host` and `ssh_config` belong to `backend: ssh`".into()),
+            ("ssh", Some(host)) => InstanceConfig::Ssh { host, ssh_config: raw.ssh_config },
+            ("ssh", None) => return Err("`backend: ssh` needs `host` (a Host alias of your SSH config)".into()),
+            (other, _) => return Err(format!("unknown backend {other:?} (lima or ssh)")),
+        };
+        for rule in raw.allow.iter().chain(&raw.deny) {
+            crate::gateway::policy::Rule::parse(rule).map_err(|e| format!("{e:#}"))?;
+        }
+        let network = Network { mode: raw.network, allow: raw.allow, deny: raw.deny, resolve: raw.resolve };
+        Ok(Instance { backend, network, agent: raw.agent })
+    }
 }
 
 /// Where the configuration file is.
@@ -76,7 +146,12 @@ impl Config {
 
     /// How `instance` is run: as configured, else a Lima VM.
     pub fn instance(&self, instance: &str) -> InstanceConfig {
-        self.instances.get(instance).cloned().unwrap_or(InstanceConfig::Lima)
+        self.entry(instance).backend
+    }
+
+    /// The whole entry of `instance` (defaults when it has none).
+    pub fn entry(&self, instance: &str) -> Instance {
+        self.instances.get(instance).cloned().unwrap_or_default()
     }
 }
 
@@ -100,6 +175,22 @@ mod tests {
     }
 
     #[test]
+    fn network_and_agent_settings() {
+        let c = parse(
+            "instances:\n  agent-vm:\n    network: open\n    allow: [example.com, '*.corp.test:443']\n    deny: [10.0.0.0/8]\n    resolve: {local.test: 127.0.0.1}\n    agent: {sudo: true}\n",
+        )
+        .unwrap();
+        let e = c.entry("agent-vm");
+        assert_eq!(e.backend, InstanceConfig::Lima);
+        assert_eq!(e.network.mode, crate::gateway::policy::Mode::Open);
+        assert_eq!(e.network.allow, ["example.com", "*.corp.test:443"]);
+        assert_eq!(e.network.resolve["local.test"].to_string(), "127.0.0.1");
+        assert!(e.agent.sudo);
+        let d = c.entry("other");
+        assert_eq!((d.network.mode, d.agent.sudo), (crate::gateway::policy::Mode::Allowlist, false));
+    }
+
+    #[test]
     fn missing_or_empty_file_is_the_default() {
         assert!(Config::load_from(Path::new("/nonexistent/agent-vm.yaml")).unwrap().instances.is_empty());
         assert!(parse("").unwrap().instances.is_empty());
@@ -111,6 +202,9 @@ mod tests {
             "instances:\n  big:\n    backend: ssh\n",                           // no host
             "instances:\n  big:\n    backend: vbox\n",                          // unknown backend
             "instances:\n  big:\n    backend: ssh\n    host: b\n    hots: c\n", // typo
+            "instances:\n  big:\n    network: closed\n",                        // unknown mode
+            "instances:\n  big:\n    allow: ['a b']\n",                         // not a rule
+            "instances:\n  big:\n    agent: {root: true}\n",                    // typo
             "instancez: {}\n",
             "instances: [",
         ] {

@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod gateway;
 pub mod mount;
 pub mod pack;
 mod printable;

@@ -217,10 +217,39 @@ struct Client {
     policy: HostKeyPolicy,
     /// Why the host key was refused, for the error message.
     refusal: Arc<std::sync::Mutex<Option<String>>>,
+    /// Where connections to a remote forward this session asked for go;
+    /// without one, the server may open none.
+    forwarded: Option<tokio::sync::mpsc::UnboundedSender<Forwarded>>,
+}
+
+/// A connection the VM made to a port this session forwards.
+pub struct Forwarded {
+    pub channel: russh::Channel<client::Msg>,
+    /// The VM-side address and port it was made to.
+    pub to: (String, u32),
 }
 
 impl client::Handler for Client {
     type Error = russh::Error;
+
+    /// Only a session that asked for a remote forward takes such channels
+    /// (dropping `reply` refuses): a VM cannot open them at will.
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(tx) = &self.forwarded {
+            reply.accept().await;
+            let _ = tx.send(Forwarded { channel, to: (connected_address.to_owned(), connected_port) });
+        }
+        Ok(())
+    }
 
     async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
         let HostKeyPolicy::KnownHosts(file) = &self.policy else {
@@ -308,6 +337,25 @@ impl Session {
     /// VM's SSH server must start answering within `answer_within`; once it
     /// has, a slow handshake (a busy guest) may take up to [`CONNECT_TIMEOUT`].
     pub async fn connect(endpoint: &Endpoint, answer_within: Duration) -> Result<Session> {
+        Self::connect_with(endpoint, answer_within, None).await
+    }
+
+    /// [`Session::connect`] for a session that forwards VM ports to this
+    /// side ([`Session::forward_from_vm`]): their connections arrive on the
+    /// returned receiver.
+    pub async fn connect_forwarding(
+        endpoint: &Endpoint,
+        answer_within: Duration,
+    ) -> Result<(Session, tokio::sync::mpsc::UnboundedReceiver<Forwarded>)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Ok((Self::connect_with(endpoint, answer_within, Some(tx)).await?, rx))
+    }
+
+    async fn connect_with(
+        endpoint: &Endpoint,
+        answer_within: Duration,
+        forwarded: Option<tokio::sync::mpsc::UnboundedSender<Forwarded>>,
+    ) -> Result<Session> {
         let keys = load_keys(endpoint)?;
         let config = Arc::new(client::Config {
             keepalive_interval: Some(Duration::from_secs(15)),
@@ -337,6 +385,7 @@ impl Session {
                 port: endpoint.port,
                 policy: endpoint.host_key.clone(),
                 refusal: refusal.clone(),
+                forwarded: forwarded.clone(),
             };
             let handshake = async {
                 let tcp = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
@@ -397,6 +446,21 @@ impl Session {
 
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    /// Asks the VM's sshd to listen on `address:port` in the VM and pass
+    /// each connection back over this session (a remote forward: the VM
+    /// never connects to the host).
+    pub async fn forward_from_vm(&self, address: &str, port: u16) -> Result<()> {
+        self.handle.tcpip_forward(address, u32::from(port)).await.with_context(|| {
+            format!("the VM's SSH server would not listen on {address}:{port} (is something else there?)")
+        })?;
+        Ok(())
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
     }
 
     /// Opens a channel running `command` (built with [`crate::shell`]).

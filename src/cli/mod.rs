@@ -8,8 +8,10 @@ mod connect;
 mod destroy;
 mod doctor;
 mod fetch;
+mod gateway;
 mod man;
 mod mount;
+mod network;
 mod provision;
 mod push;
 mod run;
@@ -76,6 +78,7 @@ enum Command {
     Provision(provision::Args),
     Mount(mount::Args),
     Unmount(unmount::Args),
+    Network(network::Args),
     Destroy(destroy::Args),
     Snapshot(snapshot::Args),
     SshConfig(ssh_config::Args),
@@ -84,6 +87,8 @@ enum Command {
     Man(man::Args),
     #[command(name = crate::mount::sftp_relay::SUBCOMMAND, hide = true)]
     SftpRelay(sftp_relay::Args),
+    #[command(hide = true)]
+    Gateway(gateway::Args),
 }
 
 /// What every subcommand gets: the global options, resolved.
@@ -132,6 +137,8 @@ pub fn main() -> ExitCode {
             Command::Provision(args) => provision::run(&ctx, args).await,
             Command::Mount(args) => mount::run(&ctx, args).await,
             Command::Unmount(args) => unmount::run(&ctx, args).await,
+            Command::Network(args) => network::run(&ctx, args).await,
+            Command::Gateway(args) => gateway::run(&ctx, args).await,
             Command::Destroy(args) => destroy::run(&ctx, args).await,
             Command::Snapshot(args) => snapshot::run(&ctx, args).await,
             Command::SshConfig(args) => ssh_config::run(&ctx, args).await,

@@ -426,12 +426,13 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
     s.case(C, "a small pack that inflates to a huge file is refused before it lands", || {
         let before = refs(&repo);
         let start = tip_in_guest(w, &ws);
-        // 64 MiB of zeros: a few hundred KB packed. The limit is 16 MB.
+        // On the host's tip (earlier cases left big files on the VM's
+        // branch): 64 MiB of zeros, a few hundred KB packed. The limit is 16 MB.
         let blob = w
             .guest_args(
-                r#"cd "$1" && head -c 64M /dev/zero > zeros.bin && git add zeros.bin &&
+                r#"cd "$1" && git reset -q --hard "$2" && head -c 64M /dev/zero > zeros.bin && git add zeros.bin &&
                    git -c user.name=A -c user.email=a@vm commit -qm zeros && git rev-parse HEAD:zeros.bin"#,
-                &[&ws],
+                &[&ws, &tip(&repo, "victim")],
             )
             .ok()
             .stdout

@@ -1,0 +1,257 @@
+//! The network gateway: the agent's only way out of the VM. agent-vm runs
+//! it on the host, for as long as the VM runs, and exposes it inside the VM
+//! on 127.0.0.1:[`VM_PORT`] through a remote forward over an SSH connection
+//! of its own (the VM never connects to the host). The guest's firewall lets
+//! the agent user reach nothing else, so without the gateway the agent has
+//! no egress at all; the gateway checks each destination against the
+//! instance's policy and logs every connection.
+//!
+//! It runs as a background process (`agent-vm gateway`, started by any
+//! command that reaches the running VM), holding a lock in the instance's
+//! state directory; `stop` and `destroy` end it.
+
+pub mod log;
+pub mod policy;
+pub mod proxy;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::vm::Backend;
+
+/// Where agent sessions find the gateway in the VM.
+pub const VM_PORT: u16 = 3128;
+
+/// The gateway's files in an instance's state directory.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    dir: PathBuf,
+}
+
+impl Paths {
+    pub fn new(state_dir: &Path) -> Paths {
+        Paths { dir: state_dir.to_owned() }
+    }
+    fn lock(&self) -> PathBuf {
+        self.dir.join("gateway.lock")
+    }
+    fn state(&self) -> PathBuf {
+        self.dir.join("gateway.json")
+    }
+    fn stderr(&self) -> PathBuf {
+        self.dir.join("gateway.stderr")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("network.log")
+    }
+    fn rules(&self) -> PathBuf {
+        self.dir.join("network-rules.json")
+    }
+}
+
+/// What the running gateway says of itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    pub pid: u32,
+    /// `starting`, `ready` (listening in the VM) or `error`.
+    pub phase: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub since: String,
+}
+
+/// Destinations added and refused with `agent-vm network allow/deny`,
+/// applied at once by the running gateway.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LiveRules {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+impl LiveRules {
+    pub fn load(paths: &Paths) -> Result<LiveRules> {
+        match std::fs::read_to_string(paths.rules()) {
+            Ok(t) => serde_json::from_str(&t).with_context(|| format!("{} is not valid", paths.rules().display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LiveRules::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", paths.rules().display())),
+        }
+    }
+
+    /// Written whole and renamed into place: the gateway never reads half.
+    pub fn save(&self, paths: &Paths) -> Result<()> {
+        std::fs::create_dir_all(&paths.dir)?;
+        let tmp = paths.rules().with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, paths.rules())?;
+        Ok(())
+    }
+}
+
+/// The policy the gateway applies for `instance` now: config file, then
+/// live rules, then the default allowlist.
+pub fn current_policy(instance: &str, paths: &Paths) -> Result<policy::Policy> {
+    let net = crate::config::Config::load()?.entry(instance).network;
+    let live = LiveRules::load(paths)?;
+    let allow: Vec<String> = net.allow.iter().chain(&live.allow).cloned().collect();
+    let deny: Vec<String> = net.deny.iter().chain(&live.deny).cloned().collect();
+    policy::Policy::new(net.mode, &allow, &deny, net.resolve)
+}
+
+/// The gateway's state, when one runs for these paths.
+pub fn running(paths: &Paths) -> Option<State> {
+    let lock = std::fs::OpenOptions::new().read(true).write(true).open(paths.lock()).ok()?;
+    if lock.try_lock().is_ok() {
+        return None; // nobody holds it
+    }
+    let state = std::fs::read_to_string(paths.state()).ok()?;
+    serde_json::from_str(&state).ok()
+}
+
+/// Starts the gateway for the running VM unless it already runs, and waits
+/// until it listens in the VM.
+pub fn ensure(backend: &dyn Backend) -> Result<()> {
+    let paths = Paths::new(&backend.state_dir());
+    if running(&paths).is_some_and(|s| s.phase == "ready") {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&paths.dir).with_context(|| format!("cannot create {}", paths.dir.display()))?;
+    let exe = std::env::current_exe().context("cannot find agent-vm's own path to start the gateway")?;
+    let stderr = std::fs::File::create(paths.stderr())?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--instance", backend.instance(), "gateway"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr);
+    // Its own session: it outlives this command and its terminal.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the gateway")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = running(&paths) {
+            match s.phase.as_str() {
+                "ready" => return Ok(()),
+                "error" => bail!(
+                    "the network gateway cannot start: {}; the agent has no network until it does",
+                    s.error.unwrap_or_default()
+                ),
+                _ => {}
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            // Another gateway may have taken the lock first: it will do.
+            if running(&paths).is_some_and(|s| s.phase == "ready") {
+                return Ok(());
+            }
+            let said = std::fs::read_to_string(paths.stderr()).unwrap_or_default();
+            bail!("the network gateway exited ({status}) before it was ready: {}", crate::printable_lines(said.trim()));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the network gateway did not become ready within 60 s (see {})", paths.stderr().display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Ends the gateway of `backend`'s instance, if one runs.
+pub fn stop(backend: &dyn Backend) -> Result<bool> {
+    let paths = Paths::new(&backend.state_dir());
+    let Some(state) = running(&paths) else { return Ok(false) };
+    unsafe {
+        libc::kill(state.pid as libc::pid_t, libc::SIGTERM);
+    }
+    for _ in 0..100 {
+        if running(&paths).is_none() {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the network gateway (pid {}) did not stop", state.pid)
+}
+
+/// How long the gateway keeps trying to reach a VM that stopped answering
+/// before it exits (the next agent-vm command starts it again).
+const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
+
+/// The gateway process itself: holds the lock, keeps an SSH connection
+/// with the remote forward up while the VM runs, serves each connection.
+pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> {
+    let paths = Paths::new(&backend.state_dir());
+    std::fs::create_dir_all(&paths.dir)?;
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(paths.lock())?;
+    if lock.try_lock().is_err() {
+        return Ok(()); // another gateway serves this instance
+    }
+    let instance = backend.instance().to_owned();
+    let policy_paths = paths.clone();
+    let ctx = Arc::new(proxy::Context {
+        policy: Box::new(move || current_policy(&instance, &policy_paths)),
+        log: log::Log::new(paths.log()),
+        command: command_prefix,
+    });
+    let write_state = |phase: &str, error: Option<String>| {
+        let state = State {
+            pid: std::process::id(),
+            phase: phase.to_owned(),
+            error,
+            since: jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default(),
+        };
+        let tmp = paths.state().with_extension("json.tmp");
+        let _ = std::fs::write(&tmp, serde_json::to_vec(&state).unwrap_or_default());
+        let _ = std::fs::rename(&tmp, paths.state());
+    };
+    write_state("starting", None);
+    let mut unreachable_since: Option<std::time::Instant> = None;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let connected = async {
+            let endpoint = backend.ssh_endpoint()?;
+            let (session, rx) = crate::ssh::Session::connect_forwarding(&endpoint, crate::ssh::CONNECT_TIMEOUT).await?;
+            session.forward_from_vm("127.0.0.1", VM_PORT).await?;
+            anyhow::Ok((session, rx))
+        };
+        let (session, mut rx) = match connected.await {
+            Ok(c) => c,
+            Err(e) => {
+                let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+                tracing::warn!("gateway: {e:#}");
+                if since.elapsed() > GIVE_UP_AFTER {
+                    write_state("error", Some(format!("{e:#}")));
+                    return Ok(());
+                }
+                if e.to_string().contains("would not listen") {
+                    write_state("error", Some(format!("{e:#}")));
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        unreachable_since = None;
+        write_state("ready", None);
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                conn = rx.recv() => match conn {
+                    Some(f) => { tokio::spawn(proxy::serve(f.channel.into_stream(), ctx.clone())); }
+                    None => break,
+                },
+                _ = tick.tick() => if session.is_closed() { break },
+                _ = term.recv() => {
+                    let _ = std::fs::remove_file(paths.state());
+                    return Ok(());
+                }
+            }
+        }
+        write_state("starting", Some("the SSH connection to the VM ended; reconnecting".into()));
+    }
+}
