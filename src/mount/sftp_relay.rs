@@ -10,7 +10,10 @@
 //! - no symlink target leaves the mount (absolute, or with a `..`), even
 //!   if the server answers STAT with a link;
 //! - no listed name holds a `/` or a NUL, or is empty;
-//! - no answer is larger than sshfs itself accepts.
+//! - no answer is larger than sshfs itself accepts;
+//! - no answer reaches sshfs that does not belong to a request in flight
+//!   (sshfs files a request before it sends it: an answer sent ahead of the
+//!   request would otherwise skip the checks).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -104,9 +107,10 @@ pub fn run(args: &[OsString]) -> Result<ExitCode> {
 
 fn relay_answers(from: &mut impl Read, to: &mut impl Write, pending: &Pending) -> Result<()> {
     while let Some(packet) = read_packet(from, MAX_PACKET).context("reading the VM's SFTP answer")? {
-        let answer = check_answer(&packet, pending);
-        to.write_all(&answer)?;
-        to.flush()?;
+        if let Some(answer) = check_answer(&packet, pending) {
+            to.write_all(&answer)?;
+            to.flush()?;
+        }
     }
     Ok(())
 }
@@ -114,19 +118,31 @@ fn relay_answers(from: &mut impl Read, to: &mut impl Write, pending: &Pending) -
 /// Request ids in flight, with the request's type: a NAME answer means a
 /// listing, a link target or a resolved path depending on what was asked.
 #[derive(Clone, Default)]
-struct Pending(Arc<Mutex<HashMap<u32, u8>>>);
+struct Pending(Arc<Mutex<InFlight>>);
+
+#[derive(Default)]
+struct InFlight {
+    requests: HashMap<u32, u8>,
+    /// Whether the server's one VERSION answer has passed.
+    versioned: bool,
+}
 
 impl Pending {
     fn record(&self, packet: &[u8]) {
         if let (Some(&kind), Some(id)) = (packet.get(4), be32(packet, 5))
             && kind != FXP_INIT
         {
-            self.0.lock().unwrap().insert(id, kind);
+            self.0.lock().unwrap().requests.insert(id, kind);
         }
     }
 
     fn take(&self, id: u32) -> Option<u8> {
-        self.0.lock().unwrap().remove(&id)
+        self.0.lock().unwrap().requests.remove(&id)
+    }
+
+    /// True the first time only.
+    fn first_version(&self) -> bool {
+        !std::mem::replace(&mut self.0.lock().unwrap().versioned, true)
     }
 }
 
@@ -150,16 +166,16 @@ fn read_packet(from: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>> {
 }
 
 /// The answer sshfs gets for `packet`: the packet itself, a filtered copy,
-/// or a status in its place.
-fn check_answer(packet: &[u8], pending: &Pending) -> Vec<u8> {
+/// a status in its place, or nothing (an answer to no request in flight).
+fn check_answer(packet: &[u8], pending: &Pending) -> Option<Vec<u8>> {
     let kind = packet[4];
     if kind == FXP_VERSION {
-        return packet.to_vec();
+        return pending.first_version().then(|| packet.to_vec());
     }
-    let Some(id) = be32(packet, 5) else { return packet.to_vec() };
-    let asked = pending.take(id);
+    let id = be32(packet, 5)?;
+    let asked = pending.take(id)?;
     let body = &packet[9..];
-    match kind {
+    Some(match kind {
         FXP_ATTRS => match Attrs::parse(body) {
             Some((attrs, _)) if attrs.hidden() => status(id, FX_NO_SUCH_FILE, "not a regular file, directory or link"),
             Some(_) => packet.to_vec(),
@@ -167,12 +183,12 @@ fn check_answer(packet: &[u8], pending: &Pending) -> Vec<u8> {
         },
         FXP_NAME => match (asked, names(body)) {
             (_, None) => status(id, FX_BAD_MESSAGE, "malformed name list"),
-            (Some(FXP_READLINK), Some(list)) => match list.as_slice() {
+            (FXP_READLINK, Some(list)) => match list.as_slice() {
                 [one] if contained(one.name) => packet.to_vec(),
                 [_] => status(id, FX_PERMISSION_DENIED, "symlink target outside the mount"),
                 _ => status(id, FX_BAD_MESSAGE, "readlink answered with several names"),
             },
-            (Some(FXP_READDIR), Some(list)) => {
+            (FXP_READDIR, Some(list)) => {
                 let kept: Vec<&Name> = list.iter().filter(|n| listable(n)).collect();
                 if kept.len() == list.len() { packet.to_vec() } else { name_packet(id, &kept) }
             }
@@ -180,7 +196,7 @@ fn check_answer(packet: &[u8], pending: &Pending) -> Vec<u8> {
             (_, Some(_)) => packet.to_vec(),
         },
         _ => packet.to_vec(),
-    }
+    })
 }
 
 fn listable(n: &Name) -> bool {
@@ -188,9 +204,9 @@ fn listable(n: &Name) -> bool {
 }
 
 /// A link target that stays inside the directory tree it is in: relative,
-/// without `..`.
+/// without `..`, and without a NUL (sshfs would cut the text there).
 fn contained(target: &[u8]) -> bool {
-    !target.is_empty() && target[0] != b'/' && !target.split(|&b| b == b'/').any(|c| c == b"..")
+    !target.is_empty() && target[0] != b'/' && !target.contains(&0) && !target.split(|&b| b == b'/').any(|c| c == b"..")
 }
 
 struct Attrs {
@@ -338,11 +354,13 @@ mod tests {
         p
     }
 
-    fn status_code(packet: &[u8]) -> Option<u32> {
+    fn status_code(packet: &Option<Vec<u8>>) -> Option<u32> {
+        let packet = packet.as_ref().expect("an answer");
         (packet[4] == FXP_STATUS).then(|| be32(packet, 9).unwrap())
     }
 
-    fn listed(packet: &[u8]) -> Vec<String> {
+    fn listed(packet: &Option<Vec<u8>>) -> Vec<String> {
+        let packet = packet.as_ref().expect("an answer");
         assert_eq!(packet[4], FXP_NAME);
         names(&packet[9..]).unwrap().iter().map(|n| String::from_utf8_lossy(n.name).into_owned()).collect()
     }
@@ -371,7 +389,7 @@ mod tests {
         assert_eq!(listed(&got), [".", "file", "link", "dir"]);
         // Untouched listings pass as they are.
         let plain = name_answer(10, &[entry(b"file", S_IFREG | 0o644)]);
-        assert_eq!(check_answer(&plain, &asked(FXP_READDIR, 10)), plain);
+        assert_eq!(check_answer(&plain, &asked(FXP_READDIR, 10)), Some(plain));
     }
 
     #[test]
@@ -391,16 +409,16 @@ mod tests {
         }
         for mode in [S_IFREG | 0o644, S_IFDIR | 0o755, S_IFLNK | 0o777] {
             let answer = frame(FXP_ATTRS, 4, &attrs(mode));
-            assert_eq!(check_answer(&answer, &asked(17, 4)), answer, "{mode:o}");
+            assert_eq!(check_answer(&answer, &asked(17, 4)), Some(answer), "{mode:o}");
         }
         // No mode at all: sshfs takes a regular file.
         let answer = frame(FXP_ATTRS, 5, &0u32.to_be_bytes());
-        assert_eq!(check_answer(&answer, &Pending::default()), answer);
+        assert_eq!(check_answer(&answer, &asked(8, 5)), Some(answer));
     }
 
     #[test]
     fn link_targets_stay_in_the_mount() {
-        for bad in [&b"/home/user/.ssh/id_ed25519"[..], b"../../../etc", b"a/../../b", b"..", b""] {
+        for bad in [&b"/home/user/.ssh/id_ed25519"[..], b"../../../etc", b"a/../../b", b"..", b"", b"..\0x", b"a\0/b"] {
             let answer = name_answer(6, &[entry(bad, S_IFREG)]);
             assert_eq!(
                 status_code(&check_answer(&answer, &asked(FXP_READLINK, 6))),
@@ -411,13 +429,13 @@ mod tests {
         }
         for good in [&b"README"[..], b"sub/dir/file", b"..x/y", b"./a"] {
             let answer = name_answer(6, &[entry(good, S_IFREG)]);
-            assert_eq!(check_answer(&answer, &asked(FXP_READLINK, 6)), answer);
+            assert_eq!(check_answer(&answer, &asked(FXP_READLINK, 6)), Some(answer));
         }
         let two = name_answer(6, &[entry(b"a", S_IFREG), entry(b"b", S_IFREG)]);
         assert_eq!(status_code(&check_answer(&two, &asked(FXP_READLINK, 6))), Some(FX_BAD_MESSAGE));
         // A resolved path (REALPATH) is absolute by nature, and passes.
         let real = name_answer(8, &[entry(b"/home/u.linux/workspace", S_IFDIR)]);
-        assert_eq!(check_answer(&real, &asked(16, 8)), real);
+        assert_eq!(check_answer(&real, &asked(16, 8)), Some(real));
     }
 
     #[test]
@@ -432,7 +450,25 @@ mod tests {
             a.extend_from_slice(&u32::MAX.to_be_bytes());
             frame(FXP_ATTRS, 1, &a)
         };
-        assert_eq!(status_code(&check_answer(&huge_ext, &Pending::default())), Some(FX_BAD_MESSAGE));
+        assert_eq!(status_code(&check_answer(&huge_ext, &asked(7, 1))), Some(FX_BAD_MESSAGE));
+    }
+
+    #[test]
+    fn answers_to_no_request_in_flight_never_reach_sshfs() {
+        // Sent ahead of the request it pretends to answer (sshfs files a
+        // request before sending it), or twice, or never asked for.
+        let forged = name_answer(11, &[entry(b"fifo", FIFO)]);
+        assert_eq!(check_answer(&forged, &Pending::default()), None);
+        let pending = asked(FXP_READDIR, 11);
+        assert_eq!(listed(&check_answer(&forged, &pending)), Vec::<String>::new());
+        assert_eq!(check_answer(&forged, &pending), None, "a second answer to one request");
+        // One VERSION, at the start.
+        let version = [0, 0, 0, 5, FXP_VERSION, 0, 0, 0, 3].to_vec();
+        let p = Pending::default();
+        assert_eq!(check_answer(&version, &p), Some(version.clone()));
+        assert_eq!(check_answer(&version, &p), None);
+        // Too short to carry an id.
+        assert_eq!(check_answer(&[0, 0, 0, 2, FXP_ATTRS, 0], &asked(7, 0)), None);
     }
 
     #[test]
@@ -442,9 +478,11 @@ mod tests {
         let mut stream = [a.clone(), b].concat();
         stream.extend_from_slice(&u32::MAX.to_be_bytes());
         let mut out = Vec::new();
-        let err = relay_answers(&mut stream.as_slice(), &mut out, &Pending::default()).unwrap_err();
+        let pending = asked(7, 1);
+        pending.record(&frame(7, 2, b"p"));
+        let err = relay_answers(&mut stream.as_slice(), &mut out, &pending).unwrap_err();
         assert!(format!("{err:#}").contains("at most"), "{err:#}");
         assert_eq!(&out[..a.len()], &a[..]);
-        assert_eq!(status_code(&out[a.len()..]), Some(FX_NO_SUCH_FILE));
+        assert_eq!(status_code(&Some(out[a.len()..].to_vec())), Some(FX_NO_SUCH_FILE));
     }
 }

@@ -74,14 +74,17 @@ impl View {
             match received.read_header(*id) {
                 Ok((size, _)) if size as u64 > max && host.exists(*id) => {}
                 Ok((size, kind)) if size as u64 > max => too_big = Some((*id, size as u64, kind)),
-                Ok(_) => {}
-                Err(_) => too_big = Some((*id, u64::MAX, git2::ObjectType::Any)),
+                // Within the limit by its header; read whole (into at most
+                // that much memory) and hashed, so a header that understates
+                // what the data inflates to is caught here too.
+                Ok(_) if received.read(*id).is_ok() => {}
+                _ => too_big = Some((*id, u64::MAX, git2::ObjectType::Any)),
             }
             too_big.is_none()
         })?;
         let Some((id, size, kind)) = too_big else { return Ok(()) };
         if size == u64::MAX {
-            bail!("the VM sent an unreadable object {id}; nothing was changed");
+            bail!("the VM sent a corrupt object {id} (its data does not match its header or id); nothing was changed");
         }
         let what = match (kind, path_in(&self.reopen()?, tip, id, max)) {
             (_, Some(path)) => format!("the file {:?}", crate::printable(&path)),
@@ -240,5 +243,65 @@ mod tests {
         assert_eq!(human(100 << 20), "100 MiB");
         assert_eq!(human(3 << 29), "1.5 GiB");
         assert_eq!(human(7), "7 bytes");
+    }
+
+    /// A pack entry header: type and (declared) size.
+    fn entry_header(kind: u8, mut size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut c = (kind << 4) | (size & 15) as u8;
+        size >>= 4;
+        while size > 0 {
+            out.push(c | 0x80);
+            c = (size & 0x7f) as u8;
+            size >>= 7;
+        }
+        out.push(c);
+        out
+    }
+
+    fn deflate(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        z.write_all(data).unwrap();
+        z.finish().unwrap()
+    }
+
+    /// A blob whose header says 5 bytes while its data inflates to 8 MiB:
+    /// libgit2 indexes it, and only reading it whole shows the lie.
+    #[test]
+    fn a_header_that_understates_its_data_is_caught() {
+        use sha1::Digest;
+        let (_tmp, git_dir, view, _) = fetched_view(10);
+        let big = vec![0u8; 8 << 20];
+        let id = |kind: &str, declared: usize, data: &[u8]| {
+            let mut h = sha1::Sha1::new();
+            h.update(format!("{kind} {declared}\0").as_bytes());
+            h.update(data);
+            Oid::from_bytes(&h.finalize()).unwrap()
+        };
+        let blob = id("blob", 5, &big);
+        let mut tree = b"100644 lie.bin\0".to_vec();
+        tree.extend_from_slice(blob.as_bytes());
+        let tree_id = id("tree", tree.len(), &tree);
+        let commit = format!("tree {tree_id}\nauthor a <a> 0 +0000\ncommitter a <a> 0 +0000\n\nlie\n");
+        let commit_id = id("commit", commit.len(), commit.as_bytes());
+        let mut pack = b"PACK".to_vec();
+        pack.extend_from_slice(&2u32.to_be_bytes());
+        pack.extend_from_slice(&3u32.to_be_bytes());
+        for (kind, declared, data) in
+            [(3u8, 5, big.as_slice()), (2, tree.len(), &tree), (1, commit.len(), commit.as_bytes())]
+        {
+            pack.extend(entry_header(kind, declared));
+            pack.extend(deflate(data));
+        }
+        let sum = sha1::Sha1::digest(&pack);
+        pack.extend_from_slice(&sum);
+        let odb = view.repo.odb().unwrap();
+        let mut writer = odb.packwriter().unwrap();
+        std::io::Write::write_all(&mut writer, &pack).unwrap();
+        writer.commit().unwrap();
+        assert!(view.reopen().unwrap().odb().unwrap().exists(blob), "libgit2 took the pack");
+        let err = view.check_sizes(&git_dir, commit_id, 1 << 20).unwrap_err().to_string();
+        assert!(err.contains("corrupt object"), "{err}");
     }
 }
