@@ -158,8 +158,12 @@ pub fn session_env() -> Result<Vec<(String, String)>> {
 const UNPACK_STAGE: &str = r#"set -e
 rm -rf -- "$1"; mkdir -p -- "$1"; tar -xzf - -C "$1" --no-same-owner"#;
 
-/// $1 staging dir: run the provision script as root.
-const RUN_PROVISION: &str = r#"exec sudo -n bash "$1/vm-template/lima-provision.sh" "$HOME/$1" "$(id -un)" "$2""#;
+/// $1 staging dir, $2 guard|open, $3 contained|sudo: run the provision
+/// script as root.
+const RUN_PROVISION: &str = r#"exec sudo -n bash "$1/vm-template/lima-provision.sh" "$HOME/$1" "$(id -un)" "$2" "$3""#;
+
+/// The VM user agent sessions run as (made by lima-provision.sh).
+pub const AGENT_USER: &str = "agent";
 
 /// $1 staging dir, $2 sentinel: install the home files from the tarball on
 /// stdin, leaving identical files alone and an existing sentinel (the
@@ -181,14 +185,14 @@ cd; rm -rf -- "$1"
 [ -f "$HOME/$2" ] || { echo "$2 did not land in $HOME" >&2; exit 3; }
 echo "home files changed: $changed""#;
 
-/// $1 destination, $2 mode: install stdin as root-owned, group the VM user,
-/// only if it differs. Run with sudo.
+/// $1 destination, $2 mode, $3 group: install stdin as root-owned, in
+/// group $3, only if it differs. Run with sudo.
 const INSTALL_SYSTEM_FILE: &str = r#"set -e
 umask 077
 tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
 cat > "$tmp"
-group=$(id -gn "${SUDO_USER:-root}")
+group=$3
 if [ -f "$1" ] && cmp -s "$tmp" "$1" && [ "$(stat -c %a:%U:%G "$1")" = "$2:root:$group" ]; then echo unchanged; exit 0; fi
 install -D -m "$2" -o root -g "$group" "$tmp" "$1"
 echo changed"#;
@@ -211,6 +215,9 @@ pub struct Options {
     /// Let the VM open connections to the host (its loopback services
     /// included) instead of blocking them with a firewall rule in the VM.
     pub host_access: bool,
+    /// Give the agent user sudo (config.yaml `agent: {sudo: true}`): the
+    /// agent is then not contained.
+    pub agent_sudo: bool,
 }
 
 /// The variable that opts out of the guest→host firewall rule.
@@ -223,7 +230,7 @@ impl Options {
         let on = std::env::var(HOST_ACCESS_ENV).is_ok_and(|v| {
             !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false" | "no" | "off" | "n" | "f")
         });
-        Options { host_access: on }
+        Options { host_access: on, agent_sudo: false }
     }
 }
 
@@ -231,6 +238,8 @@ impl Options {
 #[derive(Debug)]
 pub struct Report {
     pub credentials: bool,
+    /// The VM user agent sessions run as.
+    pub agent_user: String,
 }
 
 /// Provisions the VM over `session`: tools and agents (as root, through
@@ -259,7 +268,14 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
     let mut err = Vec::new();
     let status = session
         .exec_io(
-            &shell::script(RUN_PROVISION, &[stage.as_str(), if options.host_access { "open" } else { "guard" }])?,
+            &shell::script(
+                RUN_PROVISION,
+                &[
+                    stage.as_str(),
+                    if options.host_access { "open" } else { "guard" },
+                    if options.agent_sudo { "sudo" } else { "contained" },
+                ],
+            )?,
             &[][..],
             &mut out,
             &mut err,
@@ -275,9 +291,14 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
         );
     }
 
+    // The agent's own files go to its home, over a session of its own.
+    let mut agent_endpoint = session.endpoint().clone();
+    agent_endpoint.user = AGENT_USER.to_owned();
+    let agent =
+        connect_after_reload(&agent_endpoint).await.context("cannot log in as the agent user the provisioning made")?;
     ui.say("Provisioning the VM: home directory files…");
     let said = run_script(
-        session,
+        &agent,
         INSTALL_HOME,
         &[&format!("{STATE_DIR}/home"), SENTINEL],
         &tarball(&home)?,
@@ -289,24 +310,53 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
     match &adc {
         Some((path, data)) => {
             ui.say(&format!("Provisioning the VM: GCP credentials from {}…", path.display()));
-            run_root(session, INSTALL_SYSTEM_FILE, &[ADC_PATH, "640"], data, "installing the GCP credentials").await?;
+            run_root(
+                session,
+                INSTALL_SYSTEM_FILE,
+                &[ADC_PATH, "640", AGENT_USER],
+                data,
+                "installing the GCP credentials",
+            )
+            .await?;
         }
         None => ui.say("Provisioning the VM: no GCP application-default credentials on this machine (skipped)."),
     }
     let profile = profile(adc.is_some())?;
-    run_root(session, INSTALL_SYSTEM_FILE, &[PROFILE_PATH, "644"], profile.as_bytes(), "writing the agent environment")
-        .await?;
+    run_root(
+        session,
+        INSTALL_SYSTEM_FILE,
+        &[PROFILE_PATH, "644", "root"],
+        profile.as_bytes(),
+        "writing the agent environment",
+    )
+    .await?;
 
     if let Some(zone) = host_timezone() {
         run_root(session, SET_TIMEZONE, &[&zone], &[], "setting the timezone").await?;
     }
     if let Some(source) = host_terminfo() {
         // A terminal the VM cannot describe is an inconvenience, not a failure.
-        if let Err(e) = run_script(session, INSTALL_TERMINFO, &[] as &[&str], &source, "installing terminfo").await {
+        if let Err(e) = run_script(&agent, INSTALL_TERMINFO, &[] as &[&str], &source, "installing terminfo").await {
             ui.say(&format!("warning: {e:#}"));
         }
     }
-    Ok(Report { credentials: adc.is_some() })
+    Ok(Report { credentials: adc.is_some(), agent_user: AGENT_USER.to_owned() })
+}
+
+/// A session to the VM just after provisioning reloaded its sshd: sshd
+/// re-executes itself on reload, and for a moment new connections are
+/// reset; it is back within a second or two.
+async fn connect_after_reload(endpoint: &crate::ssh::Endpoint) -> Result<Session> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match Session::connect(endpoint, crate::ssh::CONNECT_TIMEOUT).await {
+            Err(e) if attempt < 20 && e.to_string().contains("cannot reach") => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Whether the VM has GCP credentials installed.

@@ -1,9 +1,13 @@
 #!/bin/bash
 # Provisions the agent-vm VM. agent-vm uploads it with common/ and runs it as
 # root after creating the VM and on `agent-vm provision`:
-#   lima-provision.sh STAGE_DIR USER guard|open
-# STAGE_DIR holds common/ (package lists, scripts); `guard` blocks the VM
-# from reaching the host, `open` (opt-out) removes that rule. Idempotent.
+#   lima-provision.sh STAGE_DIR USER guard|open contained|sudo
+# STAGE_DIR holds common/ (package lists, scripts); USER is the admin (Lima's
+# user, with sudo). `guard` blocks the VM from reaching the host, `open`
+# (opt-out) removes that rule. The agent runs as the user `agent`: without
+# sudo or a root-equivalent group, and with egress only through agent-vm's
+# gateway (127.0.0.1:3128, forwarded to the host) unless `sudo` (opt-out)
+# gives it root back. Idempotent.
 # Secrets never come through here: agent-vm copies credentials over SSH stdin
 # separately.
 set -euo pipefail
@@ -11,6 +15,9 @@ trap 'echo "lima-provision: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 stage=$1
 user=$2
 host_access=${3:-guard}
+agent_mode=${4:-contained}
+agent=agent
+gateway_port=3128
 common=$stage/common
 
 step() { echo "==> $*"; }
@@ -29,14 +36,102 @@ install_if_changed() {
     rm -f "$tmp"
 }
 
-bash "$common/scripts/install-tools.sh" "$common" "$user"
+step "agent user: $agent ($agent_mode)"
+if ! id "$agent" >/dev/null 2>&1; then
+    useradd --create-home --shell /bin/bash --user-group "$agent"
+    echo "created"
+fi
+# No way to root: no root-equivalent group, no sudo unless asked for.
+for g in sudo wheel admin adm disk docker kvm libvirt lxd root shadow; do
+    if id -nG "$agent" | tr ' ' '\n' | grep -qx "$g"; then gpasswd -d "$agent" "$g" >/dev/null && echo "removed from $g"; fi
+done
+if [ "$agent_mode" = sudo ]; then
+    if printf '%s ALL=(ALL) NOPASSWD:ALL\n' "$agent" | install_if_changed /etc/sudoers.d/agent-vm-agent 0440; then
+        echo "sudo: granted (the agent is not contained)"
+    fi
+    visudo -cq || fail "visudo rejected /etc/sudoers.d/agent-vm-agent"
+else
+    rm -f /etc/sudoers.d/agent-vm-agent
+fi
+agent_home=$(getent passwd "$agent" | cut -d: -f6)
+admin_home=$(getent passwd "$user" | cut -d: -f6)
+# agent-vm logs in as the agent with the admin's key. The files are root's:
+# the agent cannot add keys of its own.
+install -d -m 0755 -o root -g root "$agent_home/.ssh"
+install -m 0644 -o root -g root "$admin_home/.ssh/authorized_keys" "$agent_home/.ssh/authorized_keys"
+# Workspaces of a VM provisioned before the agent user existed move over.
+for d in workspace .agent-vm/cache .agent-vm/template; do
+    if [ -d "$admin_home/$d" ] && [ ! -e "$agent_home/$d" ]; then
+        install -d -o "$agent" -g "$agent" "$(dirname "$agent_home/$d")"
+        mv "$admin_home/$d" "$agent_home/$d"
+        chown -R "$agent:$agent" "$agent_home/$d"
+        echo "moved ~$user/$d to ~$agent/$d"
+    fi
+done
+
+# The agent's traffic leaves only through the gateway: its sockets may
+# reach loopback (the gateway's port, its own servers) but not DNS there,
+# and nothing beyond. Enforced by uid in the kernel: without root the agent
+# cannot undo it. Loaded at boot before the network comes up.
+step "network: the agent's egress only through the gateway"
+agent_uid=$(id -u "$agent")
+agent_rules=/etc/agent-vm/agent.nft
+install_if_changed "$agent_rules" 0644 <<EOF || true
+# Written by agent-vm provisioning: user $agent (uid $agent_uid) reaches only loopback.
+table inet agent_vm_agent
+delete table inet agent_vm_agent
+table inet agent_vm_agent {
+    chain output {
+        type filter hook output priority filter - 10; policy accept;
+        meta skuid $agent_uid jump agent
+    }
+    chain agent {
+        oifname "lo" meta l4proto { tcp, udp } th dport 53 counter reject
+        oifname "lo" accept
+        meta l4proto tcp counter reject with tcp reset
+        counter reject with icmpx type admin-prohibited
+    }
+}
+EOF
+agent_unit=/etc/systemd/system/agent-vm-agent-net.service
+install_if_changed "$agent_unit" 0644 <<EOF || true
+[Unit]
+Description=agent-vm: the agent user reaches the network only through the gateway
+DefaultDependencies=no
+Before=network-pre.target
+Wants=network-pre.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/sbin/nft -f $agent_rules
+
+[Install]
+WantedBy=sysinit.target
+EOF
+systemctl daemon-reload
+systemctl enable --quiet agent-vm-agent-net.service
+nft -f "$agent_rules" || fail "nft rejected $agent_rules"
+systemctl start agent-vm-agent-net.service
+
+bash "$common/scripts/install-tools.sh" "$common" "$agent" "$agent_mode"
 
 step "ssh: accept the agent environment variables"
 names=$(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$common/packages/envvars.txt" | tr '\n' ' ')
 for n in $names; do
     [[ $n =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || fail "envvars.txt: invalid variable name $n"
 done
-if printf 'AcceptEnv %s\n' "$names" | install_if_changed /etc/ssh/sshd_config.d/agent-vm.conf 0644; then
+proxy=http://127.0.0.1:$gateway_port
+no_proxy=localhost,127.0.0.1,::1
+if {
+    printf 'AcceptEnv %s\n' "$names"
+    # Agent sessions find the gateway through the usual variables (set by
+    # sshd, so a session cannot be handed others); no forwarding of any kind.
+    printf 'Match User %s\n' "$agent"
+    printf '    SetEnv HTTP_PROXY=%s HTTPS_PROXY=%s http_proxy=%s https_proxy=%s NO_PROXY=%s no_proxy=%s NODE_USE_ENV_PROXY=1\n' \
+        "$proxy" "$proxy" "$proxy" "$proxy" "$no_proxy" "$no_proxy"
+    printf '    AllowTcpForwarding no\n    AllowStreamLocalForwarding no\n    X11Forwarding no\n    PermitTunnel no\n'
+} | install_if_changed /etc/ssh/sshd_config.d/agent-vm.conf 0644; then
     sshd -t || fail "sshd rejected /etc/ssh/sshd_config.d/agent-vm.conf"
     systemctl reload ssh 2>/dev/null || systemctl reload sshd
     echo "updated"

@@ -1,11 +1,14 @@
 #!/bin/bash
 # Installs the VM's tools from the lists in COMMON/packages. Run as root:
-#   install-tools.sh COMMON_DIR USER
+#   install-tools.sh COMMON_DIR USER [contained|sudo]
+# USER is the agent's user: per-user tools (pipx) go to its home. A contained
+# agent joins no container group (docker's is root-equivalent).
 # Idempotent: what is already installed at the pinned version is left alone,
 # so a second run changes nothing. A failure names the step and the package.
 set -euo pipefail
 common=$1
 user=$2
+agent_mode=${3:-sudo}
 packages=$common/packages
 export DEBIAN_FRONTEND=noninteractive
 
@@ -62,7 +65,9 @@ if [ -n "$py_list" ]; then
 fi
 
 step "container groups"
-for group in docker; do
+groups=docker
+[ "$agent_mode" = contained ] && groups=""
+for group in $groups; do
     if getent group "$group" >/dev/null && ! id -nG "$user" | tr ' ' '\n' | grep -qx "$group"; then
         usermod -aG "$group" "$user"
         echo "added $user to $group"

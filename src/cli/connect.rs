@@ -65,6 +65,17 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         }
     };
     let cwd = ws.as_ref().map(|w| w.dir.clone());
+    match crate::vm::agent_contained(backend.as_ref()) {
+        Some(true) => {}
+        Some(false) => ctx.ui.say(
+            "warning: the agent in this VM is NOT contained: it has sudo (config.yaml `agent: {sudo: true}`), so it \
+             can lift the firewall and reach the network directly.",
+        ),
+        None => ctx.ui.say(
+            "warning: the agent in this VM is NOT contained: the VM was provisioned before agent-vm ran agents as \
+             an unprivileged user with egress only through its gateway. Run `agent-vm provision` to switch it over.",
+        ),
+    }
     if !args.no_mount {
         // The shell is still useful without the mount: warn, do not fail.
         let mount = super::mount_of(backend.as_ref())?;
@@ -116,6 +127,8 @@ fn ssh_command(endpoint: &crate::ssh::Endpoint, env: &[(String, String)], intera
     // config says for `Host *` (the ssh backend reads it).
     ssh.args(["-o", "ControlMaster=no", "-o", "ControlPath=none"]);
     ssh.args(["-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes"]);
+    // The agent user, whatever the config's User says.
+    ssh.arg("-l").arg(&endpoint.user);
     for (name, _) in env {
         ssh.arg("-o").arg(format!("SendEnv={name}"));
     }

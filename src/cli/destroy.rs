@@ -49,6 +49,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     if super::unmount(backend.as_ref(), true)? {
         ctx.ui.say("Unmounted the workspace mount.");
     }
+    if crate::gateway::stop(backend.as_ref())? {
+        ctx.ui.say("Stopped the network gateway.");
+    }
     ctx.ui.say(&format!("Deleting VM '{}'…", instance.name));
     backend.delete()?;
     let state = backend.state_dir();

@@ -180,7 +180,8 @@ fn unmount(backend: &dyn Backend, lazy: bool) -> Result<bool> {
 }
 
 fn mount_of(backend: &dyn Backend) -> Result<crate::mount::Mount> {
-    Ok(crate::mount::Mount::new(crate::mount::mount_point(backend.instance())?, &backend.ssh_alias()))
+    let user = crate::vm::agent_user(backend);
+    Ok(crate::mount::Mount::new(crate::mount::mount_point(backend.instance())?, &backend.ssh_alias(), user.as_deref()))
 }
 
 /// What every branch command works with, set up the same way: a valid
@@ -223,6 +224,8 @@ fn refresh_ssh_config(backend: &dyn Backend, endpoint: &crate::ssh::Endpoint) {
 
 /// [`session`] with the resources for a VM that has to be created; also
 /// says what starting took. A VM created here is provisioned before use.
+/// The session is the agent user's (the admin's on a VM provisioned before
+/// there was one), and the network gateway runs once this returns.
 async fn session_with(
     ctx: &Context,
     start: bool,
@@ -232,28 +235,80 @@ async fn session_with(
     let backend = ctx.backend()?;
     // The common case first: the VM runs and answers where its SSH config
     // says. Asking the backend (a limactl process) comes only when it does not.
-    if let Ok(endpoint) = backend.ssh_endpoint() {
+    if let Ok(endpoint) = crate::vm::agent_endpoint(backend.as_ref()) {
         match crate::ssh::Session::connect(&endpoint, FAST_CONNECT_TIMEOUT).await {
             Ok(session) => {
-                refresh_ssh_config(backend.as_ref(), &endpoint);
+                after_connect(ctx, backend.as_ref(), &endpoint);
                 return Ok((backend, session, crate::vm::Started::AlreadyRunning));
             }
             Err(e) => tracing::debug!("no quick connection, asking the backend: {e:#}"),
         }
     }
-    let started = if start {
-        crate::vm::ensure_running(backend.as_ref(), resources, &ctx.ui)?
+    let (admin, started) = admin_session(ctx, backend.as_ref(), start, resources, provisioning).await?;
+    let endpoint = crate::vm::agent_endpoint(backend.as_ref())?;
+    let session = if endpoint.user == admin.endpoint().user {
+        admin
     } else {
-        crate::vm::running(backend.as_ref())?;
+        crate::ssh::Session::connect(&endpoint, crate::ssh::CONNECT_TIMEOUT).await?
+    };
+    after_connect(ctx, backend.as_ref(), &endpoint);
+    Ok((backend, session, started))
+}
+
+/// What follows every connection to the running VM: the ssh-config entry
+/// follows its (new) port, and the network gateway runs.
+fn after_connect(ctx: &Context, backend: &dyn Backend, endpoint: &crate::ssh::Endpoint) {
+    refresh_ssh_config(backend, endpoint);
+    if let Err(e) = crate::gateway::ensure(backend) {
+        ctx.ui.say(&format!("warning: {e:#}"));
+    }
+}
+
+/// The admin's session (Lima's user, with sudo) to the VM, started (and
+/// created and provisioned) as asked.
+async fn admin_session(
+    ctx: &Context,
+    backend: &dyn Backend,
+    start: bool,
+    resources: &crate::vm::Resources,
+    provisioning: &crate::provision::Options,
+) -> Result<(crate::ssh::Session, crate::vm::Started)> {
+    let started = if start {
+        crate::vm::ensure_running(backend, resources, &ctx.ui)?
+    } else {
+        crate::vm::running(backend)?;
         crate::vm::Started::AlreadyRunning
     };
-    let endpoint = backend.ssh_endpoint()?;
-    refresh_ssh_config(backend.as_ref(), &endpoint);
-    let session = crate::ssh::Session::connect(&endpoint, crate::ssh::CONNECT_TIMEOUT).await?;
     if started == crate::vm::Started::Created {
-        crate::provision::run(&session, &ctx.ui, provisioning).await.map_err(|e| {
+        // A new VM has no agent user until it is provisioned.
+        crate::vm::set_agent_user(backend, None)?;
+    }
+    let session = crate::ssh::Session::connect(&backend.ssh_endpoint()?, crate::ssh::CONNECT_TIMEOUT).await?;
+    if started == crate::vm::Started::Created {
+        provision_vm(ctx, backend, &session, provisioning).await.map_err(|e| {
             e.context("the VM was created but provisioning failed; fix the cause and run `agent-vm provision`")
         })?;
     }
-    Ok((backend, session, started))
+    Ok((session, started))
+}
+
+/// Provisions the VM over the admin's session, with the instance's agent
+/// settings from config.yaml, and records the agent user it made.
+async fn provision_vm(
+    ctx: &Context,
+    backend: &dyn Backend,
+    admin: &crate::ssh::Session,
+    options: &crate::provision::Options,
+) -> Result<()> {
+    let mut options = *options;
+    options.agent_sudo = crate::config::Config::load()?.entry(backend.instance()).agent.sudo;
+    // The mount is the agent user's once there is one: a mount of the
+    // admin's home from before goes first.
+    let before = crate::vm::agent_user(backend);
+    let report = crate::provision::run(admin, &ctx.ui, &options).await?;
+    if before.as_deref() != Some(report.agent_user.as_str()) {
+        unmount(backend, true)?;
+    }
+    crate::vm::set_agent_user(backend, Some((&report.agent_user, options.agent_sudo)))?;
+    Ok(())
 }

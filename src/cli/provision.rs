@@ -30,17 +30,19 @@ pub struct HostAccessArg {
 
 impl HostAccessArg {
     pub fn options(&self) -> crate::provision::Options {
-        crate::provision::Options { host_access: self.allow_host_access }
+        crate::provision::Options { host_access: self.allow_host_access, agent_sudo: false }
     }
 }
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let options = args.host.options();
-    let (_backend, session, started) = super::session_with(ctx, true, &Default::default(), &options).await?;
+    let backend = ctx.backend()?;
+    let (admin, started) = super::admin_session(ctx, backend.as_ref(), true, &Default::default(), &options).await?;
     // A VM created just now was provisioned on the way.
     if started != crate::vm::Started::Created {
-        crate::provision::run(&session, &ctx.ui, &options).await?;
+        super::provision_vm(ctx, backend.as_ref(), &admin, &options).await?;
     }
+    super::after_connect(ctx, backend.as_ref(), &crate::vm::agent_endpoint(backend.as_ref())?);
     ctx.ui.say("The VM is provisioned.");
     Ok(ExitCode::SUCCESS)
 }

@@ -33,6 +33,21 @@ struct Status {
     workspaces: Vec<WorkspaceStatus>,
     /// What is wrong with the VM and what to run, when it is not usable.
     problem: Option<String>,
+    network: NetworkStatus,
+}
+
+#[derive(Serialize)]
+struct NetworkStatus {
+    /// The instance's mode: allowlist, open or none.
+    mode: String,
+    /// The VM user agent sessions run as (none: a VM provisioned before
+    /// agent-vm had one; `agent-vm provision` makes it).
+    agent_user: Option<String>,
+    /// Whether the agent is contained: no sudo, egress only through the gateway.
+    contained: bool,
+    /// The gateway: "ready", "starting", "error: …" or "not running".
+    gateway: String,
+    gateway_pid: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -71,8 +86,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let mut workspaces = Vec::new();
     let mut gcp_credentials = None;
     let ssh = if running {
-        let ep = backend.ssh_endpoint()?;
+        let ep = crate::vm::agent_endpoint(backend.as_ref())?;
         let session = Session::connect(&ep, crate::ssh::CONNECT_TIMEOUT).await?;
+        super::after_connect(ctx, backend.as_ref(), &ep);
         gcp_credentials = Some(crate::provision::has_credentials(&session).await?);
         let vm = Vm::new(session)?;
         let host = HostRepo::discover().ok();
@@ -102,6 +118,20 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         state: mount_state.to_string(),
     };
     let problem = (instance.state == State::Broken).then(|| format!("{:#}", crate::vm::broken(&instance)));
+    let gateway = crate::gateway::running(&crate::gateway::Paths::new(&backend.state_dir()));
+    let network = NetworkStatus {
+        mode: crate::config::Config::load()?.entry(backend.instance()).network.mode.to_string(),
+        agent_user: crate::vm::agent_user(backend.as_ref()),
+        contained: crate::vm::agent_contained(backend.as_ref()) == Some(true),
+        gateway: match &gateway {
+            Some(g) => match &g.error {
+                Some(e) if g.phase != "ready" => format!("{}: {e}", g.phase),
+                _ => g.phase.clone(),
+            },
+            None => "not running".into(),
+        },
+        gateway_pid: gateway.map(|g| g.pid),
+    };
     let status = Status {
         problem,
         instance: instance.name,
@@ -114,6 +144,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         mount,
         gcp_credentials,
         workspaces,
+        network,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -135,6 +166,14 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         None => println!("SSH:       - (start the VM with `agent-vm start`)"),
     }
     println!("Mount:     {} ({})", status.mount.path, status.mount.state);
+    let n = &status.network;
+    let who = match (&n.agent_user, n.contained) {
+        (Some(u), true) => format!("contained: agent runs as {u}, no sudo, network only through the gateway"),
+        (Some(u), false) => format!("NOT CONTAINED: agent runs as {u} with sudo (config.yaml agent: {{sudo: true}})"),
+        (None, _) => "NOT CONTAINED: this VM predates the agent user; run `agent-vm provision`".to_owned(),
+    };
+    println!("Agent:     {who}");
+    println!("Network:   {} mode; gateway {}", n.mode, crate::printable(&n.gateway));
     if let Some(c) = status.gcp_credentials {
         println!(
             "GCP:       {}",

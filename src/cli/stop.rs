@@ -33,6 +33,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     if args.force {
         flush_guest(backend.as_ref(), &ctx.ui).await;
     }
+    if crate::gateway::stop(backend.as_ref())? {
+        ctx.ui.say("Stopped the network gateway.");
+    }
     ctx.ui.say(&format!("Stopping VM '{}'…", instance.name));
     backend.stop(args.force)?;
     ctx.ui.say(&format!(

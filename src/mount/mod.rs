@@ -52,7 +52,8 @@ impl std::fmt::Display for State {
 
 pub struct Mount {
     pub point: PathBuf,
-    /// `<host alias>:workspace`, what sshfs and the mount table call it.
+    /// `[<user>@]<host alias>:workspace`, what sshfs and the mount table
+    /// call it.
     source: String,
 }
 
@@ -68,9 +69,11 @@ pub fn mount_point(instance: &str) -> Result<PathBuf> {
 }
 
 impl Mount {
-    /// The mount of the VM reached through SSH host alias `alias`.
-    pub fn new(point: PathBuf, alias: &str) -> Mount {
-        Mount { point, source: format!("{alias}:{WORKSPACE_ROOT}") }
+    /// The mount of the VM reached through SSH host alias `alias`, as
+    /// `user` when it is not the alias's own (the agent user).
+    pub fn new(point: PathBuf, alias: &str, user: Option<&str>) -> Mount {
+        let user = user.map(|u| format!("{u}@")).unwrap_or_default();
+        Mount { point, source: format!("{user}{alias}:{WORKSPACE_ROOT}") }
     }
 
     pub fn state(&self) -> Result<State> {

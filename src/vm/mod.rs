@@ -171,6 +171,57 @@ pub fn broken(i: &Instance) -> anyhow::Error {
     )
 }
 
+/// The file in an instance's state directory that names the VM user agent
+/// sessions log in as, once provisioning has made it (`agent`). VMs
+/// provisioned before there was an agent user have none: their sessions use
+/// the admin (Lima's user) until `agent-vm provision` runs.
+const AGENT_USER_FILE: &str = "agent-user";
+
+/// The VM user agent sessions run as, if provisioning made one.
+pub fn agent_user(backend: &dyn Backend) -> Option<String> {
+    agent_record(backend).map(|(user, _)| user)
+}
+
+/// Whether the agent was provisioned contained (no sudo), when there is an
+/// agent user.
+pub fn agent_contained(backend: &dyn Backend) -> Option<bool> {
+    agent_record(backend).map(|(_, contained)| contained)
+}
+
+fn agent_record(backend: &dyn Backend) -> Option<(String, bool)> {
+    let text = std::fs::read_to_string(backend.state_dir().join(AGENT_USER_FILE)).ok()?;
+    let mut words = text.split_whitespace();
+    let name = words.next()?;
+    let contained = words.next() != Some("sudo");
+    name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_').then(|| (name.to_owned(), contained))
+}
+
+/// Records (or, with None, forgets) the agent user of the instance, and
+/// whether it has sudo.
+pub fn set_agent_user(backend: &dyn Backend, user: Option<(&str, bool)>) -> Result<()> {
+    let path = backend.state_dir().join(AGENT_USER_FILE);
+    match user {
+        Some((u, sudo)) => {
+            std::fs::create_dir_all(backend.state_dir())?;
+            std::fs::write(&path, format!("{u} {}\n", if sudo { "sudo" } else { "contained" }))?;
+        }
+        None => {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    Ok(())
+}
+
+/// Where agent sessions connect: the VM's SSH endpoint, as the agent user
+/// when there is one.
+pub fn agent_endpoint(backend: &dyn Backend) -> Result<Endpoint> {
+    let mut endpoint = backend.ssh_endpoint()?;
+    if let Some(user) = agent_user(backend) {
+        endpoint.user = user;
+    }
+    Ok(endpoint)
+}
+
 /// The instance, or an error telling how to create it.
 pub fn existing(backend: &dyn Backend) -> Result<Instance> {
     backend.inspect()?.ok_or_else(|| {

@@ -516,7 +516,7 @@ fn dir_size(dir: &Path) -> u64 {
 fn fetch_through(w: &World, repo: &Path, branch: &str, script: &str) -> Run {
     w.install_in_guest("/usr/local/bin/git-upload-pack", script);
     let r = w.run_in(repo, &["fetch", branch]);
-    w.guest("sudo rm -f /usr/local/bin/git-upload-pack").ok();
+    w.admin("sudo rm -f /usr/local/bin/git-upload-pack").ok();
     r
 }
 
@@ -679,7 +679,7 @@ fn hostile_input(w: &World, s: &mut Suite) {
         fails_clearly(&r, "invalid config file")
     });
     s.case(C, "unreadable credentials file: clear error, VM unchanged", || {
-        let before = w.guest("sudo ls -l --time-style=+%s /etc/profile.d/ai-agent-env.sh 2>&1").stdout.clone();
+        let before = w.admin("sudo ls -l --time-style=+%s /etc/profile.d/ai-agent-env.sh 2>&1").stdout.clone();
         let r = Run::from(
             w.agent_vm(&["provision"])
                 .env("GOOGLE_APPLICATION_CREDENTIALS", w.home.path().join("nope.json"))
@@ -689,7 +689,7 @@ fn hostile_input(w: &World, s: &mut Suite) {
         );
         fails_clearly(&r, "cannot read GCP credentials")?;
         check!(
-            w.guest("sudo ls -l --time-style=+%s /etc/profile.d/ai-agent-env.sh 2>&1").stdout == before,
+            w.admin("sudo ls -l --time-style=+%s /etc/profile.d/ai-agent-env.sh 2>&1").stdout == before,
             "the VM changed"
         );
         Ok(())
@@ -746,10 +746,10 @@ fn faults(w: &World, host: &Host, s: &mut Suite) {
     });
     s.case(C, "disk full in the guest: push fails clearly, then recovers", || {
         let before_refs = refs(&repo);
-        w.guest("sudo fallocate -l $(( $(df --output=avail -B1 / | tail -1) - 4096 )) /fill || true").ok();
+        w.admin("sudo fallocate -l $(( $(df --output=avail -B1 / | tail -1) - 4096 )) /fill || true").ok();
         host_big_commit(&repo, "f", 8, "disk-full.bin");
         let r = w.run_in(&repo, &["push", "f"]);
-        w.guest("sudo rm -f /fill").ok();
+        w.admin("sudo rm -f /fill").ok();
         check!(r.code != Some(0), "push to a full disk should fail");
         check!(!r.stderr.trim().is_empty(), "no error message");
         check!(refs(&repo) == before_refs || refs(&repo).len() == before_refs.len(), "host refs changed");
@@ -886,9 +886,9 @@ fn network(w: &World, s: &mut Suite) {
                 let _ = std::io::Write::write_all(&mut conn.unwrap(), b"host-only-service\n");
             }
         });
-        let gateway = w.guest("ip -4 route show default | awk '{ print $3; exit }'").ok().stdout.trim().to_owned();
+        let gateway = w.admin("ip -4 route show default | awk '{ print $3; exit }'").ok().stdout.trim().to_owned();
         for addr in ["192.168.5.2", gateway.as_str()] {
-            let r = w.guest(&format!("timeout 10 bash -c 'exec 3<>/dev/tcp/{addr}/{port} && head -n1 <&3' 2>&1"));
+            let r = w.admin(&format!("timeout 10 bash -c 'exec 3<>/dev/tcp/{addr}/{port} && head -n1 <&3' 2>&1"));
             check!(!r.stdout.contains("host-only-service"), "the guest reached the host through {addr}");
         }
         Ok(())

@@ -168,17 +168,35 @@ impl World {
     }
 
     /// Runs a shell command in the guest through system OpenSSH and Lima's
-    /// ssh.config: an independent path to check what agent-vm did.
+    /// ssh.config, as the agent user once agent-vm has made one (else as
+    /// Lima's user): an independent path to check what agent-vm did.
     pub fn guest(&self, script: &str) -> Run {
-        let out = Command::new("ssh")
-            .arg("-F")
-            .arg(self.instance_dir().join("ssh.config"))
-            .args(["-o", "ControlMaster=no", "-o", "ControlPath=none"])
-            .arg(format!("lima-{}", self.instance))
-            .arg(script)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        self.guest_as(self.agent_user().as_deref(), script)
+    }
+
+    /// [`World::guest`] as Lima's user, the admin (with sudo).
+    pub fn admin(&self, script: &str) -> Run {
+        self.guest_as(None, script)
+    }
+
+    /// The agent user agent-vm recorded for the instance.
+    pub fn agent_user(&self) -> Option<String> {
+        let record = std::fs::read_to_string(self.lima_home.join("_agent-vm").join(&self.instance).join("agent-user"));
+        record.ok().and_then(|r| r.split_whitespace().next().map(str::to_owned))
+    }
+
+    fn guest_as(&self, user: Option<&str>, script: &str) -> Run {
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-F").arg(self.instance_dir().join("ssh.config")).args([
+            "-o",
+            "ControlMaster=no",
+            "-o",
+            "ControlPath=none",
+        ]);
+        if let Some(user) = user {
+            cmd.arg("-l").arg(user);
+        }
+        let out = cmd.arg(format!("lima-{}", self.instance)).arg(script).stdin(Stdio::null()).output().unwrap();
         Run::from(out, &[script])
     }
 
@@ -199,6 +217,15 @@ impl Drop for World {
             if let Some(point) = line.split(' ').nth(4).filter(|p| p.starts_with(&home)) {
                 let _ = Command::new("fusermount3").args(["-uz", point]).status();
             }
+        }
+        // The network gateway agent-vm left running for the VM.
+        let gateway = self.lima_home.join("_agent-vm").join(&self.instance).join("gateway.json");
+        if let Some(pid) = std::fs::read_to_string(gateway)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["pid"].as_u64())
+        {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
         }
         if self.instance_dir().exists() {
             let _ = self.limactl(&["delete", "--force", &self.instance.clone()]);
@@ -326,10 +353,17 @@ impl World {
         self.guest(&line)
     }
 
-    /// Installs `script` as the executable `path` in the guest (the agent
-    /// has sudo): a stand-in for a VM program.
+    /// Runs `script` in the guest with `args` as $1…, as the admin.
+    pub fn admin_args(&self, script: &str, args: &[&str]) -> Run {
+        let mut words = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned(), "sh".to_owned()];
+        words.extend(args.iter().map(|a| a.to_string()));
+        self.admin(&shlex::try_join(words.iter().map(String::as_str)).unwrap())
+    }
+
+    /// Installs `script` as the executable `path` in the guest, as root: a
+    /// stand-in for a VM program (what an agent with root could do).
     pub fn install_in_guest(&self, path: &str, script: &str) {
-        self.guest_args(r#"printf '%s' "$2" | sudo tee "$1" >/dev/null && sudo chmod 755 "$1""#, &[path, script]).ok();
+        self.admin_args(r#"printf '%s' "$2" | sudo tee "$1" >/dev/null && sudo chmod 755 "$1""#, &[path, script]).ok();
     }
 
     /// Commits a file in the guest workspace as the agent would.

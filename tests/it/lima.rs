@@ -128,7 +128,7 @@ fn broken_and_degraded_vms_are_named_and_recovered() {
     // masked, so Lima's boot script cannot enable it), so Lima waits a
     // minute for it, calls the VM degraded and exits 1 with the VM running.
     // agent-vm must not claim success.
-    w.guest("sudo rm /etc/systemd/system/lima-guestagent.service && sudo systemctl mask lima-guestagent.service").ok();
+    w.admin("sudo rm /etc/systemd/system/lima-guestagent.service && sudo systemctl mask lima-guestagent.service").ok();
     w.run(&["stop"]).ok();
     let r = w.run(&["start"]);
     r.fails_with("did not finish starting it");
@@ -165,5 +165,6 @@ fn session_variables_arrive_whoever_opened_the_ssh_master() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("sk-test-arrives"), "the variable did not arrive: {text}");
-    assert_eq!(host_user(), w.guest("id -un").ok().stdout.trim());
+    assert_eq!("agent", w.guest("id -un").ok().stdout.trim());
+    assert_eq!(host_user(), w.admin("id -un").ok().stdout.trim());
 }

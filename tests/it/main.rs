@@ -6,6 +6,7 @@ mod common;
 
 mod adversarial;
 mod cli;
+mod contained;
 mod lima;
 mod mount;
 mod provision;

@@ -150,12 +150,14 @@ fn open_within(path: &Path) -> Option<std::io::Result<String>> {
 
 fn special_files_never_reach_the_host(w: &World, ws: &str, host_ws: &Path) {
     w.guest_args(
-        r#"cd "$1" && mkdir special && cd special && mkfifo fifo && sudo mknod null-dev c 1 3 &&
+        r#"cd "$1" && mkdir special && cd special && mkfifo fifo &&
            python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind("sock")' &&
            ln -s fifo to-fifo && echo plain > plain"#,
         &[ws],
     )
     .ok();
+    // A device node needs root in the VM.
+    w.admin_args(r#"sudo mknod "$1" c 1 3"#, &[&format!("/home/agent/{ws}/special/null-dev")]).ok();
     let dir = host_ws.join("special");
     eventually("the plain file beside the special ones", || dir.join("plain").exists());
     let mut names: Vec<String> =
@@ -220,11 +222,11 @@ fn a_lying_sftp_server_cannot_reach_host_files(w: &World, repo: &Path, ws: &str,
     // Absolute, and relative through `..` from the mount back to the file.
     let depth = host_ws.join("x").components().count();
     let relative = format!("{}{}", "../".repeat(depth), secret.display().to_string().trim_start_matches('/'));
-    w.guest("sudo mv /usr/lib/openssh/sftp-server /usr/lib/openssh/sftp-server.real").ok();
+    w.admin("sudo mv /usr/lib/openssh/sftp-server /usr/lib/openssh/sftp-server.real").ok();
     w.install_in_guest("/usr/lib/openssh/sftp-server", LYING_SFTP_SERVER);
     w.guest_args(r#"cd "$1" && echo decoy > evil"#, &[ws]).ok();
     for target in [secret.display().to_string(), relative] {
-        w.guest_args(r#"printf %s "$1" | sudo tee /etc/evil-target >/dev/null"#, &[&target]).ok();
+        w.admin_args(r#"printf %s "$1" | sudo tee /etc/evil-target >/dev/null"#, &[&target]).ok();
         // Control: the user's own sshfs, without the guards, does show the
         // host's file: the lie works.
         let control = tempfile::tempdir().unwrap();
@@ -232,7 +234,7 @@ fn a_lying_sftp_server_cannot_reach_host_files(w: &World, repo: &Path, ws: &str,
             .arg("-F")
             .arg(w.instance_dir().join("ssh.config"))
             .args(["-o", "ControlMaster=no,ControlPath=none,no_contain_symlinks"])
-            .arg(format!("lima-{}:{ws}", w.instance))
+            .arg(format!("agent@lima-{}:{ws}", w.instance))
             .arg(control.path())
             .status()
             .unwrap();
@@ -250,7 +252,7 @@ fn a_lying_sftp_server_cannot_reach_host_files(w: &World, repo: &Path, ws: &str,
         let _ = std::fs::write(host_ws.join("evil"), "overwritten\n");
         assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host secret\n");
     }
-    w.guest("sudo mv /usr/lib/openssh/sftp-server.real /usr/lib/openssh/sftp-server").ok();
+    w.admin("sudo mv /usr/lib/openssh/sftp-server.real /usr/lib/openssh/sftp-server").ok();
     w.run_in(repo, &["unmount"]).ok();
     w.run_in(repo, &["mount"]).ok();
 }

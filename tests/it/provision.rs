@@ -57,7 +57,7 @@ fn provisioning_against_a_real_guest() {
     // Credentials: exact content, root-owned, readable by the VM user's group only.
     assert_eq!(
         w.guest("stat -c '%a %U %G' /etc/google/application_default_credentials.json").ok().stdout,
-        format!("640 root {}\n", crate::common::host_user())
+        "640 root agent\n"
     );
     assert_eq!(w.guest("cat /etc/google/application_default_credentials.json").ok().stdout, adc_json);
     let profile = w.guest("bash -lc 'echo $GOOGLE_APPLICATION_CREDENTIALS $CLOUD_ML_REGION'").ok().stdout.clone();
@@ -165,16 +165,16 @@ fn guest_cannot_reach_host_services(w: &World, adc: &std::path::Path) {
         }
     });
     let probe = format!("timeout 10 bash -c 'exec 3<>/dev/tcp/192.168.5.2/{port} && head -n1 <&3'");
-    let r = w.guest(&probe);
+    let r = w.admin(&probe);
     assert!(!r.stdout.contains("host-secret-service"), "the guest reached a host loopback service");
     assert_ne!(r.code, Some(0));
     assert_eq!(w.guest("systemctl is-enabled agent-vm-guard.service").ok().stdout, "enabled\n");
     // The control: with the opt-out the same probe gets through (so the
     // check above can fail), and provisioning again restores the guard.
     provision(&["--allow-host-access"]).ok();
-    assert_eq!(w.guest(&probe).ok().stdout, "host-secret-service\n");
+    assert_eq!(w.admin(&probe).ok().stdout, "host-secret-service\n");
     provision(&[]).ok();
-    assert!(!w.guest(&probe).stdout.contains("host-secret-service"), "the guard did not come back");
+    assert!(!w.admin(&probe).stdout.contains("host-secret-service"), "the guard did not come back");
 }
 
 /// Copies a tree, following symlinks (the fixture links to common/).

@@ -251,7 +251,12 @@ fn ssh_backend(w: &World, repo: &Path) {
     big(&["push", "remote-b"]).fails_with("HOST KEY CHANGED");
     std::fs::write(&known_hosts, &keys).unwrap();
 
-    // Then connect, push and fetch work as with Lima.
+    // Provisioned through this backend, its sessions are the agent user's
+    // too; then connect, push and fetch work as with Lima.
+    big(&["provision"]).ok();
+    let status = big(&["status", "--json"]).json();
+    assert_eq!(status["network"]["contained"], true, "{status:#}");
+    assert_eq!(status["ssh"]["user"], "agent", "{status:#}");
     big(&["push", "remote-b"]).ok();
     let r = big(&["connect", "remote-b", "--no-mount", "--", "sh", "-c", "cat README; git symbolic-ref HEAD"]);
     assert_eq!(r.ok().stdout, "hello\nrefs/heads/remote-b\n");

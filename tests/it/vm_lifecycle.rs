@@ -55,9 +55,14 @@ fn lifecycle_against_a_real_guest() {
     assert_eq!(w.guest("ls /tmp/pwned 2>/dev/null; echo done").stdout, "done\n");
     // … in a login shell, as the user: /etc/profile.d applies.
     // Lima's guest user is the host user, with a home of its own.
-    let who = w.run(&["connect", "--", "sh", "-c", "echo $(id -un) $(id -u) $HOME"]);
+    // Agent sessions run as the agent user, not as Lima's (the host user's
+    // name and uid, with sudo).
+    let who = w.run(&["connect", "--", "sh", "-c", "echo $(id -un) $HOME; sudo -n true 2>&1 || echo no sudo"]);
+    assert_eq!(who.ok().stdout.lines().next(), Some("agent /home/agent"), "{}", who.stdout);
+    assert!(who.stdout.contains("no sudo"), "{}", who.stdout);
     let user = crate::common::host_user();
-    assert_eq!(who.ok().stdout, format!("{user} {} /home/{user}.guest\n", crate::common::host_uid()));
+    let admin = w.admin("echo $(id -un) $(id -u) $HOME").ok().stdout.clone();
+    assert_eq!(admin, format!("{user} {} /home/{user}.guest\n", crate::common::host_uid()));
 
     // Starting a running VM changes nothing and says so; resources are creation-only.
     let again = w.run(&["start", "--memory", "4"]);
