@@ -179,6 +179,9 @@ pub fn stop(backend: &dyn Backend) -> Result<bool> {
     bail!("the network gateway (pid {}) did not stop", state.pid)
 }
 
+/// Connections the gateway serves at once.
+const MAX_CONNECTIONS: usize = 512;
+
 /// How long the gateway keeps trying to reach a VM that stopped answering
 /// before it exits (the next agent-vm command starts it again).
 const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
@@ -211,6 +214,7 @@ pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> 
         let _ = std::fs::rename(&tmp, paths.state());
     };
     write_state("starting", None);
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut unreachable_since: Option<std::time::Instant> = None;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -242,7 +246,15 @@ pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> 
         loop {
             tokio::select! {
                 conn = rx.recv() => match conn {
-                    Some(f) => { tokio::spawn(proxy::serve(f.channel.into_stream(), ctx.clone())); }
+                    // Past the bound, connections are closed at once: the
+                    // VM cannot make the host hold unbounded sockets.
+                    Some(f) => if let Ok(permit) = connections.clone().try_acquire_owned() {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move {
+                            proxy::serve(f.channel.into_stream(), ctx).await;
+                            drop(permit);
+                        });
+                    },
                     None => break,
                 },
                 _ = tick.tick() => if session.is_closed() { break },
