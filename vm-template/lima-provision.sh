@@ -36,6 +36,32 @@ install_if_changed() {
     rm -f "$tmp"
 }
 
+# nft_unit NAME DESCRIPTION RULES [STOP]: a boot-time unit that loads the
+# nftables file RULES before the network comes up; enabled and loaded now,
+# replacing any older version of the rules.
+nft_unit() {
+    install_if_changed "/etc/systemd/system/$1.service" 0644 <<EOF || true
+[Unit]
+Description=agent-vm: $2
+DefaultDependencies=no
+Before=network-pre.target
+Wants=network-pre.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/sbin/nft -f $3
+${4:+ExecStop=/usr/sbin/$4}
+
+[Install]
+WantedBy=sysinit.target
+EOF
+    systemctl daemon-reload
+    systemctl enable --quiet "$1.service"
+    nft -f "$3" || fail "nft rejected $3"
+    systemctl start "$1.service"
+}
+
 step "agent user: $agent ($agent_mode)"
 if ! id "$agent" >/dev/null 2>&1; then
     useradd --create-home --shell /bin/bash --user-group "$agent"
@@ -93,26 +119,7 @@ table inet agent_vm_agent {
     }
 }
 EOF
-agent_unit=/etc/systemd/system/agent-vm-agent-net.service
-install_if_changed "$agent_unit" 0644 <<EOF || true
-[Unit]
-Description=agent-vm: the agent user reaches the network only through the gateway
-DefaultDependencies=no
-Before=network-pre.target
-Wants=network-pre.target
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/usr/sbin/nft -f $agent_rules
-
-[Install]
-WantedBy=sysinit.target
-EOF
-systemctl daemon-reload
-systemctl enable --quiet agent-vm-agent-net.service
-nft -f "$agent_rules" || fail "nft rejected $agent_rules"
-systemctl start agent-vm-agent-net.service
+nft_unit agent-vm-agent-net "the agent user reaches the network only through the gateway" "$agent_rules"
 
 bash "$common/scripts/install-tools.sh" "$common" "$agent" "$agent_mode"
 
@@ -140,9 +147,8 @@ fi
 # as 192.168.5.2 (host.lima.internal), and with other network modes the host
 # answers on the guest's default gateway. Refuse new connections from the
 # guest to those addresses; replies to the host's own connections (SSH,
-# sshfs) and DNS still pass. The agent has sudo in the VM and could remove
-# this: it keeps host services out of reach of everything the agent runs,
-# it does not bind a root-level attacker.
+# sshfs) and DNS still pass. It binds every VM user; only an agent given
+# sudo (the opt-out) could remove it.
 guard_unit=/etc/systemd/system/agent-vm-guard.service
 guard_rules=/etc/agent-vm/guard.nft
 if [ "$host_access" = guard ]; then
@@ -168,27 +174,7 @@ table inet agent_vm_guard {
     }
 }
 EOF
-    install_if_changed "$guard_unit" 0644 <<EOF || true
-[Unit]
-Description=agent-vm: block the VM from reaching the host
-DefaultDependencies=no
-Before=network-pre.target
-Wants=network-pre.target
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/usr/sbin/nft -f $guard_rules
-ExecStop=/usr/sbin/nft delete table inet agent_vm_guard
-
-[Install]
-WantedBy=sysinit.target
-EOF
-    systemctl daemon-reload
-    systemctl enable --quiet agent-vm-guard.service
-    # Load the rules now, replacing any older version.
-    nft -f "$guard_rules" || fail "nft rejected $guard_rules"
-    systemctl start agent-vm-guard.service
+    nft_unit agent-vm-guard "block the VM from reaching the host" "$guard_rules" "nft delete table inet agent_vm_guard"
 else
     step "network: the VM may reach the host (opted out of the guard)"
     if [ -f "$guard_unit" ]; then

@@ -31,7 +31,7 @@ fn install(brew: &str, apt: &str) -> String {
     if MACOS { format!("brew install {brew}") } else { format!("sudo apt-get install {apt}") }
 }
 
-pub async fn run(_ctx: &Context, args: Args) -> Result<ExitCode> {
+pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let limactl = std::env::var_os("AGENT_VM_LIMACTL").map(PathBuf::from).or_else(|| find_on_path("limactl"));
     let lima_fix = if MACOS {
         "brew install lima".to_owned()
@@ -46,6 +46,8 @@ pub async fn run(_ctx: &Context, args: Args) -> Result<ExitCode> {
         fuse(),
         tool("git", find_on_path("git"), &["--version"], false, install("git", "git")),
     ];
+    let mut checks = checks;
+    checks.extend(gateway(ctx));
     let failed = checks.iter().any(|c| c.required && !c.ok);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
@@ -129,6 +131,21 @@ fn minimum_lima_version() -> Option<Version> {
         .lines()
         .find_map(|l| l.strip_prefix("minimumLimaVersion:"))
         .and_then(|v| parse_version(v.trim().trim_matches('"')))
+}
+
+/// The instance's network gateway, once the VM has an agent user: without
+/// it the agent has no network (not a host prerequisite: never required).
+fn gateway(ctx: &Context) -> Option<Check> {
+    let backend = ctx.backend().ok()?;
+    crate::vm::agent_user(backend.as_ref())?;
+    let state = crate::gateway::running(&crate::gateway::Paths::new(&backend.state_dir()));
+    let (ok, detail) = match state {
+        Some(s) if s.phase == "ready" => (true, format!("ready (pid {}, since {})", s.pid, s.since)),
+        Some(s) => (false, crate::printable(&format!("{}: {}", s.phase, s.error.unwrap_or_default()))),
+        None => (false, "not running: the agent has no network".to_owned()),
+    };
+    let fix = (!ok).then(|| "any command that reaches the running VM starts it, e.g. `agent-vm status`".to_owned());
+    Some(Check { name: "gateway", ok, required: false, detail, fix })
 }
 
 /// sshfs, and whether it guards symlinks itself besides agent-vm's relay.

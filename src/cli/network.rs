@@ -62,13 +62,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             }
         }
         Sub::Allow { host } => {
-            let rule = Rule::parse(&host)?;
-            let mut live = LiveRules::load(&paths)?;
-            live.deny.retain(|d| d != &rule.text);
-            if !live.allow.contains(&rule.text) {
-                live.allow.push(rule.text.clone());
-            }
-            live.save(&paths)?;
+            let rule = set_rule(&paths, &host, true)?;
             let entry = crate::config::Config::load()?.entry(&ctx.instance);
             if entry.network.deny.contains(&rule.text) {
                 bail!(
@@ -84,15 +78,19 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             }
         }
         Sub::Deny { host } => {
-            let rule = Rule::parse(&host)?;
-            let mut live = LiveRules::load(&paths)?;
-            live.allow.retain(|a| a != &rule.text);
-            if !live.deny.contains(&rule.text) {
-                live.deny.push(rule.text.clone());
-            }
-            live.save(&paths)?;
+            let rule = set_rule(&paths, &host, false)?;
             ctx.ui.say(&format!("The agent can no longer reach {} (connections already open stay open).", rule.text));
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Adds `host` to the live allow (or deny) rules, which the running
+/// gateway reads for every connection.
+fn set_rule(paths: &Paths, host: &str, allow: bool) -> Result<Rule> {
+    let rule = Rule::parse(host)?;
+    let mut live = LiveRules::load(paths)?;
+    live.set(&rule.text, allow);
+    live.save(paths)?;
+    Ok(rule)
 }

@@ -83,6 +83,15 @@ impl LiveRules {
         }
     }
 
+    /// Puts `rule` on the allow list (or the deny list), off the other.
+    pub fn set(&mut self, rule: &str, allow: bool) {
+        let (on, off) = if allow { (&mut self.allow, &mut self.deny) } else { (&mut self.deny, &mut self.allow) };
+        off.retain(|r| r != rule);
+        if !on.iter().any(|r| r == rule) {
+            on.push(rule.to_owned());
+        }
+    }
+
     /// Written whole and renamed into place: the gateway never reads half.
     pub fn save(&self, paths: &Paths) -> Result<()> {
         std::fs::create_dir_all(&paths.dir)?;

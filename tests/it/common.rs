@@ -225,7 +225,7 @@ impl Drop for World {
             .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
             .and_then(|v| v["pid"].as_u64())
         {
-            let _ = Command::new("kill").arg(pid.to_string()).status();
+            let _ = Command::new("kill").arg(pid.to_string()).stderr(Stdio::null()).status();
         }
         if self.instance_dir().exists() {
             let _ = self.limactl(&["delete", "--force", &self.instance.clone()]);

@@ -84,6 +84,11 @@ fn probe(w: &World, how: &str, target: &str) -> String {
     w.guest_args(r#"python3 /tmp/agent-vm-probe.py "$1" "$2""#, &[how, target]).stdout.trim().to_owned()
 }
 
+fn doctor_gateway(w: &World) -> serde_json::Value {
+    let checks = w.run(&["doctor", "--json"]).json();
+    checks.as_array().unwrap().iter().find(|c| c["name"] == "gateway").cloned().expect("doctor checks the gateway")
+}
+
 fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
@@ -137,6 +142,7 @@ fn the_agent_is_contained() {
     let status = w.run(&["status", "--json"]).json();
     assert_eq!(status["network"]["contained"], true, "{status:#}");
     assert_eq!(status["network"]["gateway"], "ready", "{status:#}");
+    assert_eq!(doctor_gateway(&w)["ok"], true);
 
     // No direct way out: TCP, UDP, ICMP, DNS. The admin's same attempts
     // get through (host access is opted into for this VM).
@@ -230,6 +236,8 @@ fn the_agent_is_contained() {
         eventually(20, || probe(&w, "get", &format!("http://allowed.test:{allowed_port}/")).starts_with("error")),
         "the agent still had a way out with the gateway gone"
     );
+    let gw = doctor_gateway(&w);
+    assert!(gw["ok"] == false && gw["detail"].as_str().unwrap().contains("not running"), "{gw:#}");
     w.run(&["status"]).ok();
     assert_eq!(probe(&w, "get", &format!("http://allowed.test:{allowed_port}/")), "200 allowed-service");
 
