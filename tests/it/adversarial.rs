@@ -410,14 +410,7 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
         // The agent-side branch gets 24 MiB; the limit is 4 MB.
         w.guest_args(r#"cd "$1" && git reset -q --hard refs/heads/victim"#, &[&ws]).ok();
         guest_big_commit(w, &ws, 24, "huge.bin");
-        let r = Run::from(
-            w.agent_vm(&["fetch", "victim"])
-                .current_dir(&repo)
-                .env("AGENT_VM_MAX_RECEIVE_BYTES", "4000000")
-                .output()
-                .unwrap(),
-            &["fetch"],
-        );
+        let r = fetch_with(w, &repo, "victim", ("AGENT_VM_MAX_RECEIVE_BYTES", "4000000"));
         fails_clearly(&r, "more than 4000000 bytes")?;
         check!(refs(&repo) == before, "refs changed after an over-limit pack");
         host.clean()?;
@@ -439,14 +432,7 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
             .trim()
             .to_owned();
         let objects_before = dir_size(&repo.join(".git/objects"));
-        let r = Run::from(
-            w.agent_vm(&["fetch", "victim"])
-                .current_dir(&repo)
-                .env("AGENT_VM_MAX_OBJECT_BYTES", "16000000")
-                .output()
-                .unwrap(),
-            &["fetch"],
-        );
+        let r = fetch_with(w, &repo, "victim", ("AGENT_VM_MAX_OBJECT_BYTES", "16000000"));
         w.guest_args(r#"cd "$1" && git reset -q --hard "$2""#, &[&ws, &start]).ok();
         fails_clearly(&r, "\"zeros.bin\" of 64 MiB, over the limit")?;
         check!(r.stderr.contains("AGENT_VM_MAX_OBJECT_BYTES"), "no way forward named: {}", r.stderr);
@@ -492,6 +478,11 @@ fn hostile_vm(w: &World, host: &Host, s: &mut Suite) {
         ok(&w.run_in(&repo, &["clean", "victim", "--yes", "--force"]))?;
         host.clean()
     });
+}
+
+/// `fetch BRANCH` with one more variable in its environment (a limit).
+fn fetch_with(w: &World, repo: &Path, branch: &str, (var, value): (&str, &str)) -> Run {
+    Run::from(w.agent_vm(&["fetch", branch]).current_dir(repo).env(var, value).output().unwrap(), &["fetch"])
 }
 
 fn tip_in_guest(w: &World, ws: &str) -> String {

@@ -6,11 +6,11 @@
 //! those servers directly: the control that shows the agent's refusals come
 //! from its containment, not from the network.
 
-use crate::common::World;
+use crate::common::{World, eventually};
 use std::io::{Read, Write};
 use std::net::{TcpListener, UdpSocket};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A TCP server on the host's loopback answering every connection with an
 /// HTTP response carrying `body`; records the request heads it got.
@@ -87,17 +87,6 @@ fn probe(w: &World, how: &str, target: &str) -> String {
 fn doctor_gateway(w: &World) -> serde_json::Value {
     let checks = w.run(&["doctor", "--json"]).json();
     checks.as_array().unwrap().iter().find(|c| c["name"] == "gateway").cloned().expect("doctor checks the gateway")
-}
-
-fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    false
 }
 
 #[test]

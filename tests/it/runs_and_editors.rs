@@ -1,22 +1,10 @@
 //! Parallel runs, snapshots, editor/ssh integration and the ssh backend,
 //! against real guests.
 
-use crate::common::{Run, World, git};
+use crate::common::{Run, World, eventually, git};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-/// Waits until `cond` holds, for at most `secs` seconds.
-fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    cond()
-}
 
 fn guest_count(w: &World, pattern: &str) -> usize {
     let r = w.guest_args(r#"pgrep -f -- "$1" | wc -l"#, &[pattern]);
