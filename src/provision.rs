@@ -238,8 +238,6 @@ impl Options {
 #[derive(Debug)]
 pub struct Report {
     pub credentials: bool,
-    /// The VM user agent sessions run as.
-    pub agent_user: String,
 }
 
 /// Provisions the VM over `session`: tools and agents (as root, through
@@ -340,7 +338,7 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
             ui.say(&format!("warning: {e:#}"));
         }
     }
-    Ok(Report { credentials: adc.is_some(), agent_user: AGENT_USER.to_owned() })
+    Ok(Report { credentials: adc.is_some() })
 }
 
 /// A session to the VM just after provisioning reloaded its sshd: sshd

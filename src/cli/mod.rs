@@ -304,11 +304,12 @@ async fn provision_vm(
     options.agent_sudo = crate::config::Config::load()?.entry(backend.instance()).agent.sudo;
     // The mount is the agent user's once there is one: a mount of the
     // admin's home from before goes first.
+    let agent = crate::provision::AGENT_USER;
     let before = crate::vm::agent_user(backend);
-    let report = crate::provision::run(admin, &ctx.ui, &options).await?;
-    if before.as_deref() != Some(report.agent_user.as_str()) {
+    crate::provision::run(admin, &ctx.ui, &options).await?;
+    if before.as_deref() != Some(agent) {
         unmount(backend, true)?;
     }
-    crate::vm::set_agent_user(backend, Some((&report.agent_user, options.agent_sudo)))?;
+    crate::vm::set_agent_user(backend, Some((agent, options.agent_sudo)))?;
     Ok(())
 }

@@ -229,21 +229,27 @@ pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> 
     loop {
         let connected = async {
             let endpoint = backend.ssh_endpoint()?;
-            let (session, rx) = crate::ssh::Session::connect_forwarding(&endpoint, crate::ssh::CONNECT_TIMEOUT).await?;
-            session.forward_from_vm("127.0.0.1", VM_PORT).await?;
-            anyhow::Ok((session, rx))
+            crate::ssh::Session::connect_forwarding(&endpoint, crate::ssh::CONNECT_TIMEOUT).await
         };
-        let (session, mut rx) = match connected.await {
+        // A VM that answers but will not listen (the port taken) is an
+        // error to report at once; one that does not answer may be booting.
+        let outcome = match connected.await {
+            Ok((session, rx)) => match session.forward_from_vm("127.0.0.1", VM_PORT).await {
+                Ok(()) => Ok((session, rx)),
+                Err(e) => Err((e, true)),
+            },
+            Err(e) => Err((e, false)),
+        };
+        let (session, mut rx) = match outcome {
             Ok(c) => c,
-            Err(e) => {
+            Err((e, refused)) => {
                 let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
                 tracing::warn!("gateway: {e:#}");
-                if since.elapsed() > GIVE_UP_AFTER {
+                if refused || since.elapsed() > GIVE_UP_AFTER {
                     write_state("error", Some(format!("{e:#}")));
-                    return Ok(());
                 }
-                if e.to_string().contains("would not listen") {
-                    write_state("error", Some(format!("{e:#}")));
+                if since.elapsed() > GIVE_UP_AFTER {
+                    return Ok(());
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 continue;
