@@ -44,6 +44,8 @@ pub struct Job {
     pub dir: String,
     /// The workspace's branch tip before the run, to count new commits.
     pub base: String,
+    /// `NAME=value` assignments the command runs with.
+    pub env: Vec<String>,
 }
 
 /// Where a job's output goes.
@@ -172,6 +174,10 @@ async fn run_one(
 ) -> Result<(Status, Option<u64>)> {
     let mut sink = Sink::new(output, &job.branch, width)?;
     let mut args: Vec<&str> = vec![&job.dir];
+    if !job.env.is_empty() {
+        args.push("env");
+        args.extend(job.env.iter().map(String::as_str));
+    }
     args.extend(argv.iter().map(String::as_str));
     let channel = session.open_exec_env(&shell::login_script(WRAPPER, &args)?, env).await?;
     let (mut read, write) = channel.split();

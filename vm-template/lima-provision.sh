@@ -123,6 +123,29 @@ nft_unit agent-vm-agent-net "the agent user reaches the network only through the
 
 bash "$common/scripts/install-tools.sh" "$common" "$agent" "$agent_mode"
 
+# Containers for a contained agent: rootless Podman (its containers run
+# under the agent's uid, so the firewall above binds them too), with the
+# Docker API on a socket of the agent's own, which `docker` is pointed at.
+docker_host=""
+if [ "$agent_mode" = contained ] && command -v podman >/dev/null; then
+    step "containers: rootless Podman for $agent"
+    for f in /etc/subuid /etc/subgid; do
+        touch "$f"
+        if ! grep -q "^$agent:" "$f"; then
+            # A range of its own, after every range already handed out.
+            start=$(awk -F: 'BEGIN { m = 524288 } $2 + $3 > m { m = $2 + $3 } END { print m }' "$f")
+            echo "$agent:$start:65536" >> "$f"
+            echo "$f: $agent:$start:65536"
+        fi
+    done
+    # The agent's systemd (and so its Podman socket) runs while the VM runs.
+    loginctl enable-linger "$agent"
+    systemctl --global enable --quiet podman.socket
+    systemctl --user -M "$agent@" daemon-reload 2>/dev/null || true
+    systemctl --user -M "$agent@" start podman.socket 2>/dev/null || echo "podman.socket starts at the agent's next login"
+    docker_host=unix:///run/user/$agent_uid/podman/podman.sock
+fi
+
 step "ssh: accept the agent environment variables"
 names=$(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$common/packages/envvars.txt" | tr '\n' ' ')
 for n in $names; do
@@ -135,8 +158,8 @@ if {
     # Agent sessions find the gateway through the usual variables (set by
     # sshd, so a session cannot be handed others); no forwarding of any kind.
     printf 'Match User %s\n' "$agent"
-    printf '    SetEnv HTTP_PROXY=%s HTTPS_PROXY=%s http_proxy=%s https_proxy=%s NO_PROXY=%s no_proxy=%s NODE_USE_ENV_PROXY=1\n' \
-        "$proxy" "$proxy" "$proxy" "$proxy" "$no_proxy" "$no_proxy"
+    printf '    SetEnv HTTP_PROXY=%s HTTPS_PROXY=%s http_proxy=%s https_proxy=%s NO_PROXY=%s no_proxy=%s NODE_USE_ENV_PROXY=1%s\n' \
+        "$proxy" "$proxy" "$proxy" "$proxy" "$no_proxy" "$no_proxy" "${docker_host:+ DOCKER_HOST=$docker_host}"
     printf '    AllowTcpForwarding no\n    AllowStreamLocalForwarding no\n    X11Forwarding no\n    PermitTunnel no\n'
 } | install_if_changed /etc/ssh/sshd_config.d/agent-vm.conf 0644; then
     sshd -t || fail "sshd rejected /etc/ssh/sshd_config.d/agent-vm.conf"

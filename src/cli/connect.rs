@@ -87,6 +87,18 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             Err(e) => ctx.ui.say(&format!("warning: no workspace mount: {e:#}")),
         }
     }
+    // Sessions in a workspace name it to the gateway, for its log.
+    let command: Vec<String> = match &ws {
+        Some(ws) if crate::vm::agent_user(backend.as_ref()).is_some() => {
+            let shell = ["bash".to_owned(), "--login".to_owned()];
+            let argv = if args.command.is_empty() { &shell[..] } else { &args.command[..] };
+            std::iter::once("env".to_owned())
+                .chain(crate::gateway::workspace_env(&ws.dir))
+                .chain(argv.iter().cloned())
+                .collect()
+        }
+        _ => args.command.clone(),
+    };
     let endpoint = session.endpoint().clone();
     // API keys and the like from envvars.txt travel in the SSH session's
     // environment, never on a command line.
@@ -96,8 +108,8 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         // A terminal session: OpenSSH handles the tty, window size and
         // signals natively, so hand the process over to it.
         let mut ssh = ssh_command(&endpoint, &env, interactive);
-        if !args.command.is_empty() {
-            ssh.arg("--").arg(shell::login_command(cwd.as_deref(), &args.command)?);
+        if !command.is_empty() {
+            ssh.arg("--").arg(shell::login_command(cwd.as_deref(), &command)?);
         } else if let Some(dir) = &cwd {
             ssh.arg("--").arg(shell::login_command(Some(dir), &["bash", "--login"])?);
         }
@@ -106,7 +118,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     }
     // Scripts and pipes: run over russh with exact stdin/stdout/stderr and
     // exit status, and no ssh process.
-    let line = shell::login_command(cwd.as_deref(), &args.command)?;
+    let line = shell::login_command(cwd.as_deref(), &command)?;
     let status = session
         .exec_io_env(&line, &env, tokio::io::stdin(), &mut tokio::io::stdout(), &mut tokio::io::stderr())
         .await?;

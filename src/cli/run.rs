@@ -97,10 +97,12 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     // of these workspaces meanwhile.
     let names: Vec<&str> = branches.iter().map(String::as_str).collect();
     let _locks = host.lock_branches(&names, &ctx.ui)?;
+    let gateway_user = crate::vm::agent_user(backend.as_ref()).is_some();
     let mut jobs = Vec::new();
     for branch in branches {
         let (ws, tip) = super::push::push_locked(ctx, &host, &vm, branch, args.objects.objects()).await?;
-        jobs.push(Job { branch: branch.clone(), dir: ws.dir, base: tip.to_string() });
+        let env = if gateway_user { crate::gateway::workspace_env(&ws.dir) } else { Vec::new() };
+        jobs.push(Job { branch: branch.clone(), dir: ws.dir, base: tip.to_string(), env });
     }
     let parallel = match args.jobs {
         Some(n) => n as usize,

@@ -26,6 +26,25 @@ use crate::vm::Backend;
 /// Where agent sessions find the gateway in the VM.
 pub const VM_PORT: u16 = 3128;
 
+/// `env` assignments that point a session in `workspace` at the gateway
+/// with the workspace's name as the proxy user, so the log can say which
+/// workspace a connection came from. The name is the session's own claim
+/// (an agent can send another): it labels the log, it grants nothing.
+pub fn workspace_env(workspace: &str) -> Vec<String> {
+    let name = workspace.rsplit('/').next().unwrap_or(workspace);
+    let user: String = name
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    // A password too: some clients (Python's urllib) send no credentials
+    // for a user alone.
+    let url = format!("http://{user}:ws@127.0.0.1:{VM_PORT}");
+    ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"].iter().map(|v| format!("{v}={url}")).collect()
+}
+
 /// The gateway's files in an instance's state directory.
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -130,6 +149,54 @@ pub fn ensure(backend: &dyn Backend) -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(&paths.dir).with_context(|| format!("cannot create {}", paths.dir.display()))?;
+    // A gateway that is running but not ready (starting, or reconnecting
+    // after the VM restarted) is waited for, not joined by a second one.
+    let mut child = match running(&paths) {
+        Some(_) => None,
+        None => Some(spawn(backend, &paths)?),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = running(&paths);
+        if let Some(s) = &state {
+            match s.phase.as_str() {
+                "ready" => return Ok(()),
+                "error" => bail!(
+                    "the network gateway cannot start: {}; the agent has no network until it does",
+                    s.error.clone().unwrap_or_default()
+                ),
+                _ => {}
+            }
+        }
+        match &mut child {
+            Some(c) => {
+                if let Some(status) = c.try_wait()? {
+                    // Another gateway may have taken the lock first: it will do.
+                    if state.is_some() {
+                        child = None;
+                        continue;
+                    }
+                    let said = std::fs::read_to_string(paths.stderr()).unwrap_or_default();
+                    bail!(
+                        "the network gateway exited ({status}) before it was ready: {}",
+                        crate::printable_lines(said.trim())
+                    );
+                }
+            }
+            // The one waited for has gone: start another.
+            None if state.is_none() => child = Some(spawn(backend, &paths)?),
+            None => {}
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the network gateway did not become ready within 60 s (see {})", paths.stderr().display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts `agent-vm gateway` in a session of its own (it outlives this
+/// command and its terminal).
+fn spawn(backend: &dyn Backend, paths: &Paths) -> Result<std::process::Child> {
     let exe = std::env::current_exe().context("cannot find agent-vm's own path to start the gateway")?;
     let stderr = std::fs::File::create(paths.stderr())?;
     let mut cmd = std::process::Command::new(exe);
@@ -137,39 +204,13 @@ pub fn ensure(backend: &dyn Backend) -> Result<()> {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(stderr);
-    // Its own session: it outlives this command and its terminal.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
             libc::setsid();
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("cannot start the gateway")?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(s) = running(&paths) {
-            match s.phase.as_str() {
-                "ready" => return Ok(()),
-                "error" => bail!(
-                    "the network gateway cannot start: {}; the agent has no network until it does",
-                    s.error.unwrap_or_default()
-                ),
-                _ => {}
-            }
-        }
-        if let Some(status) = child.try_wait()? {
-            // Another gateway may have taken the lock first: it will do.
-            if running(&paths).is_some_and(|s| s.phase == "ready") {
-                return Ok(());
-            }
-            let said = std::fs::read_to_string(paths.stderr()).unwrap_or_default();
-            bail!("the network gateway exited ({status}) before it was ready: {}", crate::printable_lines(said.trim()));
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("the network gateway did not become ready within 60 s (see {})", paths.stderr().display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cmd.spawn().context("cannot start the gateway")
 }
 
 /// Ends the gateway of `backend`'s instance, if one runs.
@@ -280,5 +321,17 @@ pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> 
             }
         }
         write_state("starting", Some("the SSH connection to the VM ended; reconnecting".into()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_workspace_is_named_in_every_proxy_variable_and_url_safe() {
+        let env = super::workspace_env("workspace/proj-a b@c:d");
+        assert_eq!(env.len(), 4);
+        for (var, line) in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"].iter().zip(&env) {
+            assert_eq!(line, &format!("{var}=http://proj-a%20b%40c%3Ad:ws@127.0.0.1:3128"));
+        }
     }
 }

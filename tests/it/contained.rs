@@ -97,14 +97,16 @@ fn the_agent_is_contained() {
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let udp_port = udp.local_addr().unwrap().port();
+    let tls = crate::tls::Ca::new().serve(&["tls.test"], |r| ("200 OK", "text/plain", format!("tls {}\n", r.line())));
     let config = w.home.path().join(".config/agent-vm/config.yaml");
     std::fs::create_dir_all(config.parent().unwrap()).unwrap();
     let write_config = |mode: &str| {
         std::fs::write(
             &config,
             format!(
-                "instances:\n  contain:\n    network: {mode}\n    allow: ['allowed.test:{allowed_port}']\n    \
-                 resolve: {{allowed.test: 127.0.0.1, refused.test: 127.0.0.1}}\n"
+                "instances:\n  contain:\n    network: {mode}\n    allow: ['allowed.test:{allowed_port}', 'tls.test:{}']\n    \
+                 resolve: {{allowed.test: 127.0.0.1, refused.test: 127.0.0.1, tls.test: 127.0.0.1}}\n",
+                tls.port
             ),
         )
         .unwrap()
@@ -162,6 +164,26 @@ fn the_agent_is_contained() {
     // Through the gateway: the allowed host, plain and tunnelled.
     assert_eq!(probe(&w, "get", &format!("http://allowed.test:{allowed_port}/plain")), "200 allowed-service");
     assert_eq!(probe(&w, "tunnel", &format!("allowed.test:{allowed_port}")), "200 allowed-service");
+    // HTTPS end to end (curl through HTTPS_PROXY: the gateway tunnels it).
+    w.admin_args(r#"printf '%s' "$1" > /tmp/test-ca.pem && chmod 644 /tmp/test-ca.pem"#, &[&tls.ca_pem]).ok();
+    let https = w.guest(&format!("curl -sS --cacert /tmp/test-ca.pem https://tls.test:{}/over-tls", tls.port));
+    assert_eq!(https.ok().stdout, "tls GET /over-tls\n");
+    assert_eq!(tls.requests().len(), 1);
+    // A session in a workspace names it to the gateway, for the log.
+    let repo = w.repo("proj");
+    let url = format!("http://allowed.test:{allowed_port}/from-workspace");
+    let r =
+        w.run_in(&repo, &["connect", "ws-one", "--no-mount", "--", "python3", "/tmp/agent-vm-probe.py", "get", &url]);
+    assert_eq!(r.ok().stdout.trim_end().lines().last(), Some("200 allowed-service"), "{r:?}");
+    let ws_name = w.workspace_dir(&repo, "ws-one").rsplit('/').next().unwrap().to_owned();
+    let log = w.run(&["network", "log", "--json"]).ok().stdout.clone();
+    assert!(
+        log.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .any(|r| r["workspace"] == ws_name.as_str()),
+        "no record names workspace {ws_name}: {log}"
+    );
+
     let heads = allowed_seen.lock().unwrap().clone();
     assert!(heads.iter().any(|h| h.starts_with("GET /plain ")), "{heads:?}");
     assert!(heads.iter().any(|h| h.starts_with("GET /tunnelled ")), "{heads:?}");
@@ -210,6 +232,24 @@ fn the_agent_is_contained() {
     assert_eq!(probe(&w, "get", &format!("http://refused.test:{allowed_port}/")), "200 allowed-service");
     w.run(&["network", "deny", &format!("refused.test:{allowed_port}")]).ok();
     assert!(probe(&w, "get", &format!("http://refused.test:{allowed_port}/")).starts_with("403 "));
+
+    // Containers: rootless Podman as the agent, from a local image, and
+    // `docker` against it; a container is no way around the firewall.
+    let image = r#"set -e
+d=$(mktemp -d); cp /bin/busybox "$d/"; tar -C "$d" -cf "$d.tar" busybox
+podman import -q "$d.tar" localhost/bb >/dev/null
+podman run --rm localhost/bb /busybox sh -c 'echo in-container; id -u'
+podman unshare cat /proc/self/uid_map | awk '$1 == 0 { print "root is uid", $2 }'"#;
+    let out = w.guest(image).ok().stdout.clone();
+    let agent_uid = w.guest("id -u").ok().stdout.trim().to_owned();
+    assert_eq!(out, format!("in-container\n0\nroot is uid {agent_uid}\n"), "{out}");
+    assert_eq!(w.guest("docker run --rm localhost/bb /busybox echo via-docker").ok().stdout, "via-docker\n");
+    let escape = format!(
+        "podman run --rm localhost/bb /busybox nc -w 5 192.168.5.2 {secret_port} </dev/null 2>&1 && echo connected"
+    );
+    let r = w.guest(&escape);
+    assert!(!r.stdout.contains("connected"), "a container opened a direct connection: {r:?}");
+    assert!(!r.stdout.contains("applet not found"), "the probe did not run: {r:?}");
 
     // The agent cannot stop the gateway's end in the VM (the admin's sshd).
     let _ = w.guest(&format!("pkill -u {} sshd", crate::common::host_user()));

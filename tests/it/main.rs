@@ -11,5 +11,6 @@ mod lima;
 mod mount;
 mod provision;
 mod runs_and_editors;
+mod tls;
 mod vm_lifecycle;
 mod workspaces;
