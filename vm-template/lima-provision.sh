@@ -18,6 +18,8 @@ host_access=${3:-guard}
 agent_mode=${4:-contained}
 agent=agent
 gateway_port=3128
+proxy=http://127.0.0.1:$gateway_port
+no_proxy=localhost,127.0.0.1,::1
 common=$stage/common
 
 step() { echo "==> $*"; }
@@ -138,6 +140,10 @@ if [ "$agent_mode" = contained ] && command -v podman >/dev/null; then
             echo "$f: $agent:$start:65536"
         fi
     done
+    # The Podman service behind the socket pulls images through the gateway
+    # (it gets no session's environment).
+    printf '[Service]\nEnvironment=HTTP_PROXY=%s HTTPS_PROXY=%s http_proxy=%s https_proxy=%s NO_PROXY=%s no_proxy=%s\n' \
+        "$proxy" "$proxy" "$proxy" "$proxy" "$no_proxy" "$no_proxy" | install_if_changed /etc/systemd/user/podman.service.d/agent-vm-proxy.conf 0644 || true
     # The agent's systemd (and so its Podman socket) runs while the VM runs.
     loginctl enable-linger "$agent"
     systemctl --global enable --quiet podman.socket
@@ -151,8 +157,6 @@ names=$(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$common/packages/envv
 for n in $names; do
     [[ $n =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || fail "envvars.txt: invalid variable name $n"
 done
-proxy=http://127.0.0.1:$gateway_port
-no_proxy=localhost,127.0.0.1,::1
 if {
     printf 'AcceptEnv %s\n' "$names"
     # Agent sessions find the gateway through the usual variables (set by

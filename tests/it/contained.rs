@@ -104,8 +104,9 @@ fn the_agent_is_contained() {
         std::fs::write(
             &config,
             format!(
-                "instances:\n  contain:\n    network: {mode}\n    allow: ['allowed.test:{allowed_port}', 'tls.test:{}']\n    \
-                 resolve: {{allowed.test: 127.0.0.1, refused.test: 127.0.0.1, tls.test: 127.0.0.1}}\n",
+                "instances:\n  contain:\n    network: {mode}\n    allow: ['allowed.test:{allowed_port}', 'tls.test:{}', \
+                 'registry.test:{allowed_port}']\n    resolve: {{allowed.test: 127.0.0.1, refused.test: 127.0.0.1, \
+                 tls.test: 127.0.0.1, registry.test: 127.0.0.1}}\n",
                 tls.port
             ),
         )
@@ -244,6 +245,16 @@ podman unshare cat /proc/self/uid_map | awk '$1 == 0 { print "root is uid", $2 }
     let agent_uid = w.guest("id -u").ok().stdout.trim().to_owned();
     assert_eq!(out, format!("in-container\n0\nroot is uid {agent_uid}\n"), "{out}");
     assert_eq!(w.guest("docker run --rm localhost/bb /busybox echo via-docker").ok().stdout, "via-docker\n");
+    // Pulls go through the gateway too (the Podman service behind `docker`
+    // gets no session's environment): the attempt reaches its log.
+    let _ = w.guest(&format!("docker pull registry.test:{allowed_port}/probe:1"));
+    let log = w.run(&["network", "log", "--json"]).ok().stdout.clone();
+    assert!(
+        log.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .any(|r| r["host"] == "registry.test"),
+        "the pull did not use the gateway: {log}"
+    );
     let escape = format!(
         "podman run --rm localhost/bb /busybox nc -w 5 192.168.5.2 {secret_port} </dev/null 2>&1 && echo connected"
     );

@@ -141,6 +141,62 @@ fn provisioning_against_a_real_guest() {
         &["provision"],
     );
     r.fails_with("sentinel .claude.json");
+
+    packages_install_in_one_run_with_progress(&w);
+}
+
+/// Debian packages from a repository of the test's own in the guest (the
+/// only source apt has then): one apt run with a line per package, and a
+/// failure that names the package.
+fn packages_install_in_one_run_with_progress(w: &World) {
+    w.admin(
+        r#"set -e
+repo=/srv/agent-vm-test-apt; sudo mkdir -p "$repo"; cd "$repo"
+for p in avm-test-one avm-test-two avm-test-three; do
+    d=$(mktemp -d); mkdir -p "$d/DEBIAN" "$d/usr/share/$p"
+    printf 'Package: %s
+Version: 1.0
+Architecture: all
+Maintainer: t <t@example.org>
+Description: test
+' "$p" > "$d/DEBIAN/control"
+    echo "$p" > "$d/usr/share/$p/marker"
+    sudo dpkg-deb --root-owner-group -b "$d" "$repo/$p.deb" >/dev/null
+done
+for f in *.deb; do dpkg-deb -f "$f"; echo "Filename: ./$f"; echo "Size: $(stat -c %s "$f")"; echo "SHA256: $(sha256sum "$f" | cut -d' ' -f1)"; echo; done | sudo tee Packages >/dev/null
+printf 'Suite: test
+Codename: test
+Architectures: all amd64
+SHA256:
+ %s %s Packages
+' "$(sha256sum Packages | cut -d' ' -f1)" "$(stat -c %s Packages)" | sudo tee Release >/dev/null
+sudo mkdir -p /etc/apt/agent-vm-test-off
+sudo sh -c 'mv /etc/apt/sources.list /etc/apt/sources.list.d/* /etc/apt/agent-vm-test-off/ 2>/dev/null || true'
+echo "deb [trusted=yes] file:$repo ./" | sudo tee /etc/apt/sources.list.d/agent-vm-test.list >/dev/null"#,
+    )
+    .ok();
+    let common = tempfile::tempdir().unwrap();
+    copy_tree(&crate::common::repo().join("tests/fixtures/common"), common.path());
+    let list = common.path().join("packages/apt-packages.txt");
+    let base = std::fs::read_to_string(&list).unwrap();
+    let provision = |extra: &str| {
+        std::fs::write(&list, format!("{base}{extra}")).unwrap();
+        Run::from(
+            w.agent_vm(&["provision"]).env("AGENT_VM_COMMON_DIR", common.path()).output().unwrap(),
+            &["provision"],
+        )
+    };
+    let r = provision("avm-test-one\navm-test-two\n");
+    r.ok();
+    assert!(r.stderr.contains("installing 2 listed package(s): avm-test-one avm-test-two"), "{}", r.stderr);
+    assert!(r.stderr.contains("  [1/2, ") && r.stderr.contains("  [2/2, "), "no progress lines: {}", r.stderr);
+    assert_eq!(
+        w.admin("cat /usr/share/avm-test-one/marker /usr/share/avm-test-two/marker").ok().stdout,
+        "avm-test-one\navm-test-two\n"
+    );
+    // One package apt cannot find: the failure names it.
+    let r = provision("avm-test-three\navm-test-missing\n");
+    r.fails_with("apt: installing avm-test-missing failed");
 }
 
 /// A service bound to the host's loopback is out of the guest's reach
