@@ -75,7 +75,8 @@ fn run_in_parallel_and_stop_everything_on_interrupt() {
 /// clean-all takes the branch locks run holds: it waits instead of
 /// deleting a workspace under a running command.
 fn clean_all_waits_for_a_running_run(w: &World, repo: &Path) {
-    let marker = "sleep 7.25";
+    // Long enough that clean-all, slow to connect on a loaded machine, still finds the run going.
+    let marker = "sleep 30.25";
     let child = w
         .agent_vm(&["run", "race-a", "--", "bash", "-c", &format!("{marker} && echo ok > survived && cat survived")])
         .current_dir(repo)
@@ -83,7 +84,7 @@ fn clean_all_waits_for_a_running_run(w: &World, repo: &Path) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    assert!(eventually(120, || guest_count(w, "[s]leep 7.25") >= 1), "the command never started in the VM");
+    assert!(eventually(120, || guest_count(w, "[s]leep 30.25") >= 1), "the command never started in the VM");
     let clean = w.run_in(repo, &["clean-all", "--yes", "--force"]);
     let run = Run::from(child.wait_with_output().unwrap(), &["run"]);
     run.ok();
