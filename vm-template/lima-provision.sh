@@ -20,6 +20,9 @@ agent=agent
 gateway_port=3128
 proxy=http://127.0.0.1:$gateway_port
 no_proxy=localhost,127.0.0.1,::1
+# What points a program at the gateway: agent sessions and the agent's
+# Podman service get the same.
+proxy_env="HTTP_PROXY=$proxy HTTPS_PROXY=$proxy http_proxy=$proxy https_proxy=$proxy NO_PROXY=$no_proxy no_proxy=$no_proxy"
 common=$stage/common
 
 step() { echo "==> $*"; }
@@ -142,8 +145,7 @@ if [ "$agent_mode" = contained ] && command -v podman >/dev/null; then
     done
     # The Podman service behind the socket pulls images through the gateway
     # (it gets no session's environment).
-    printf '[Service]\nEnvironment=HTTP_PROXY=%s HTTPS_PROXY=%s http_proxy=%s https_proxy=%s NO_PROXY=%s no_proxy=%s\n' \
-        "$proxy" "$proxy" "$proxy" "$proxy" "$no_proxy" "$no_proxy" | install_if_changed /etc/systemd/user/podman.service.d/agent-vm-proxy.conf 0644 || true
+    printf '[Service]\nEnvironment=%s\n' "$proxy_env" | install_if_changed /etc/systemd/user/podman.service.d/agent-vm-proxy.conf 0644 || true
     # The agent's systemd (and so its Podman socket) runs while the VM runs.
     loginctl enable-linger "$agent"
     systemctl --global enable --quiet podman.socket
@@ -162,8 +164,7 @@ if {
     # Agent sessions find the gateway through the usual variables (set by
     # sshd, so a session cannot be handed others); no forwarding of any kind.
     printf 'Match User %s\n' "$agent"
-    printf '    SetEnv HTTP_PROXY=%s HTTPS_PROXY=%s http_proxy=%s https_proxy=%s NO_PROXY=%s no_proxy=%s NODE_USE_ENV_PROXY=1%s\n' \
-        "$proxy" "$proxy" "$proxy" "$proxy" "$no_proxy" "$no_proxy" "${docker_host:+ DOCKER_HOST=$docker_host}"
+    printf '    SetEnv %s NODE_USE_ENV_PROXY=1%s\n' "$proxy_env" "${docker_host:+ DOCKER_HOST=$docker_host}"
     printf '    AllowTcpForwarding no\n    AllowStreamLocalForwarding no\n    X11Forwarding no\n    PermitTunnel no\n'
 } | install_if_changed /etc/ssh/sshd_config.d/agent-vm.conf 0644; then
     sshd -t || fail "sshd rejected /etc/ssh/sshd_config.d/agent-vm.conf"

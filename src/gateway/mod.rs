@@ -150,11 +150,9 @@ pub fn ensure(backend: &dyn Backend) -> Result<()> {
     }
     std::fs::create_dir_all(&paths.dir).with_context(|| format!("cannot create {}", paths.dir.display()))?;
     // A gateway that is running but not ready (starting, or reconnecting
-    // after the VM restarted) is waited for, not joined by a second one.
-    let mut child = match running(&paths) {
-        Some(_) => None,
-        None => Some(spawn(backend, &paths)?),
-    };
+    // after the VM restarted) is waited for, not joined by a second one:
+    // one is started only while none holds the lock.
+    let mut child: Option<std::process::Child> = None;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let state = running(&paths);
@@ -183,7 +181,7 @@ pub fn ensure(backend: &dyn Backend) -> Result<()> {
                     );
                 }
             }
-            // The one waited for has gone: start another.
+            // None holds the lock (at first, or the one waited for has gone).
             None if state.is_none() => child = Some(spawn(backend, &paths)?),
             None => {}
         }

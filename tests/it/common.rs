@@ -379,6 +379,21 @@ impl World {
     }
 }
 
+/// Serves each connection to `listener` with `handle`, each in a thread of
+/// its own, for as long as the test runs.
+pub fn serve_connections(
+    listener: std::net::TcpListener,
+    handle: impl Fn(std::net::TcpStream) + Clone + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let handle = handle.clone();
+            std::thread::spawn(move || handle(conn));
+        }
+    });
+}
+
 /// Waits until `cond` holds, for at most `secs` seconds.
 pub fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);

@@ -19,25 +19,15 @@ fn http_server(body: &'static str) -> (u16, Arc<Mutex<Vec<String>>>) {
     let port = listener.local_addr().unwrap().port();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let log = log.clone();
-            std::thread::spawn(move || {
-                conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
-                    head.push(byte[0]);
-                }
-                log.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            });
+    crate::common::serve_connections(listener, move |mut conn| {
+        conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+            head.push(byte[0]);
         }
+        log.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+        let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
     });
     (port, seen)
 }
@@ -82,6 +72,11 @@ print("answered" if answer[:2] == b"\x12\x34" else "garbage")
 
 fn probe(w: &World, how: &str, target: &str) -> String {
     w.guest_args(r#"python3 /tmp/agent-vm-probe.py "$1" "$2""#, &[how, target]).stdout.trim().to_owned()
+}
+
+/// The gateway's log records, from `network log --json`.
+fn network_log(w: &World) -> Vec<serde_json::Value> {
+    w.run(&["network", "log", "--json"]).ok().stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn doctor_gateway(w: &World) -> serde_json::Value {
@@ -177,12 +172,10 @@ fn the_agent_is_contained() {
         w.run_in(&repo, &["connect", "ws-one", "--no-mount", "--", "python3", "/tmp/agent-vm-probe.py", "get", &url]);
     assert_eq!(r.ok().stdout.trim_end().lines().last(), Some("200 allowed-service"), "{r:?}");
     let ws_name = w.workspace_dir(&repo, "ws-one").rsplit('/').next().unwrap().to_owned();
-    let log = w.run(&["network", "log", "--json"]).ok().stdout.clone();
+    let records = network_log(&w);
     assert!(
-        log.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .any(|r| r["workspace"] == ws_name.as_str()),
-        "no record names workspace {ws_name}: {log}"
+        records.iter().any(|r| r["workspace"] == ws_name.as_str()),
+        "no record names workspace {ws_name}: {records:?}"
     );
 
     let heads = allowed_seen.lock().unwrap().clone();
@@ -193,8 +186,7 @@ fn the_agent_is_contained() {
     let refused = probe(&w, "get", &format!("http://refused.test:{allowed_port}/"));
     assert!(refused.starts_with("403 "), "{refused}");
     assert!(refused.contains("agent-vm --instance contain network allow refused.test"), "{refused}");
-    let log = w.run(&["network", "log", "--json"]);
-    let records: Vec<serde_json::Value> = log.ok().stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records = network_log(&w);
     assert!(
         records
             .iter()
@@ -248,13 +240,8 @@ podman unshare cat /proc/self/uid_map | awk '$1 == 0 { print "root is uid", $2 }
     // Pulls go through the gateway too (the Podman service behind `docker`
     // gets no session's environment): the attempt reaches its log.
     let _ = w.guest(&format!("docker pull registry.test:{allowed_port}/probe:1"));
-    let log = w.run(&["network", "log", "--json"]).ok().stdout.clone();
-    assert!(
-        log.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .any(|r| r["host"] == "registry.test"),
-        "the pull did not use the gateway: {log}"
-    );
+    let records = network_log(&w);
+    assert!(records.iter().any(|r| r["host"] == "registry.test"), "the pull did not use the gateway: {records:?}");
     let escape = format!(
         "podman run --rm localhost/bb /busybox nc -w 5 192.168.5.2 {secret_port} </dev/null 2>&1 && echo connected"
     );

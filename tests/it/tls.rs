@@ -79,27 +79,21 @@ impl Ca {
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(tcp) = conn else { continue };
-                let (config, log) = (config.clone(), log.clone());
-                std::thread::spawn(move || {
-                    tcp.set_read_timeout(Some(Duration::from_secs(20))).ok();
-                    let Ok(tls) = rustls::ServerConnection::new(config) else { return };
-                    let mut stream = rustls::StreamOwned::new(tls, tcp);
-                    // Keep-alive: clients may send several requests.
-                    while let Some(request) = read_request(&mut stream) {
-                        log.lock().unwrap().push(request.clone());
-                        let (status, ctype, body) = respond(&request);
-                        let reply = format!(
-                            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if stream.write_all(reply.as_bytes()).and_then(|_| stream.flush()).is_err() {
-                            return;
-                        }
-                    }
-                });
+        crate::common::serve_connections(listener, move |tcp| {
+            tcp.set_read_timeout(Some(Duration::from_secs(20))).ok();
+            let Ok(tls) = rustls::ServerConnection::new(config.clone()) else { return };
+            let mut stream = rustls::StreamOwned::new(tls, tcp);
+            // Keep-alive: clients may send several requests.
+            while let Some(request) = read_request(&mut stream) {
+                log.lock().unwrap().push(request.clone());
+                let (status, ctype, body) = respond(&request);
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(reply.as_bytes()).and_then(|_| stream.flush()).is_err() {
+                    return;
+                }
             }
         });
         Stub { port, ca_pem: self.pem.clone(), seen }
