@@ -13,33 +13,35 @@ use serde::Serialize;
 /// Workspaces get their hooks from agent-vm's template (made once): a
 /// `push-to-checkout` hook that does what git's updateInstead does (refuse
 /// when the work tree or index differs from HEAD, else move the tree to the
-/// pushed commit) in two git processes instead of four.
+/// pushed commit) in fewer git processes, and first undoes a checkout that
+/// a crash cut short (`hooks/`).
 macro_rules! clone_workspace {
     () => {
-        r#"tmp="$2.agent-vm-new"
+        concat!(
+            r#"tmp="$2.agent-vm-new"
 [ ! -e "$tmp" ] || rm -rf -- "$tmp"
 [ -d "${2%/*}" ] || mkdir -p -- "${2%/*}"
 tpl=.agent-vm/template
-if [ ! -x "$tpl/hooks/push-to-checkout" ]; then
+if [ ! -x "$tpl/hooks/agent-vm-undo-checkout" ]; then
   mkdir -p "$tpl/hooks"
-  cat > "$tpl/hooks/push-to-checkout.new" <<'HOOK'
-#!/bin/sh
-# agent-vm: receive.denyCurrentBranch=updateInstead, with fewer processes.
-cd "$GIT_WORK_TREE" || exit 1
-if [ -n "$(git status --porcelain --untracked-files=no --ignore-submodules)" ]; then
-  echo "the workspace has uncommitted changes" >&2
-  exit 1
-fi
-exec git read-tree -u -m HEAD "$1"
-HOOK
-  chmod +x "$tpl/hooks/push-to-checkout.new"
-  mv -f "$tpl/hooks/push-to-checkout.new" "$tpl/hooks/push-to-checkout"
+  cat > "$tpl.$$.p" <<'HOOK'
+"#,
+            include_str!("hooks/push-to-checkout"),
+            r#"HOOK
+  cat > "$tpl.$$.u" <<'HOOK'
+"#,
+            include_str!("hooks/agent-vm-undo-checkout"),
+            r#"HOOK
+  chmod +x "$tpl.$$.p" "$tpl.$$.u"
+  mv -f "$tpl.$$.p" "$tpl/hooks/push-to-checkout"
+  mv -f "$tpl.$$.u" "$tpl/hooks/agent-vm-undo-checkout"
 fi
 git clone -q --local --template="$tpl" --branch="$3" -c receive.denyCurrentBranch=updateInstead \
     -c core.untrackedCache=true -c "agent-vm.branch=$3" -c "agent-vm.hostRepo=$4" -- "$1" "$tmp"
 git -C "$tmp" remote remove origin
 mv -T -- "$tmp" "$2"
 "#
+        )
     };
 }
 
@@ -414,5 +416,96 @@ mod tests {
         // Present: nothing more to do.
         assert_eq!(run(PREPARE_WORKSPACE, &args), (Some(0), String::new()));
         assert_eq!(run(ENSURE_CACHE, &args[..2]), (Some(0), "present\n".into()));
+    }
+
+    /// A push's checkout that a crash cut short (its marker names a hook
+    /// that is gone; files half written) is undone by the next push, and
+    /// only what it wrote: the agent's own changes stay and still stop a
+    /// push that would overwrite them.
+    #[test]
+    fn a_checkout_cut_short_is_undone_by_the_next_push() {
+        let home = tempfile::tempdir().unwrap();
+        let src = home.path().join("src");
+        let write = |dir: &Path, files: &[(&str, &str)]| {
+            for (name, text) in files {
+                std::fs::write(dir.join(name), text).unwrap();
+            }
+        };
+        one_commit(&src, "w");
+        write(&src, &[("m", "old m\n"), ("d", "doomed\n"), ("k", "kept\n")]);
+        host_git(&src, &["add", "-A"]);
+        host_git(&src, &["commit", "-q", "-m", "base"]);
+        let base = host_git(&src, &["rev-parse", "HEAD"]);
+        let ws = Workspace::new(&host("/h/r", "r"), "w");
+        let cache = home.path().join(&ws.cache);
+        let run = |script: &str, args: &[&str]| {
+            let out = std::process::Command::new("sh")
+                .current_dir(home.path())
+                .arg("-c")
+                .arg(shell::script(script, args).unwrap())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(ENSURE_CACHE, &[&ws.cache, &ws.dir]);
+        host_git(&src, &["push", "-q", cache.to_str().unwrap(), "HEAD:refs/heads/w"]);
+        run(PREPARE_WORKSPACE, &[&ws.cache, &ws.dir, "w", "/h/r", &base]);
+        let dir = home.path().join(&ws.dir);
+        let big_m: String = (0..5000).map(|i| format!("new m line {i}\n")).collect();
+        write(&src, &[("m", &big_m), ("n", "new n\n")]);
+        host_git(&src, &["rm", "-q", "d"]);
+        host_git(&src, &["add", "-A"]);
+        host_git(&src, &["commit", "-q", "-m", "target"]);
+        let target = host_git(&src, &["rev-parse", "HEAD"]);
+        let push = |rev: &str| {
+            let out = std::process::Command::new("git")
+                .current_dir(&src)
+                .args(["push", "-q", dir.to_str().unwrap(), &format!("{rev}:refs/heads/w")])
+                .output()
+                .unwrap();
+            (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        let gone = {
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            child.wait().unwrap();
+            child.id()
+        };
+        let marker = |pid: u32, commit: &str| dir.join(format!(".git/agent-vm-checkout.{pid}.{commit}"));
+        // The objects arrived, then the checkout stopped: m half written,
+        // d deleted, n written; plus an untracked file of the agent's.
+        host_git(&src, &["push", "-q", dir.to_str().unwrap(), "HEAD:refs/heads/incoming"]);
+        write(&dir, &[("m", &big_m[..700]), ("n", "new n\n"), ("notes", "mine\n")]);
+        std::fs::remove_file(dir.join("d")).unwrap();
+        std::fs::write(marker(gone, &target), "").unwrap();
+        // A live checkout's marker stops the push, touching nothing.
+        std::fs::write(marker(std::process::id(), &target), "").unwrap();
+        let (pushed, said) = push(&target);
+        assert!(!pushed && said.contains("another push"), "{said}");
+        assert_eq!(std::fs::read_to_string(dir.join("m")).unwrap(), &big_m[..700]);
+        std::fs::remove_file(marker(std::process::id(), &target)).unwrap();
+        let (pushed, said) = push(&target);
+        assert!(pushed, "{said}");
+        assert_eq!(host_git(&dir, &["rev-parse", "HEAD"]), target);
+        assert_eq!(host_git(&dir, &["status", "--porcelain"]), "?? notes");
+        assert_eq!(std::fs::read_to_string(dir.join("m")).unwrap(), big_m);
+        assert!(!dir.join("d").exists());
+        assert_eq!(std::fs::read_to_string(dir.join("notes")).unwrap(), "mine\n");
+        assert!(
+            std::fs::read_dir(dir.join(".git"))
+                .unwrap()
+                .all(|e| { !e.unwrap().file_name().to_string_lossy().starts_with("agent-vm-checkout") })
+        );
+        // Cut short again, but the agent has since edited a file the push
+        // changes and one it does not: both edits stay, the push is refused.
+        write(&src, &[("k", "kept, v2\n"), ("n", "newer n\n")]);
+        host_git(&src, &["commit", "-q", "-am", "next"]);
+        let next = host_git(&src, &["rev-parse", "HEAD"]);
+        write(&dir, &[("k", "agent's k\n"), ("n", "agent's n\n"), ("m", "")]);
+        std::fs::write(marker(gone, &next), "").unwrap();
+        let (pushed, said) = push(&next);
+        assert!(!pushed && said.contains("uncommitted changes"), "{said}");
+        assert_eq!(host_git(&dir, &["rev-parse", "HEAD"]), target);
+        assert_eq!(std::fs::read_to_string(dir.join("k")).unwrap(), "agent's k\n");
+        assert_eq!(std::fs::read_to_string(dir.join("n")).unwrap(), "agent's n\n");
     }
 }

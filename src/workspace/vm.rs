@@ -46,13 +46,22 @@ struct Guard {
     tip: Oid,
 }
 
-/// Refs the VM rejected in a push, and why.
-type Rejected = Vec<(String, String)>;
+/// Refs the VM rejected in a push: name, git's reason, and what the VM
+/// printed.
+type Rejected = Vec<(String, String, String)>;
 
 /// Pushes through `remote` (connected or not), with progress.
 fn push_through(remote: &mut git2::Remote, refspec: &str, bar: &Progress) -> Result<Rejected> {
     let mut rejected = Vec::new();
+    // What the VM's git and hooks print ("remote: …"): the reason behind a
+    // rejection. Untrusted and bounded; shown only through `printable`.
+    let mut said = Vec::new();
     let mut callbacks = git2::RemoteCallbacks::new();
+    callbacks.sideband_progress(|text| {
+        let room = MAX_REMOTE_SAID.saturating_sub(said.len());
+        said.extend_from_slice(&text[..text.len().min(room)]);
+        true
+    });
     callbacks.push_update_reference(|name, status| {
         if let Some(msg) = status {
             rejected.push((name.to_owned(), msg.to_owned()));
@@ -69,7 +78,22 @@ fn push_through(remote: &mut git2::Remote, refspec: &str, bar: &Progress) -> Res
     opts.remote_callbacks(callbacks);
     remote.push(&[refspec], Some(&mut opts))?;
     drop(opts);
-    Ok(rejected)
+    let said = remote_said(&said);
+    Ok(rejected.into_iter().map(|(name, why)| (name, why, said.clone())).collect())
+}
+
+const MAX_REMOTE_SAID: usize = 8 << 10;
+
+/// The VM's sideband text as lines, progress meters (carriage-return
+/// redraws) dropped.
+fn remote_said(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw)
+        .split('\n')
+        .filter_map(|l| l.rsplit('\r').find(|p| !p.trim().is_empty()))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl Vm {
@@ -256,14 +280,15 @@ impl Vm {
         progress.finish();
         let stderr = self.remote.take_stderr();
         let (pushed, rejected) = result.map_err(|e| with_remote_stderr(e, &stderr))?;
-        if let Some((name, why)) = rejected.first() {
-            let hint = if why.contains("changes") || why.contains("push-to-checkout") {
+        if let Some((name, why, said)) = rejected.first() {
+            let hint = if said.contains("uncommitted changes") {
                 " (the agent has uncommitted changes in the workspace: have them committed or \
                  discarded there, fetch, then push again; nothing was changed)"
             } else {
-                ""
+                " (nothing was changed)"
             };
-            bail!("the VM refused to update {}: {}{hint}", printable(name), printable(why));
+            let said: String = said.lines().map(|l| format!("\n  remote: {}", printable(l))).collect();
+            bail!("the VM refused to update {}: {}{hint}{said}", printable(name), printable(why));
         }
         if preparing && stderr.lines().any(|l| l == "created") {
             return Ok(pushed.map(|_| Pushed::Created));

@@ -775,10 +775,32 @@ fn faults(w: &World, host: &Host, s: &mut Suite) {
         }
         Ok(())
     });
-    s.case(C, "the guest killed mid-push: host intact, next push succeeds", || {
-        host_big_commit(&repo, "f", 24, "guest-killed.bin");
+    s.case(C, "the guest killed mid-checkout of a push: host intact, next push undoes it and succeeds", || {
+        // The workspace's checkout of the pushed commit is held up in a
+        // filter (the agent's own config) while the guest dies, with what
+        // it had written on disk: its lock, a file, the hook's marker.
+        w.guest_args(
+            r#"git -C "$1" config filter.slow.smudge 'if [ -e /tmp/agent-vm-slow ]; then sleep 600; fi; cat' && touch /tmp/agent-vm-slow"#,
+            &[&ws],
+        )
+        .ok();
+        git(&repo, &["checkout", "-q", "f"]);
+        std::fs::write(repo.join(".gitattributes"), "*.slow filter=slow\n").unwrap();
+        std::fs::write(repo.join("held.slow"), "held up\n").unwrap();
+        git(&repo, &["add", ".gitattributes", "held.slow"]);
+        git(&repo, &["commit", "-q", "-m", "held up"]);
+        git(&repo, &["checkout", "-q", "main"]);
         let before = refs(&repo);
-        let (mut child, log) = spawn_transferring(w, &repo, &["push", "f"], "receive-pack")?;
+        let mut child = spawn_in(w, &repo, &["push", "f"]);
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while !w.guest("ps -eo args").stdout.contains("sleep 600") {
+            if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+                kill9(&mut child);
+                return Err("the checkout never reached the filter".into());
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        w.admin("sync").ok();
         let pid = std::fs::read_to_string(w.instance_dir().join("qemu.pid")).unwrap();
         Command::new("kill").args(["-9", pid.trim()]).status().unwrap();
         // The connection is gone with the guest: the push must end by itself.
@@ -793,12 +815,14 @@ fn faults(w: &World, host: &Host, s: &mut Suite) {
             }
             std::thread::sleep(Duration::from_millis(200));
         };
-        let log = String::from_utf8_lossy(&log.iter().flatten().collect::<Vec<u8>>()).into_owned();
-        check!(!status.success() || log.contains("Pushed"), "unclear outcome: {log}");
+        check!(!status.success(), "the push succeeded though the guest died during it");
         check!(refs(&repo) == before, "host refs changed");
         fsck(&repo)?;
         ok(&w.run(&["start"]))?;
+        w.guest("rm -f /tmp/agent-vm-slow").ok();
         ok(&w.run_in(&repo, &["push", "f"]))?;
+        let vm = w.guest_args(r#"cd "$1" && cat held.slow && git status --porcelain && git rev-parse HEAD"#, &[&ws]);
+        check!(vm.stdout == format!("held up\n{}\n", tip(&repo, "f")), "the workspace after the push: {}", vm.stdout);
         host.clean()
     });
 }
