@@ -24,6 +24,28 @@ pub struct Instance {
     pub backend: InstanceConfig,
     pub network: Network,
     pub agent: Agent,
+    pub credentials: Credentials,
+}
+
+/// How the agent's API keys and GCP credentials reach it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialMode {
+    /// They stay on the host; the gateway adds them on the way out.
+    #[default]
+    Broker,
+    /// Copied into the VM (keys in the session environment, GCP
+    /// credentials in /etc/google): the agent can read them.
+    Copy,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Credentials {
+    /// As configured; [`Instance::credential_mode`] says what applies.
+    pub mode: Option<CredentialMode>,
+    /// The broker's endpoints per provider (and `google-token`), instead
+    /// of the usual ones.
+    pub upstreams: BTreeMap<String, String>,
 }
 
 /// How one instance is run.
@@ -82,6 +104,18 @@ struct RawInstance {
     resolve: BTreeMap<String, std::net::IpAddr>,
     #[serde(default)]
     agent: Agent,
+    #[serde(default)]
+    credentials: Option<CredentialMode>,
+    #[serde(default)]
+    upstreams: BTreeMap<String, String>,
+}
+
+impl Instance {
+    /// The broker whenever the agent is contained, unless `credentials:
+    /// copy`; copied when the agent has sudo (it could read anything).
+    pub fn credential_mode(&self) -> CredentialMode {
+        self.credentials.mode.unwrap_or(if self.agent.sudo { CredentialMode::Copy } else { CredentialMode::Broker })
+    }
 }
 
 impl TryFrom<RawInstance> for Instance {
@@ -98,8 +132,16 @@ impl TryFrom<RawInstance> for Instance {
         for rule in raw.allow.iter().chain(&raw.deny) {
             crate::gateway::policy::Rule::parse(rule).map_err(|e| format!("{e:#}"))?;
         }
+        for (name, url) in &raw.upstreams {
+            if name != "google-token" && crate::gateway::broker::providers::find(name).is_none() {
+                let names: Vec<&str> = crate::gateway::broker::providers::PROVIDERS.iter().map(|p| p.name).collect();
+                return Err(format!("upstreams: unknown provider {name:?} ({} or google-token)", names.join(", ")));
+            }
+            crate::gateway::broker::https::Url::parse(url).map_err(|e| format!("upstreams: {name}: {e:#}"))?;
+        }
         let network = Network { mode: raw.network, allow: raw.allow, deny: raw.deny, resolve: raw.resolve };
-        Ok(Instance { backend, network, agent: raw.agent })
+        let credentials = Credentials { mode: raw.credentials, upstreams: raw.upstreams };
+        Ok(Instance { backend, network, agent: raw.agent, credentials })
     }
 }
 

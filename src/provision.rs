@@ -147,9 +147,25 @@ pub fn envvar_names(files: &[File]) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The listed variables that are set on the host, for a connected session.
-pub fn session_env() -> Result<Vec<(String, String)>> {
-    Ok(envvar_names(&files()?).into_iter().filter_map(|name| std::env::var(&name).ok().map(|v| (name, v))).collect())
+/// The listed variables that are set on the host, for a connected session
+/// of `instance`. With the credential broker, a provider whose key the
+/// host has gets the gateway's base URL and a placeholder instead of any
+/// of its variables.
+pub fn session_env(instance: &str) -> Result<Vec<(String, String)>> {
+    let listed = envvar_names(&files()?).into_iter().filter_map(|name| std::env::var(&name).ok().map(|v| (name, v)));
+    let mode = crate::config::Config::load()?.entry(instance).credential_mode();
+    if mode == crate::config::CredentialMode::Copy {
+        return Ok(listed.collect());
+    }
+    let host = |v: &str| std::env::var(v).ok();
+    let brokered: Vec<&str> = crate::gateway::broker::providers::PROVIDERS
+        .iter()
+        .filter(|p| p.key(host).is_some())
+        .flat_map(|p| p.variables())
+        .collect();
+    let mut env: Vec<(String, String)> = listed.filter(|(name, _)| !brokered.contains(&name.as_str())).collect();
+    env.extend(crate::gateway::broker::session_env(host, false));
+    Ok(env)
 }
 
 // VM-side scripts; every variable part is a positional argument.
@@ -218,6 +234,9 @@ pub struct Options {
     /// Give the agent user sudo (config.yaml `agent: {sudo: true}`): the
     /// agent is then not contained.
     pub agent_sudo: bool,
+    /// Whether GCP credentials are brokered or copied into the VM
+    /// (config.yaml `credentials:`).
+    pub credentials: crate::config::CredentialMode,
 }
 
 /// The variable that opts out of the guest→host firewall rule.
@@ -230,15 +249,31 @@ impl Options {
         let on = std::env::var(HOST_ACCESS_ENV).is_ok_and(|v| {
             !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false" | "no" | "off" | "n" | "f")
         });
-        Options { host_access: on, agent_sudo: false }
+        Options { host_access: on, agent_sudo: false, credentials: crate::config::CredentialMode::Broker }
     }
 }
 
-/// What provisioning found.
+/// Where the VM's GCP access comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Gcp {
+    /// Tokens from the gateway; no credentials in the VM.
+    Brokered,
+    /// The host's credentials file is in the VM.
+    Copied,
+    /// Neither (none on the host when provisioned).
+    None,
+}
+
+/// What provisioning did.
 #[derive(Debug)]
 pub struct Report {
-    pub credentials: bool,
+    pub gcp: Gcp,
 }
+
+/// What is said wherever credentials are copied.
+pub const COPY_WARNING: &str = "credentials: copy: the agent can read the GCP credentials and API keys it is given, \
+     and send them anywhere it can reach";
 
 /// Provisions the VM over `session`: tools and agents (as root, through
 /// vm-template/lima-provision.sh), home files, credentials, timezone,
@@ -305,9 +340,11 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
     .await?;
     tracing::debug!(said = said.trim(), "home");
 
-    match &adc {
-        Some((path, data)) => {
+    let copy = options.credentials == crate::config::CredentialMode::Copy;
+    let gcp = match &adc {
+        Some((path, data)) if copy => {
             ui.say(&format!("Provisioning the VM: GCP credentials from {}…", path.display()));
+            ui.say(&format!("warning: {COPY_WARNING}"));
             run_root(
                 session,
                 INSTALL_SYSTEM_FILE,
@@ -316,10 +353,25 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
                 "installing the GCP credentials",
             )
             .await?;
+            Gcp::Copied
         }
-        None => ui.say("Provisioning the VM: no GCP application-default credentials on this machine (skipped)."),
+        Some((path, _)) => {
+            ui.say(&format!(
+                "Provisioning the VM: GCP through the gateway's tokens (from {}; no credentials in the VM)…",
+                path.display()
+            ));
+            Gcp::Brokered
+        }
+        None => {
+            ui.say("Provisioning the VM: no GCP application-default credentials on this machine (skipped).");
+            Gcp::None
+        }
+    };
+    if gcp != Gcp::Copied {
+        // Copied by an earlier provisioning: gone now.
+        run_root(session, "rm -f -- \"$1\"", &[ADC_PATH], &[], "removing copied GCP credentials").await?;
     }
-    let profile = profile(adc.is_some())?;
+    let profile = profile(gcp)?;
     run_root(
         session,
         INSTALL_SYSTEM_FILE,
@@ -338,7 +390,7 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
             ui.say(&format!("warning: {e:#}"));
         }
     }
-    Ok(Report { credentials: adc.is_some() })
+    Ok(Report { gcp })
 }
 
 /// A session to the VM just after provisioning reloaded its sshd: sshd
@@ -357,10 +409,16 @@ async fn connect_after_reload(endpoint: &crate::ssh::Endpoint) -> Result<Session
     }
 }
 
-/// Whether the VM has GCP credentials installed.
-pub async fn has_credentials(session: &Session) -> Result<bool> {
-    let out = session.exec(&shell::quote(&["test", "-f", ADC_PATH])?).await?;
-    Ok(out.status == 0)
+/// Where the VM's GCP access comes from, as provisioned.
+pub async fn gcp(session: &Session) -> Result<Gcp> {
+    let script =
+        r#"if [ -f "$1" ]; then echo copied; elif grep -qs '^export GCE_METADATA_HOST=' "$2"; then echo brokered; fi"#;
+    let out = session.exec(&shell::script(script, &[ADC_PATH, PROFILE_PATH])?).await?;
+    Ok(match out.stdout_str().trim() {
+        "copied" => Gcp::Copied,
+        "brokered" => Gcp::Brokered,
+        _ => Gcp::None,
+    })
 }
 
 async fn run_script<S: AsRef<str>>(
@@ -397,12 +455,22 @@ fn credentials() -> Result<Option<(PathBuf, Vec<u8>)>> {
     Ok(Some((path, data)))
 }
 
-/// /etc/profile.d/ai-agent-env.sh: where the credentials are, and the
-/// Vertex settings of the host. Not secret.
-fn profile(credentials: bool) -> Result<String> {
+/// /etc/profile.d/ai-agent-env.sh: where GCP access comes from (the copied
+/// credentials, or the gateway as metadata server), and the Vertex
+/// settings of the host. Not secret.
+fn profile(gcp: Gcp) -> Result<String> {
     let mut text = String::from("# Written by `agent-vm provision`.\n");
-    if credentials {
-        text.push_str(&format!("export GOOGLE_APPLICATION_CREDENTIALS={ADC_PATH}\n"));
+    match gcp {
+        Gcp::Copied => text.push_str(&format!("export GOOGLE_APPLICATION_CREDENTIALS={ADC_PATH}\n")),
+        Gcp::Brokered => {
+            for (name, value) in crate::gateway::broker::session_env(|_| None, true) {
+                text.push_str(&format!("export {name}={}\n", shell::quote(&[value])?));
+            }
+            if let Some(project) = crate::gateway::broker::gce::project() {
+                text.push_str(&format!("export GOOGLE_CLOUD_PROJECT={}\n", shell::quote(&[project])?));
+            }
+        }
+        Gcp::None => {}
     }
     for name in VERTEX_VARS {
         if let Ok(value) = std::env::var(name) {

@@ -102,7 +102,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let endpoint = session.endpoint().clone();
     // API keys and the like from envvars.txt travel in the SSH session's
     // environment, never on a command line.
-    let env = crate::provision::session_env()?;
+    let env = crate::provision::session_env(&ctx.instance)?;
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     if args.command.is_empty() || interactive {
         // A terminal session: OpenSSH handles the tty, window size and

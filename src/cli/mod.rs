@@ -259,8 +259,9 @@ async fn session_with(
 /// follows its (new) port, and the network gateway runs.
 fn after_connect(ctx: &Context, backend: &dyn Backend, endpoint: &crate::ssh::Endpoint) {
     refresh_ssh_config(backend, endpoint);
-    if let Err(e) = crate::gateway::ensure(backend) {
-        ctx.ui.say(&format!("warning: {e:#}"));
+    match crate::gateway::ensure(backend).and_then(|_| crate::gateway::hand_keys(backend)) {
+        Ok(()) => {}
+        Err(e) => ctx.ui.say(&format!("warning: {e:#}")),
     }
 }
 
@@ -301,7 +302,9 @@ async fn provision_vm(
     options: &crate::provision::Options,
 ) -> Result<()> {
     let mut options = *options;
-    options.agent_sudo = crate::config::Config::load()?.entry(backend.instance()).agent.sudo;
+    let entry = crate::config::Config::load()?.entry(backend.instance());
+    options.agent_sudo = entry.agent.sudo;
+    options.credentials = entry.credential_mode();
     // The mount is the agent user's once there is one: a mount of the
     // admin's home from before goes first.
     let agent = crate::provision::AGENT_USER;

@@ -89,7 +89,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         }
     }
     let host = HostRepo::discover()?;
-    let env = crate::provision::session_env()?;
+    let env = crate::provision::session_env(&ctx.instance)?;
     let (backend, session) = super::session(ctx, true).await?;
     let endpoint = session.endpoint().clone();
     let vm = Vm::new(session)?;

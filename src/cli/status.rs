@@ -27,13 +27,22 @@ struct Status {
     disk_bytes: Option<u64>,
     ssh: Option<Ssh>,
     mount: MountStatus,
-    /// Whether the VM has GCP application-default credentials (when running).
-    gcp_credentials: Option<bool>,
+    credentials: CredentialsStatus,
     /// Workspaces in the VM (empty when it is not running).
     workspaces: Vec<WorkspaceStatus>,
     /// What is wrong with the VM and what to run, when it is not usable.
     problem: Option<String>,
     network: NetworkStatus,
+}
+
+/// Which credentials stay on the host and which are in the VM.
+#[derive(Serialize)]
+struct CredentialsStatus {
+    mode: crate::config::CredentialMode,
+    /// Where the VM's GCP access comes from (when running).
+    gcp: Option<crate::provision::Gcp>,
+    /// Each provider whose key this machine has: `brokered` or `copied`.
+    api_keys: std::collections::BTreeMap<&'static str, &'static str>,
 }
 
 #[derive(Serialize)]
@@ -84,12 +93,21 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let instance = vm::existing(backend.as_ref())?;
     let running = instance.state == State::Running;
     let mut workspaces = Vec::new();
-    let mut gcp_credentials = None;
+    let mode = crate::config::Config::load()?.entry(backend.instance()).credential_mode();
+    let mut credentials = CredentialsStatus {
+        mode,
+        gcp: None,
+        api_keys: crate::gateway::broker::providers::PROVIDERS
+            .iter()
+            .filter(|p| p.key(|v| std::env::var(v).ok()).is_some())
+            .map(|p| (p.name, if mode == crate::config::CredentialMode::Copy { "copied" } else { "brokered" }))
+            .collect(),
+    };
     let ssh = if running {
         let ep = crate::vm::agent_endpoint(backend.as_ref())?;
         let session = Session::connect(&ep, crate::ssh::CONNECT_TIMEOUT).await?;
         super::after_connect(ctx, backend.as_ref(), &ep);
-        gcp_credentials = Some(crate::provision::has_credentials(&session).await?);
+        credentials.gcp = Some(crate::provision::gcp(&session).await?);
         let vm = Vm::new(session)?;
         let host = HostRepo::discover().ok();
         for listed in vm.list().await? {
@@ -142,7 +160,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         disk_bytes: instance.disk_bytes,
         ssh,
         mount,
-        gcp_credentials,
+        credentials,
         workspaces,
         network,
     };
@@ -174,15 +192,25 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     };
     println!("Agent:     {who}");
     println!("Network:   {} mode; gateway {}", n.mode, crate::printable(&n.gateway));
-    if let Some(c) = status.gcp_credentials {
+    let c = &status.credentials;
+    let keys: Vec<String> = c.api_keys.iter().map(|(p, how)| format!("{p} {how}")).collect();
+    println!(
+        "Keys:      {}",
+        if keys.is_empty() { "no provider keys on this machine".to_owned() } else { keys.join(", ") }
+    );
+    if let Some(gcp) = c.gcp {
         println!(
             "GCP:       {}",
-            if c {
-                "application-default credentials present"
-            } else {
-                "no credentials (absent on this machine when provisioned)"
+            match gcp {
+                crate::provision::Gcp::Brokered =>
+                    "brokered: short-lived tokens from the gateway, no credentials in the VM",
+                crate::provision::Gcp::Copied => "COPIED: application-default credentials in the VM",
+                crate::provision::Gcp::None => "no credentials (absent on this machine when provisioned)",
             }
         );
+    }
+    if c.mode == crate::config::CredentialMode::Copy || c.gcp == Some(crate::provision::Gcp::Copied) {
+        println!("warning:   {}", crate::provision::COPY_WARNING);
     }
     if running {
         println!("Workspaces:{}", if status.workspaces.is_empty() { " none" } else { "" });

@@ -10,6 +10,7 @@
 //! command that reaches the running VM), holding a lock in the instance's
 //! state directory; `stop` and `destroy` end it.
 
+pub mod broker;
 pub mod log;
 pub mod policy;
 pub mod proxy;
@@ -70,6 +71,75 @@ impl Paths {
     fn rules(&self) -> PathBuf {
         self.dir.join("network-rules.json")
     }
+    /// Where later commands hand the gateway their API keys.
+    fn keys(&self) -> PathBuf {
+        self.dir.join("gateway.sock")
+    }
+}
+
+/// The longest Unix socket path every host takes (macOS: 104 bytes).
+const MAX_SOCKET_PATH: usize = 103;
+
+/// Hands the running gateway the provider keys of this command's
+/// environment, so that a key changed on the host applies to the next
+/// request without a restart. Through a socket only this user can open;
+/// nothing is written to disk.
+pub fn hand_keys(backend: &dyn Backend) -> Result<()> {
+    use std::io::{Read, Write};
+    let keys: std::collections::BTreeMap<&str, String> =
+        broker::providers::key_variables().filter_map(|v| std::env::var(v).ok().map(|k| (v, k))).collect();
+    let path = Paths::new(&backend.state_dir()).keys();
+    if keys.is_empty() || path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Ok(());
+    }
+    let mut sock = std::os::unix::net::UnixStream::connect(&path)
+        .with_context(|| format!("cannot reach the gateway at {}", path.display()))?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    sock.write_all(&serde_json::to_vec(&keys)?)?;
+    sock.shutdown(std::net::Shutdown::Write)?;
+    let mut answer = String::new();
+    sock.read_to_string(&mut answer)?;
+    if answer != "ok" {
+        bail!("the gateway did not take the API keys: {}", crate::printable(&answer));
+    }
+    Ok(())
+}
+
+/// Takes keys from [`hand_keys`] for as long as the gateway runs.
+fn take_keys(paths: &Paths, ctx: Arc<proxy::Context>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = paths.keys();
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        tracing::warn!("{} is too long for a socket: keys changed on the host apply after a restart", path.display());
+        return Ok(());
+    }
+    // Ours alone: we hold the lock, so a socket left here is stale.
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot listen at {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let mut text = Vec::new();
+                let mut limited = (&mut conn).take(64 << 10);
+                let answer = match tokio::time::timeout(Duration::from_secs(5), limited.read_to_end(&mut text)).await {
+                    Ok(Ok(_)) => match serde_json::from_slice(&text) {
+                        Ok(keys) => {
+                            ctx.broker.set_keys(keys);
+                            "ok"
+                        }
+                        Err(_) => "not a JSON object of strings",
+                    },
+                    _ => "nothing read",
+                };
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
 }
 
 /// What the running gateway says of itself.
@@ -124,11 +194,13 @@ impl LiveRules {
 /// The policy the gateway applies for `instance` now: config file, then
 /// live rules, then the default allowlist.
 pub fn current_policy(instance: &str, paths: &Paths) -> Result<policy::Policy> {
-    let net = crate::config::Config::load()?.entry(instance).network;
-    let live = LiveRules::load(paths)?;
+    let entry = crate::config::Config::load()?.entry(instance);
+    let (net, live) = (entry.network, LiveRules::load(paths)?);
     let allow: Vec<String> = net.allow.iter().chain(&live.allow).cloned().collect();
     let deny: Vec<String> = net.deny.iter().chain(&live.deny).cloned().collect();
-    policy::Policy::new(net.mode, &allow, &deny, net.resolve)
+    let mut policy = policy::Policy::new(net.mode, &allow, &deny, net.resolve)?;
+    policy.upstreams = entry.credentials.upstreams;
+    Ok(policy)
 }
 
 /// The gateway's state, when one runs for these paths.
@@ -249,6 +321,7 @@ pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> 
         policy: Box::new(move || current_policy(&instance, &policy_paths)),
         log: log::Log::new(paths.log()),
         command: command_prefix,
+        broker: broker::Broker::from_env(),
     });
     let write_state = |phase: &str, error: Option<String>| {
         let state = State {
@@ -261,6 +334,7 @@ pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> 
         let _ = std::fs::write(&tmp, serde_json::to_vec(&state).unwrap_or_default());
         let _ = std::fs::rename(&tmp, paths.state());
     };
+    take_keys(&paths, ctx.clone())?;
     write_state("starting", None);
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut unreachable_since: Option<std::time::Instant> = None;

@@ -139,6 +139,9 @@ pub struct Policy {
     /// Names the gateway resolves to these addresses instead of asking DNS
     /// (like curl's --resolve); pinning a name also permits its address.
     pub resolve: BTreeMap<String, IpAddr>,
+    /// Where the credential broker sends each provider's requests instead
+    /// of its usual endpoint (`https://host[:port][/path]`).
+    pub upstreams: BTreeMap<String, String>,
 }
 
 /// Why a request went one way or the other.
@@ -167,7 +170,7 @@ impl Policy {
             .into_iter()
             .map(|(name, ip)| Ok((host_name(&name).with_context(|| format!("{name:?} is not a host name"))?, ip)))
             .collect::<Result<_>>()?;
-        Ok(Policy { mode, allow: rules, deny, resolve })
+        Ok(Policy { mode, allow: rules, deny, resolve, upstreams: BTreeMap::new() })
     }
 
     /// The decision on the name the agent asked for, before any lookup.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::broker::Origin;
 use super::log::{Log, Record};
 use super::policy::{Policy, Verdict, host_name};
 
@@ -27,6 +28,7 @@ pub struct Context {
     /// `agent-vm` or `agent-vm --instance NAME`: the command prefix that
     /// refusals tell the user to run.
     pub command: String,
+    pub broker: super::broker::Broker,
 }
 
 /// One request as the agent sent it.
@@ -38,6 +40,8 @@ struct Request {
     /// For plain HTTP: the head to send on, in origin form.
     forward: Option<Vec<u8>>,
     workspace: Option<String>,
+    /// A request to the gateway itself: for the credential broker.
+    to_broker: Option<Origin>,
 }
 
 /// Serves one proxy connection from the agent to its end.
@@ -56,6 +60,22 @@ where
         Err(why) => return respond(&mut client, 400, &why).await,
     };
     let rest = buf[head..].to_vec();
+    if let Some(origin) = &req.to_broker {
+        let done = super::broker::serve(&mut client, origin, &rest, &ctx).await;
+        let record = Record {
+            time: now(),
+            host: done.host,
+            port: done.port,
+            verdict: if done.allowed { "allowed" } else { "refused" }.into(),
+            rule: done.rule,
+            up: done.up,
+            down: done.down,
+            workspace: req.workspace.clone(),
+            method: req.method.clone(),
+            error: done.error,
+        };
+        return log(&ctx, &record);
+    }
     let mut record = Record {
         time: now(),
         host: req.host.clone(),
@@ -77,7 +97,7 @@ where
             return respond(&mut client, 503, "the gateway's rules cannot be read; see `agent-vm network log`").await;
         }
     };
-    let upstream = match decide(&policy, &req).await {
+    let upstream = match decide(&policy, &req.host, req.port).await {
         Ok((addrs, rule)) => {
             record.rule = rule;
             record.verdict = "allowed".into();
@@ -175,9 +195,14 @@ fn parse(head: &[u8]) -> Result<Request, String> {
         lines.filter(|l| !l.is_empty()).filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim(), v.trim())).collect();
     let workspace =
         headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("proxy-authorization")).and_then(|(_, v)| basic_user(v));
+    let owned = || headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    if target.starts_with('/') {
+        let origin = Origin { method: method.into(), target: target.into(), headers: owned() };
+        return Ok(Request::broker(origin, workspace));
+    }
     if method == "CONNECT" {
         let (host, port) = authority(target, None)?;
-        return Ok(Request { method: method.into(), host, port, forward: None, workspace });
+        return Ok(Request { method: method.into(), host, port, forward: None, workspace, to_broker: None });
     }
     let rest = target
         .strip_prefix("http://")
@@ -190,6 +215,11 @@ fn parse(head: &[u8]) -> Result<Request, String> {
         return Err("user names in proxied URLs are not passed on".into());
     }
     let (host, port) = authority(auth, Some(80))?;
+    // The gateway's own address in the VM, asked through the proxy.
+    if port == super::VM_PORT && matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1") {
+        let origin = Origin { method: method.into(), target: path.into(), headers: owned() };
+        return Ok(Request::broker(origin, workspace));
+    }
     // Origin form, without the proxy's own headers; one request per connection.
     let mut forward = format!("{method} {path} {version}\r\n").into_bytes();
     for (k, v) in &headers {
@@ -200,7 +230,21 @@ fn parse(head: &[u8]) -> Result<Request, String> {
         forward.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
     }
     forward.extend_from_slice(b"Connection: close\r\n\r\n");
-    Ok(Request { method: method.into(), host, port, forward: Some(forward), workspace })
+    Ok(Request { method: method.into(), host, port, forward: Some(forward), workspace, to_broker: None })
+}
+
+impl Request {
+    fn broker(origin: Origin, workspace: Option<String>) -> Request {
+        let method = origin.method.clone();
+        Request {
+            method,
+            host: "gateway".into(),
+            port: super::VM_PORT,
+            forward: None,
+            workspace,
+            to_broker: Some(origin),
+        }
+    }
 }
 
 /// `host:port`, `[v6]:port`, or a bare host when there is a default port.
@@ -237,30 +281,38 @@ fn basic_user(value: &str) -> Option<String> {
     (!user.is_empty()).then_some(user)
 }
 
-enum Denied {
+pub(super) enum Denied {
     /// By this rule.
     Refused(String),
     /// Allowed, but the name does not resolve.
     Unreachable(String),
 }
 
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Denied::Refused(rule) => write!(f, "refused by {rule}"),
+            Denied::Unreachable(why) => f.write_str(why),
+        }
+    }
+}
+
 /// The addresses the request may be dialled at, and the deciding rule.
-async fn decide(policy: &Policy, req: &Request) -> Result<(Vec<SocketAddr>, String), Denied> {
-    let rule = match policy.check_name(&req.host, req.port) {
+pub(super) async fn decide(policy: &Policy, host: &str, port: u16) -> Result<(Vec<SocketAddr>, String), Denied> {
+    let rule = match policy.check_name(host, port) {
         Verdict::Allowed { rule } => rule,
         Verdict::Refused { rule } => return Err(Denied::Refused(rule)),
     };
-    let candidates: Vec<IpAddr> = if let Ok(ip) = req.host.parse::<IpAddr>() {
+    let candidates: Vec<IpAddr> = if let Ok(ip) = host.parse::<IpAddr>() {
         vec![ip]
-    } else if let Some(ip) = policy.resolve.get(&req.host) {
+    } else if let Some(ip) = policy.resolve.get(host) {
         vec![*ip]
     } else {
-        let lookup =
-            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((req.host.as_str(), req.port))).await;
+        let lookup = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host, port))).await;
         match lookup {
             Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
-            Ok(Err(e)) => return Err(Denied::Unreachable(format!("{} does not resolve: {e}", req.host))),
-            Err(_) => return Err(Denied::Unreachable(format!("{} did not resolve within 30 s", req.host))),
+            Ok(Err(e)) => return Err(Denied::Unreachable(format!("{} does not resolve: {e}", host))),
+            Err(_) => return Err(Denied::Unreachable(format!("{} did not resolve within 30 s", host))),
         }
     };
     // Every address is checked, and only checked ones are dialled: a name
@@ -268,15 +320,15 @@ async fn decide(policy: &Policy, req: &Request) -> Result<(Vec<SocketAddr>, Stri
     let mut refusal = None;
     let mut ok = Vec::new();
     for ip in candidates {
-        match policy.check_addr(&req.host, ip, req.port) {
-            Verdict::Allowed { .. } => ok.push(SocketAddr::new(ip, req.port)),
+        match policy.check_addr(host, ip, port) {
+            Verdict::Allowed { .. } => ok.push(SocketAddr::new(ip, port)),
             Verdict::Refused { rule } => refusal = refusal.or(Some(rule)),
         }
     }
     if ok.is_empty() {
         return Err(match refusal {
             Some(rule) => Denied::Refused(rule),
-            None => Denied::Unreachable(format!("{} has no address", req.host)),
+            None => Denied::Unreachable(format!("{} has no address", host)),
         });
     }
     Ok((ok, rule))
@@ -330,6 +382,7 @@ mod tests {
             policy: Box::new(move || Policy::new(mode, &allow, &[], resolve.clone())),
             log: Log::new(dir.join("network.log")),
             command: "agent-vm".into(),
+            broker: crate::gateway::broker::Broker::with_keys(Default::default()),
         })
     }
 
@@ -447,8 +500,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = ctx(dir.path(), Mode::Open, &[], &[]);
         for bad in [
-            "GET / HTTP/1.1\r\n\r\n".to_owned(),
-            "CONNECT nohost HTTP/1.1\r\n\r\n".into(),
+            "CONNECT nohost HTTP/1.1\r\n\r\n".to_owned(),
             "CONNECT a b HTTP/1.1\r\n\r\n".into(),
             "GET http://user:pw@example.com/ HTTP/1.1\r\n\r\n".into(),
             "GET https://example.com/ HTTP/1.1\r\n\r\n".into(),
@@ -458,6 +510,25 @@ mod tests {
             let got = through(c.clone(), bad.clone()).await;
             assert!(got.starts_with("HTTP/1.1 400 "), "{bad:.60}: {got}");
         }
+    }
+
+    /// Requests to the gateway itself (origin form, or its own address
+    /// through the proxy) go to the broker, which answers them itself when
+    /// it cannot send them on.
+    #[tokio::test]
+    async fn requests_to_the_gateway_itself_reach_the_broker() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ctx(dir.path(), Mode::Open, &[], &[]);
+        let got = through(c.clone(), "GET / HTTP/1.1\r\nHost: 127.0.0.1:3128\r\n\r\n".into()).await;
+        assert!(got.starts_with("HTTP/1.1 403 ") && got.contains("Metadata-Flavor"), "{got}");
+        let got = through(c.clone(), "GET / HTTP/1.1\r\nMetadata-Flavor: Google\r\n\r\n".into()).await;
+        assert!(got.starts_with("HTTP/1.1 200 ") && got.contains("\r\nMetadata-Flavor: Google\r\n"), "{got}");
+        let got = through(c.clone(), "POST http://127.0.0.1:3128/anthropic/v1/messages HTTP/1.1\r\n\r\n".into()).await;
+        assert!(got.starts_with("HTTP/1.1 503 ") && got.contains("ANTHROPIC_API_KEY"), "{got}");
+        let got = through(c.clone(), "GET /elsewhere/x HTTP/1.1\r\n\r\n".into()).await;
+        assert!(got.starts_with("HTTP/1.1 404 ") && got.contains("anthropic"), "{got}");
+        let log = std::fs::read_to_string(dir.path().join("network.log")).unwrap_or_default();
+        assert!(log.contains("broker: anthropic") && log.contains("no key on the host"), "{log}");
     }
 
     #[test]

@@ -865,6 +865,11 @@ fn watch_for_secret(w: &World, dir: &Path, args: &[&str], env: (&str, &str), sec
 fn secrets(w: &World, s: &mut Suite) {
     const C: &str = "secrets";
     let repo = w.repo("secret");
+    // Copied credentials (`credentials: copy`) are the ones that travel to
+    // the VM: they must still stay off command lines and out of logs.
+    let cfg = w.home.path().join(".config/agent-vm/config.yaml");
+    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    std::fs::write(&cfg, "instances:\n  adv:\n    credentials: copy\n").unwrap();
     s.case(C, "connect: API key not in argv or -vv logs", || {
         let env = ("ANTHROPIC_API_KEY", "sk-ant-c0nnect-5ecret");
         watch_for_secret(w, &repo, &["-vv", "connect", "s1", "--no-mount", "--", "sleep", "30"], env, env.1)
@@ -888,6 +893,7 @@ fn secrets(w: &World, s: &mut Suite) {
         check!(m == 0o600, "ssh entry mode {m:o}");
         Ok(())
     });
+    std::fs::remove_file(&cfg).unwrap();
 }
 
 // ------------------------------------------------------------------- network

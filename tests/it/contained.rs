@@ -268,6 +268,8 @@ podman unshare cat /proc/self/uid_map | awk '$1 == 0 { print "root is uid", $2 }
     w.run(&["status"]).ok();
     assert_eq!(probe(&w, "get", &format!("http://allowed.test:{allowed_port}/")), "200 allowed-service");
 
+    crate::broker::credentials_stay_on_the_host(&w, &config);
+
     // stop ends the gateway with the VM.
     w.run(&["stop"]).ok();
     assert!(eventually(10, || w.run(&["status", "--json"]).json()["network"]["gateway"] == "not running"));

@@ -157,14 +157,27 @@ fn session_variables_arrive_whoever_opened_the_ssh_master() {
     assert!(w.instance_dir().join("ssh.sock").exists(), "a master should be up");
     // `connect` with a terminal takes the system ssh path.
     let out = std::process::Command::new("script")
-        .args(["-qec", &format!("{} connect -- printenv ANTHROPIC_API_KEY", crate::common::BIN), "/dev/null"])
+        .args([
+            "-qec",
+            &format!(
+                "{} connect -- sh -c 'echo $CLOUD_ML_REGION $ANTHROPIC_AUTH_TOKEN $ANTHROPIC_BASE_URL ${{ANTHROPIC_API_KEY:-no-key}}'",
+                crate::common::BIN
+            ),
+            "/dev/null",
+        ])
         .envs(w.env_vars())
-        .env("ANTHROPIC_API_KEY", "sk-test-arrives")
+        .env("CLOUD_ML_REGION", "region-arrives")
+        .env("ANTHROPIC_API_KEY", "sk-test-stays")
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("sk-test-arrives"), "the variable did not arrive: {text}");
+    // A listed variable arrives; a brokered key stays on the host, the
+    // session gets the gateway's base URL and a placeholder instead.
+    assert!(
+        text.contains("region-arrives agent-vm-brokered http://127.0.0.1:3128/anthropic no-key"),
+        "the variables did not arrive as they should: {text}"
+    );
     assert_eq!("agent", w.guest("id -un").ok().stdout.trim());
     assert_eq!(host_user(), w.admin("id -un").ok().stdout.trim());
 }

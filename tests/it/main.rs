@@ -5,6 +5,7 @@
 mod common;
 
 mod adversarial;
+mod broker;
 mod cli;
 mod contained;
 mod lima;

@@ -25,6 +25,10 @@ fn template_keeps_the_vm_away_from_the_host() {
 #[test]
 fn provisioning_against_a_real_guest() {
     let w = World::with_vm("prov");
+    // Today's behaviour, by choice: credentials copied into the VM.
+    let config = w.home.path().join(".config/agent-vm/config.yaml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(&config, "instances:\n  prov:\n    credentials: copy\n").unwrap();
     let secret = "gcp-secret-4c1d9e";
     let adc = w.home.path().join("adc.json");
     let adc_json = format!("{{\"type\": \"authorized_user\", \"client_secret\": \"{secret}\"}}\n");
@@ -42,6 +46,7 @@ fn provisioning_against_a_real_guest() {
     );
     r.ok();
     assert!(!r.stderr.contains(secret) && !r.stdout.contains(secret), "the secret reached the logs");
+    assert!(r.stderr.contains("warning: credentials: copy: the agent can read"), "{}", r.stderr);
 
     // Home files with their modes; the sentinel is there.
     let modes = w.guest("stat -c '%a %n' .claude.json .gitconfig .local/bin/start-claude .claude/statusline-command.sh .claude/settings.json .config/opencode/opencode.jsonc").ok().stdout.clone();
@@ -62,7 +67,12 @@ fn provisioning_against_a_real_guest() {
     assert_eq!(w.guest("cat /etc/google/application_default_credentials.json").ok().stdout, adc_json);
     let profile = w.guest("bash -lc 'echo $GOOGLE_APPLICATION_CREDENTIALS $CLOUD_ML_REGION'").ok().stdout.clone();
     assert_eq!(profile, "/etc/google/application_default_credentials.json europe-west4\n");
-    assert_eq!(w.run(&["status", "--json"]).json()["gcp_credentials"], true);
+    let status = w.run(&["status"]);
+    assert!(
+        status.ok().stdout.contains("COPIED") && status.stdout.contains("warning:   credentials: copy"),
+        "{status:?}"
+    );
+    assert_eq!(w.run(&["status", "--json"]).json()["credentials"]["gcp"], "copied");
 
     // Listed variables reach a connected session; others do not; values never in argv.
     let child = w

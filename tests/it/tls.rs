@@ -7,10 +7,11 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// A request the stub got: its head as sent (a body is read and dropped).
+/// A request the stub got: its head as sent, and its body (up to 1 MiB).
 #[derive(Debug, Clone)]
 pub struct Request {
     pub head: String,
+    pub body: String,
 }
 
 impl Request {
@@ -91,7 +92,10 @@ impl Ca {
                     "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
                     body.len()
                 );
-                if stream.write_all(reply.as_bytes()).and_then(|_| stream.flush()).is_err() {
+                let close = request.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                if stream.write_all(reply.as_bytes()).and_then(|_| stream.flush()).is_err() || close {
+                    stream.conn.send_close_notify();
+                    let _ = stream.flush();
                     return;
                 }
             }
@@ -109,9 +113,10 @@ fn read_request(stream: &mut impl Read) -> Option<Request> {
             _ => return None,
         }
     }
-    let request = Request { head: String::from_utf8_lossy(&head).into_owned() };
+    let mut request = Request { head: String::from_utf8_lossy(&head).into_owned(), body: String::new() };
     let len: usize = request.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut body = vec![0u8; len.min(1 << 20)];
     stream.read_exact(&mut body).ok()?;
+    request.body = String::from_utf8_lossy(&body).into_owned();
     Some(request)
 }

@@ -1,0 +1,376 @@
+//! The credential broker: requests the agent sends to the gateway itself
+//! (`http://127.0.0.1:3128/<provider>/…`, the base URL its session was
+//! given) go on to the provider over TLS from the host, with the real key
+//! put in on the way; GCE metadata requests get short-lived GCP tokens.
+//! The keys live in this process only (from its environment, refreshed by
+//! each `connect` and `run`): never in the VM, a file, a command line or a
+//! log.
+
+pub mod gce;
+pub mod https;
+pub mod providers;
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use providers::{Auth, Provider};
+
+/// A request in origin form (`GET /path HTTP/1.1`), as sent to a server.
+#[derive(Debug, PartialEq)]
+pub struct Origin {
+    pub method: String,
+    /// Path and query, as sent.
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Origin {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the broker may use: the provider keys it was handed.
+pub struct Broker {
+    keys: RwLock<HashMap<String, String>>,
+    minter: gce::Minter,
+}
+
+impl Broker {
+    /// With the keys of this process's environment.
+    pub fn from_env() -> Broker {
+        Broker::with_keys(
+            providers::key_variables().filter_map(|v| std::env::var(v).ok().map(|k| (v.to_owned(), k))).collect(),
+        )
+    }
+
+    pub fn with_keys(keys: HashMap<String, String>) -> Broker {
+        let broker = Broker { keys: RwLock::new(HashMap::new()), minter: gce::Minter::default() };
+        broker.set_keys(keys);
+        broker
+    }
+
+    /// Keys handed over by a later command replace the ones held of the
+    /// same variables (a command run where a key is unset forgets none).
+    pub fn set_keys(&self, keys: HashMap<String, String>) {
+        let keys = keys.into_iter().filter(|(k, v)| providers::key_variables().any(|n| n == k) && !v.is_empty());
+        self.keys.write().unwrap().extend(keys);
+    }
+
+    fn key(&self, provider: &Provider) -> Option<(String, Auth)> {
+        let keys = self.keys.read().unwrap();
+        provider.key(|v| keys.get(v).cloned())
+    }
+}
+
+/// What a brokered request came to, for the log.
+pub struct Outcome {
+    pub host: String,
+    pub port: u16,
+    pub rule: String,
+    pub allowed: bool,
+    pub up: u64,
+    pub down: u64,
+    pub error: Option<String>,
+}
+
+/// Serves one request addressed to the gateway itself.
+pub async fn serve<S>(client: &mut S, req: &Origin, rest: &[u8], ctx: &super::proxy::Context) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
+    let mut outcome =
+        Outcome { host: "gateway".into(), port: 0, rule: String::new(), allowed: false, up: 0, down: 0, error: None };
+    if path == "/" || path.starts_with("/computeMetadata/") || path == "/computeMetadata" {
+        metadata(client, req, path, query, ctx, &mut outcome).await;
+        return outcome;
+    }
+    let name = path.trim_start_matches('/').split('/').next().unwrap_or_default();
+    let Some(provider) = providers::find(name) else {
+        outcome.rule = "broker: no such route".into();
+        let names: Vec<&str> = providers::PROVIDERS.iter().map(|p| p.name).collect();
+        reply(client, 404, &format!("agent-vm's gateway has no route {path:?}; it brokers {}", names.join(", "))).await;
+        return outcome;
+    };
+    outcome.rule = format!("broker: {}", provider.name);
+    let Some((key, auth)) = ctx.broker.key(provider) else {
+        let vars: Vec<&str> = provider.keys.iter().map(|(v, _)| *v).collect();
+        outcome.error = Some("no key on the host".into());
+        let why = format!(
+            "agent-vm's gateway has no {} key: set {} on the host, then run `{} connect` again",
+            provider.name,
+            vars.join(" or "),
+            ctx.command
+        );
+        reply(client, 503, &why).await;
+        return outcome;
+    };
+    let policy = match (ctx.policy)() {
+        Ok(p) => p,
+        Err(e) => {
+            outcome.error = Some(format!("rules unreadable: {e:#}"));
+            reply(client, 503, "the gateway's rules cannot be read; see `agent-vm network log`").await;
+            return outcome;
+        }
+    };
+    let upstream = match https::Url::parse(policy.upstreams.get(provider.name).map_or(provider.upstream, |u| u)) {
+        Ok(u) => u,
+        Err(e) => {
+            outcome.error = Some(format!("{e:#}"));
+            reply(client, 503, &format!("the upstream for {} is not valid: {e:#}", provider.name)).await;
+            return outcome;
+        }
+    };
+    (outcome.host, outcome.port) = (upstream.host.clone(), upstream.port);
+    let addrs = match super::proxy::decide(&policy, &upstream.host, upstream.port).await {
+        Ok((addrs, _)) => addrs,
+        Err(denied) => {
+            let why = denied.to_string();
+            outcome.error = Some(why.clone());
+            let allow = format!("{} network allow {}", ctx.command, upstream.host);
+            reply(client, 403, &format!("agent-vm's gateway refused {} ({why}). To allow it: {allow}", upstream.host))
+                .await;
+            return outcome;
+        }
+    };
+    outcome.allowed = true;
+    let mut tls = match https::connect(&upstream, &addrs).await {
+        Ok(t) => t,
+        Err(e) => {
+            outcome.error = Some(format!("{e:#}"));
+            reply(client, 502, &format!("agent-vm's gateway cannot reach {}: {e:#}", upstream.host)).await;
+            return outcome;
+        }
+    };
+    let rest_of_path = &path[1 + name.len()..];
+    let head = upstream_head(req, &upstream, rest_of_path, query, &key, auth);
+    let mut sent = tls.write_all(&head).await.is_ok();
+    if sent && !rest.is_empty() {
+        sent = tls.write_all(rest).await.is_ok();
+    }
+    outcome.up = (head.len() + rest.len()) as u64;
+    if sent && let Ok((up, down)) = tokio::io::copy_bidirectional(client, &mut tls).await {
+        outcome.up += up;
+        outcome.down += down;
+    }
+    outcome
+}
+
+/// The request as the provider gets it: its host, the path under its base,
+/// the agent's credentials (placeholders, or anything else) replaced by
+/// the key, one request per connection.
+fn upstream_head(req: &Origin, upstream: &https::Url, path: &str, query: &str, key: &str, auth: Auth) -> Vec<u8> {
+    // Gemini's clients may put the key in the query too.
+    let query: Vec<&str> = query.split('&').filter(|p| !p.is_empty() && !p.starts_with("key=")).collect();
+    let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+    let path = if path.is_empty() { "/" } else { path };
+    let mut head =
+        format!("{} {}{path}{query} HTTP/1.1\r\nHost: {}\r\n", req.method, upstream.base, upstream.authority());
+    const DROPPED: &[&str] =
+        &["host", "authorization", "x-api-key", "x-goog-api-key", "connection", "keep-alive", "upgrade", "te"];
+    for (k, v) in &req.headers {
+        let lower = k.to_ascii_lowercase();
+        if DROPPED.contains(&lower.as_str()) || lower.starts_with("proxy-") {
+            continue;
+        }
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    match auth {
+        Auth::Bearer => head.push_str(&format!("Authorization: Bearer {key}\r\n")),
+        Auth::Header(name) => head.push_str(&format!("{name}: {key}\r\n")),
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    head.into_bytes()
+}
+
+/// The GCE metadata server's part.
+async fn metadata<S>(
+    client: &mut S,
+    req: &Origin,
+    path: &str,
+    query: &str,
+    ctx: &super::proxy::Context,
+    outcome: &mut Outcome,
+) where
+    S: AsyncWrite + Unpin,
+{
+    outcome.host = "metadata".into();
+    outcome.rule = "broker: gce metadata".into();
+    // As the real server: only requests that say they want metadata.
+    if req.header("metadata-flavor") != Some("Google") {
+        return metadata_reply(client, 403, "text/plain", "Missing Metadata-Flavor: Google header\n").await;
+    }
+    let recursive = query.split('&').any(|p| p == "recursive=true");
+    match gce::route(path, recursive) {
+        gce::Answer::Text(t) => metadata_reply(client, 200, "application/text", &t).await,
+        gce::Answer::Json(v) => metadata_reply(client, 200, "application/json", &v.to_string()).await,
+        gce::Answer::NotFound => metadata_reply(client, 404, "text/plain", "not found\n").await,
+        gce::Answer::Token => {
+            let policy = match (ctx.policy)() {
+                Ok(p) => p,
+                Err(e) => {
+                    outcome.error = Some(format!("rules unreadable: {e:#}"));
+                    return metadata_reply(client, 503, "text/plain", "the gateway's rules cannot be read\n").await;
+                }
+            };
+            let url = policy.upstreams.get("google-token").map_or(gce::DEFAULT_TOKEN_URL, |u| u);
+            let minted = match https::Url::parse(url) {
+                Ok(url) => {
+                    let dial = |host: String, port: u16| {
+                        let policy = &policy;
+                        async move {
+                            super::proxy::decide(policy, &host, port)
+                                .await
+                                .map(|(a, _)| a)
+                                .map_err(|d| anyhow::anyhow!("{host}: {d}"))
+                        }
+                    };
+                    ctx.broker.minter.token(&url, dial).await
+                }
+                Err(e) => Err(e),
+            };
+            match minted {
+                Ok((token, expires_in)) => {
+                    outcome.allowed = true;
+                    let body =
+                        serde_json::json!({ "access_token": token, "expires_in": expires_in, "token_type": "Bearer" });
+                    metadata_reply(client, 200, "application/json", &body.to_string()).await
+                }
+                Err(e) => {
+                    outcome.error = Some(format!("{e:#}"));
+                    let why = format!("agent-vm's gateway cannot mint a GCP token: {e:#}\n");
+                    metadata_reply(client, 503, "text/plain", &why).await
+                }
+            }
+        }
+    }
+}
+
+async fn metadata_reply<S: AsyncWrite + Unpin>(client: &mut S, code: u16, ctype: &str, body: &str) {
+    let head = format!(
+        "HTTP/1.1 {code} {}\r\nMetadata-Flavor: Google\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        reason(code),
+        body.len()
+    );
+    let _ = client.write_all(head.as_bytes()).await;
+    let _ = client.write_all(body.as_bytes()).await;
+    let _ = client.shutdown().await;
+}
+
+/// The broker's own refusals, in words for the agent (and its user).
+async fn reply<S: AsyncWrite + Unpin>(client: &mut S, code: u16, why: &str) {
+    let body = format!("{why}\n");
+    let head = format!(
+        "HTTP/1.1 {code} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        reason(code),
+        body.len()
+    );
+    let _ = client.write_all(head.as_bytes()).await;
+    let _ = client.write_all(body.as_bytes()).await;
+    let _ = client.shutdown().await;
+}
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        403 => "Forbidden",
+        404 => "Not Found",
+        502 => "Bad Gateway",
+        _ => "Service Unavailable",
+    }
+}
+
+/// The session variables that point an agent at the broker, for the
+/// providers whose key `lookup` (the host's environment) has, and the GCE
+/// metadata variables when `gcp`. Values are not secret.
+pub fn session_env(lookup: impl Fn(&str) -> Option<String>, gcp: bool) -> Vec<(String, String)> {
+    let base = format!("http://127.0.0.1:{}", super::VM_PORT);
+    let mut env = Vec::new();
+    for p in providers::PROVIDERS {
+        if p.key(&lookup).is_some() {
+            env.push((p.base_url.0.to_owned(), format!("{base}/{}{}", p.name, p.base_url.1)));
+            env.extend(p.placeholders.iter().map(|v| (v.to_string(), providers::PLACEHOLDER.to_owned())));
+        }
+    }
+    if gcp {
+        let at = format!("127.0.0.1:{}", super::VM_PORT);
+        env.push(("GCE_METADATA_HOST".into(), at.clone()));
+        env.push(("GCE_METADATA_IP".into(), at));
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(target: &str, headers: &[(&str, &str)]) -> Origin {
+        Origin {
+            method: "POST".into(),
+            target: target.into(),
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn the_agents_credentials_never_reach_the_provider_the_key_does() {
+        let req = origin(
+            "/gemini/v1beta/models?key=agent-vm-brokered&alt=sse",
+            &[
+                ("Host", "127.0.0.1:3128"),
+                ("x-goog-api-key", "agent-vm-brokered"),
+                ("Authorization", "Bearer stolen"),
+                ("Proxy-Authorization", "Basic d3M6d3M="),
+                ("Connection", "keep-alive"),
+                ("Content-Length", "2"),
+            ],
+        );
+        let up = https::Url::parse("https://generativelanguage.test:8443/base").unwrap();
+        let head = String::from_utf8(upstream_head(
+            &req,
+            &up,
+            "/v1beta/models",
+            "key=agent-vm-brokered&alt=sse",
+            "REAL",
+            Auth::Header("x-goog-api-key"),
+        ))
+        .unwrap();
+        assert_eq!(
+            head,
+            "POST /base/v1beta/models?alt=sse HTTP/1.1\r\nHost: generativelanguage.test:8443\r\nContent-Length: 2\r\n\
+             x-goog-api-key: REAL\r\nConnection: close\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn sessions_get_base_urls_and_placeholders_for_the_keys_the_host_has() {
+        let host = |v: &str| (v == "ANTHROPIC_API_KEY").then(|| "sk-real".to_owned());
+        let env = session_env(host, false);
+        assert_eq!(
+            env,
+            vec![
+                ("ANTHROPIC_BASE_URL".to_owned(), "http://127.0.0.1:3128/anthropic".to_owned()),
+                ("ANTHROPIC_AUTH_TOKEN".to_owned(), "agent-vm-brokered".to_owned())
+            ]
+        );
+        assert!(!format!("{env:?}").contains("sk-real"));
+        let env = session_env(|v| (v == "OPENAI_API_KEY").then(|| "k".into()), true);
+        assert!(env.contains(&("OPENAI_BASE_URL".into(), "http://127.0.0.1:3128/openai/v1".into())));
+        assert!(env.contains(&("GCE_METADATA_IP".into(), "127.0.0.1:3128".into())));
+    }
+
+    #[test]
+    fn keys_handed_over_replace_the_held_ones() {
+        let b = Broker::with_keys(HashMap::new());
+        let anthropic = providers::find("anthropic").unwrap();
+        b.set_keys([("ANTHROPIC_API_KEY".to_owned(), "one".to_owned()), ("PATH".to_owned(), "/bin".to_owned())].into());
+        assert_eq!(b.key(anthropic), Some(("one".into(), Auth::Header("x-api-key"))));
+        assert!(!b.keys.read().unwrap().contains_key("PATH"));
+        b.set_keys([("ANTHROPIC_API_KEY".to_owned(), "two".to_owned())].into());
+        b.set_keys(HashMap::new());
+        assert_eq!(b.key(anthropic), Some(("two".into(), Auth::Header("x-api-key"))));
+    }
+}
