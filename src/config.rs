@@ -25,6 +25,8 @@ pub struct Instance {
     pub network: Network,
     pub agent: Agent,
     pub credentials: Credentials,
+    /// CA certificate files (PEM) the VM is to trust besides its own.
+    pub ca_certificates: Vec<PathBuf>,
 }
 
 /// How the agent's API keys and GCP credentials reach it.
@@ -108,6 +110,8 @@ struct RawInstance {
     credentials: Option<CredentialMode>,
     #[serde(default)]
     upstreams: BTreeMap<String, String>,
+    #[serde(default)]
+    ca_certificates: Vec<PathBuf>,
 }
 
 impl Instance {
@@ -141,7 +145,7 @@ impl TryFrom<RawInstance> for Instance {
         }
         let network = Network { mode: raw.network, allow: raw.allow, deny: raw.deny, resolve: raw.resolve };
         let credentials = Credentials { mode: raw.credentials, upstreams: raw.upstreams };
-        Ok(Instance { backend, network, agent: raw.agent, credentials })
+        Ok(Instance { backend, network, agent: raw.agent, credentials, ca_certificates: raw.ca_certificates })
     }
 }
 

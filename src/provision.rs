@@ -226,7 +226,7 @@ const INSTALL_TERMINFO: &str = r#"command -v tic >/dev/null || exit 0
 mkdir -p "$HOME/.terminfo" && tic -x -o "$HOME/.terminfo" /dev/stdin"#;
 
 /// Choices the user makes about provisioning.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Let the VM open connections to the host (its loopback services
     /// included) instead of blocking them with a firewall rule in the VM.
@@ -237,6 +237,9 @@ pub struct Options {
     /// Whether GCP credentials are brokered or copied into the VM
     /// (config.yaml `credentials:`).
     pub credentials: crate::config::CredentialMode,
+    /// CA certificate files the VM is to trust (config.yaml
+    /// `ca_certificates:`), besides those the host's variables name.
+    pub ca_files: Vec<PathBuf>,
 }
 
 /// The variable that opts out of the guest→host firewall rule.
@@ -249,7 +252,7 @@ impl Options {
         let on = std::env::var(HOST_ACCESS_ENV).is_ok_and(|v| {
             !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false" | "no" | "off" | "n" | "f")
         });
-        Options { host_access: on, agent_sudo: false, credentials: crate::config::CredentialMode::Broker }
+        Options { host_access: on, ..Options::default() }
     }
 }
 
@@ -291,7 +294,28 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
 
     ui.say("Provisioning the VM: tools and agents (the first time takes a while)…");
     let stage = format!("{STATE_DIR}/stage");
-    let staged: Vec<File> = files.iter().filter(|f| !f.path.starts_with("common/homedir/")).cloned().collect();
+    let mut staged: Vec<File> = files.iter().filter(|f| !f.path.starts_with("common/homedir/")).cloned().collect();
+    let (mut certs, mut sources) = extra_ca_certificates(&options.ca_files, |v| std::env::var_os(v))?;
+    if !certs.is_empty() {
+        // Those the VM's own store has already (a host variable often names
+        // the whole system bundle) are left out.
+        let out = session.exec("cat /usr/share/ca-certificates/*/*.crt 2>/dev/null").await?;
+        let known = pem_certificates(&out.stdout_str());
+        certs.retain(|c| !known.contains(c));
+        if certs.is_empty() {
+            sources.clear();
+        }
+    }
+    if !certs.is_empty() {
+        ui.say(&format!(
+            "Provisioning the VM: trusting {} extra CA certificate(s) of this machine (from {})…",
+            certs.len(),
+            sources.join(", ")
+        ));
+    }
+    for (i, pem) in certs.into_iter().enumerate() {
+        staged.push(File { path: format!("ca/host-{i:03}.crt"), mode: 0o644, data: pem.into_bytes() });
+    }
     run_script(session, UNPACK_STAGE, &[&stage], &tarball(&staged)?, "staging the provisioning files").await?;
     // The VM's progress lines reach our stderr line by line, neutralised.
     let (mut out, lines) = tokio::io::duplex(64 << 10);
@@ -455,6 +479,74 @@ fn credentials() -> Result<Option<(PathBuf, Vec<u8>)>> {
     Ok(Some((path, data)))
 }
 
+/// The host variables that name extra CA certificates on hosts behind a
+/// TLS-inspecting proxy.
+const CA_VARS: &[&str] = &["SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS", "REQUESTS_CA_BUNDLE"];
+
+/// The CA certificates (PEM, one each, no duplicates) of `configured`
+/// files and of the files `CA_VARS` name, and where they came from. A
+/// configured file must be readable; a variable's is skipped with a note
+/// when it is not.
+fn extra_ca_certificates(
+    configured: &[PathBuf],
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let mut certs: Vec<String> = Vec::new();
+    let mut sources = Vec::new();
+    let mut take = |text: &str, source: String| {
+        let before = certs.len();
+        for pem in pem_certificates(text) {
+            if !certs.contains(&pem) {
+                certs.push(pem);
+            }
+        }
+        if certs.len() > before {
+            sources.push(source);
+        }
+    };
+    for path in configured {
+        let path = match path.strip_prefix("~") {
+            Ok(rest) => crate::home_dir()?.join(rest),
+            Err(_) => path.clone(),
+        };
+        let path = &path;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the CA certificates {} (config.yaml ca_certificates)", path.display()))?;
+        if pem_certificates(&text).is_empty() {
+            bail!("{} holds no PEM certificate (config.yaml ca_certificates)", path.display());
+        }
+        take(&text, path.display().to_string());
+    }
+    for var in CA_VARS {
+        let Some(path) = env(var).filter(|p| !p.is_empty()) else { continue };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => take(&text, (*var).to_owned()),
+            Err(e) => tracing::info!("{var}={}: {e}; not taken into the VM", Path::new(&path).display()),
+        }
+    }
+    Ok((certs, sources))
+}
+
+/// Every `CERTIFICATE` block of a PEM text, normalised (nothing else: no
+/// private key ever goes to the VM).
+fn pem_certificates(text: &str) -> Vec<String> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(BEGIN) {
+        let after = &rest[start + BEGIN.len()..];
+        let Some(end) = after.find(END) else { break };
+        let body: String = after[..end].chars().filter(|c| !c.is_whitespace()).collect();
+        if !body.is_empty() && body.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=')) {
+            let lines: Vec<&str> = body.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+            out.push(format!("{BEGIN}\n{}\n{END}\n", lines.join("\n")));
+        }
+        rest = &after[end + END.len()..];
+    }
+    out
+}
+
 /// /etc/profile.d/ai-agent-env.sh: where GCP access comes from (the copied
 /// credentials, or the gateway as metadata server), and the Vertex
 /// settings of the host. Not secret.
@@ -529,6 +621,28 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn only_certificates_go_to_the_vm_once_each() {
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\r\nabc+/=\n-----END CERTIFICATE-----";
+        let text = format!(
+            "junk\n{cert}\n-----BEGIN PRIVATE KEY-----\nsecret\n-----END PRIVATE KEY-----\n{cert}\n\
+             -----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"
+        );
+        let found = pem_certificates(&text);
+        assert_eq!(found, vec!["-----BEGIN CERTIFICATE-----\nMIIBabc+/=\n-----END CERTIFICATE-----\n"; 2]);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.pem");
+        std::fs::write(&file, &text).unwrap();
+        let env = |v: &str| (v == "NODE_EXTRA_CA_CERTS").then(|| file.clone().into_os_string());
+        let (certs, sources) = extra_ca_certificates(&[file.clone(), file.clone()], env).unwrap();
+        assert_eq!((certs.len(), sources.len()), (1, 1));
+        assert!(!certs[0].contains("secret"));
+        let (certs, sources) = extra_ca_certificates(&[], env).unwrap();
+        assert_eq!((certs.len(), sources), (1, vec!["NODE_EXTRA_CA_CERTS".to_owned()]));
+        let err = extra_ca_certificates(&[dir.path().join("missing.pem")], |_| None).unwrap_err();
+        assert!(format!("{err:#}").contains("ca_certificates"), "{err:#}");
+    }
 
     fn f(path: &str, mode: u32, data: &str) -> File {
         File { path: path.to_owned(), mode, data: data.as_bytes().to_vec() }

@@ -126,6 +126,33 @@ table inet agent_vm_agent {
 EOF
 nft_unit agent-vm-agent-net "the agent user reaches the network only through the gateway" "$agent_rules"
 
+# The host's extra CA certificates (a TLS-inspecting proxy's, say), staged
+# by agent-vm one per file in $stage/ca: into the system trust store before
+# anything is downloaded; Node and Python's certifi-based tools are pointed
+# at the system bundle (for them, and for agent sessions).
+ca_dir=/usr/local/share/ca-certificates/agent-vm
+ca_changed=0
+if [ -d "$stage/ca" ] && compgen -G "$stage/ca/*.crt" >/dev/null; then
+    if ! diff -rq "$stage/ca" "$ca_dir" >/dev/null 2>&1; then
+        rm -rf "$ca_dir"
+        install -d -m 0755 "$ca_dir"
+        install -m 0644 "$stage"/ca/*.crt "$ca_dir/"
+        ca_changed=1
+    fi
+    step "trusting $(ls "$ca_dir" | wc -l) extra CA certificate(s) from the host"
+elif [ -d "$ca_dir" ]; then
+    rm -rf "$ca_dir"
+    ca_changed=1
+fi
+if [ "$ca_changed" = 1 ]; then
+    update-ca-certificates --fresh >/dev/null
+fi
+ca_env=""
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+    ca_env="NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt"
+    export NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+fi
+
 bash "$common/scripts/install-tools.sh" "$common" "$agent" "$agent_mode"
 
 # Containers for a contained agent: rootless Podman (its containers run
@@ -164,7 +191,7 @@ if {
     # Agent sessions find the gateway through the usual variables (set by
     # sshd, so a session cannot be handed others); no forwarding of any kind.
     printf 'Match User %s\n' "$agent"
-    printf '    SetEnv %s NODE_USE_ENV_PROXY=1%s\n' "$proxy_env" "${docker_host:+ DOCKER_HOST=$docker_host}"
+    printf '    SetEnv %s NODE_USE_ENV_PROXY=1%s%s\n' "$proxy_env" "${docker_host:+ DOCKER_HOST=$docker_host}" "${ca_env:+ $ca_env}"
     printf '    AllowTcpForwarding no\n    AllowStreamLocalForwarding no\n    X11Forwarding no\n    PermitTunnel no\n'
 } | install_if_changed /etc/ssh/sshd_config.d/agent-vm.conf 0644; then
     sshd -t || fail "sshd rejected /etc/ssh/sshd_config.d/agent-vm.conf"

@@ -301,10 +301,11 @@ async fn provision_vm(
     admin: &crate::ssh::Session,
     options: &crate::provision::Options,
 ) -> Result<()> {
-    let mut options = *options;
+    let mut options = options.clone();
     let entry = crate::config::Config::load()?.entry(backend.instance());
     options.agent_sudo = entry.agent.sudo;
     options.credentials = entry.credential_mode();
+    options.ca_files = entry.ca_certificates.clone();
     // The mount is the agent user's once there is one: a mount of the
     // admin's home from before goes first.
     let agent = crate::provision::AGENT_USER;

@@ -30,11 +30,7 @@ pub struct HostAccessArg {
 
 impl HostAccessArg {
     pub fn options(&self) -> crate::provision::Options {
-        crate::provision::Options {
-            host_access: self.allow_host_access,
-            agent_sudo: false,
-            credentials: crate::config::CredentialMode::Broker,
-        }
+        crate::provision::Options { host_access: self.allow_host_access, ..Default::default() }
     }
 }
 

@@ -94,11 +94,21 @@ pub fn credentials_stay_on_the_host(w: &World, config: &std::path::Path) {
     // An earlier copy of GCP credentials in the VM goes with provisioning;
     // the gateway it starts has the keys of its environment.
     w.admin("sudo mkdir -p /etc/google && echo '{}' | sudo tee /etc/google/application_default_credentials.json").ok();
+    // The host's extra CA (named by SSL_CERT_FILE, as behind a TLS-inspecting
+    // proxy) is not the VM's yet: its HTTPS fails there.
+    let trusted = format!(
+        "curl -sS https://anthropic.test:{p}/trusted && python3 -c 'import requests; print(requests.get(\"https://openai.test:{p}/py\").status_code)' && echo \"$NODE_EXTRA_CA_CERTS\""
+    );
+    assert_ne!(w.guest(&trusted).code, Some(0), "the VM trusted the test's CA already");
     let state = w.lima_home.join("_agent-vm/contain/gateway.json");
     let pid = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["pid"].clone();
     let gateway = pid(&std::fs::read_to_string(&state).unwrap());
     assert!(std::process::Command::new("kill").arg(gateway.to_string()).status().unwrap().success());
-    with_env(w, &home, &["provision", "--allow-host-access"], &env).ok();
+    let r = with_env(w, &home, &["provision", "--allow-host-access"], &env);
+    assert!(r.ok().stderr.contains("trusting 1 extra CA certificate(s) of this machine (from SSL_CERT_FILE)"), "{r:?}");
+    // Now it is, for the system, Python and Node (pointed at the system bundle).
+    let r = w.guest(&trusted);
+    assert_eq!(r.ok().stdout, "{\"answer\": \"from the provider\"}200\n/etc/ssl/certs/ca-certificates.crt\n", "{r:?}");
     let status = with_env(w, &home, &["status", "--json"], &env).json();
     assert_eq!(status["credentials"]["mode"], "broker", "{status:#}");
     assert_eq!(status["credentials"]["gcp"], "brokered", "{status:#}");
