@@ -510,8 +510,9 @@ fn extra_ca_certificates(
             Err(_) => path.clone(),
         };
         let path = &path;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the CA certificates {} (config.yaml ca_certificates)", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read the CA certificates {} (config.yaml ca_certificates)", path.display())
+        })?;
         if pem_certificates(&text).is_empty() {
             bail!("{} holds no PEM certificate (config.yaml ca_certificates)", path.display());
         }

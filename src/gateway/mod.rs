@@ -87,7 +87,7 @@ const MAX_SOCKET_PATH: usize = 103;
 pub fn hand_keys(backend: &dyn Backend) -> Result<()> {
     use std::io::{Read, Write};
     let keys: std::collections::BTreeMap<&str, String> =
-        broker::providers::key_variables().filter_map(|v| std::env::var(v).ok().map(|k| (v, k))).collect();
+        broker::host_variables().filter_map(|v| std::env::var(v).ok().map(|k| (v, k))).collect();
     let path = Paths::new(&backend.state_dir()).keys();
     if keys.is_empty() || path.as_os_str().len() > MAX_SOCKET_PATH {
         return Ok(());
@@ -120,7 +120,13 @@ fn take_keys(paths: &Paths, ctx: Arc<proxy::Context>) -> Result<()> {
         tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot listen at {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     tokio::spawn(async move {
+        let me = unsafe { libc::geteuid() };
         while let Ok((mut conn, _)) = listener.accept().await {
+            // Only this user's own commands hand over keys, whatever the
+            // directory's permissions were when the socket was made.
+            if !conn.peer_cred().is_ok_and(|c| c.uid() == me) {
+                continue;
+            }
             let ctx = ctx.clone();
             tokio::spawn(async move {
                 let mut text = Vec::new();

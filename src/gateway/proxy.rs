@@ -188,16 +188,37 @@ fn parse(head: &[u8]) -> Result<Request, String> {
     else {
         return Err("malformed request line".into());
     };
-    if !version.starts_with("HTTP/1.") || method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+    if !matches!(version, "HTTP/1.0" | "HTTP/1.1")
+        || method.is_empty()
+        || !method.bytes().all(|b| b.is_ascii_uppercase())
+    {
         return Err("not an HTTP/1 proxy request".into());
     }
-    let headers: Vec<(&str, &str)> =
-        lines.filter(|l| !l.is_empty()).filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim(), v.trim())).collect();
+    // What is sent on must mean the same to every parser after us: no
+    // bare CR or LF, NUL or other control byte anywhere (a bare LF would
+    // end a header for some servers and smuggle a request of the agent's
+    // ahead of what the gateway adds), header names that are tokens, no
+    // folded lines.
+    if !target.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("control or space bytes in the request target".into());
+    }
+    let mut headers: Vec<(&str, &str)> = Vec::new();
+    for l in lines.filter(|l| !l.is_empty()) {
+        let (k, v) = l.split_once(':').ok_or_else(|| format!("malformed header line {:?}", crate::printable(l)))?;
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if k.is_empty() || !k.bytes().all(token) {
+            return Err(format!("malformed header name {:?}", crate::printable(k)));
+        }
+        if !v.bytes().all(|b| b == b'\t' || b == b' ' || (b >= 0x21 && b != 0x7f)) {
+            return Err(format!("control bytes in header {k}"));
+        }
+        headers.push((k, v.trim()));
+    }
     let workspace =
         headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("proxy-authorization")).and_then(|(_, v)| basic_user(v));
     let owned = || headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     if target.starts_with('/') {
-        let origin = Origin { method: method.into(), target: target.into(), headers: owned() };
+        let origin = Origin { method: method.into(), target: target.into(), version: version.into(), headers: owned() };
         return Ok(Request::broker(origin, workspace));
     }
     if method == "CONNECT" {
@@ -217,7 +238,7 @@ fn parse(head: &[u8]) -> Result<Request, String> {
     let (host, port) = authority(auth, Some(80))?;
     // The gateway's own address in the VM, asked through the proxy.
     if port == super::VM_PORT && matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1") {
-        let origin = Origin { method: method.into(), target: path.into(), headers: owned() };
+        let origin = Origin { method: method.into(), target: path.into(), version: version.into(), headers: owned() };
         return Ok(Request::broker(origin, workspace));
     }
     // Origin form, without the proxy's own headers; one request per connection.
@@ -509,6 +530,29 @@ mod tests {
         ] {
             let got = through(c.clone(), bad.clone()).await;
             assert!(got.starts_with("HTTP/1.1 400 "), "{bad:.60}: {got}");
+        }
+    }
+
+    /// A head whose bytes could mean something else to the server after the
+    /// gateway (bare LF or CR, NUL, a folded or nameless line) is refused
+    /// before anything is sent on: nothing is smuggled in ahead of what the
+    /// broker adds.
+    #[tokio::test]
+    async fn heads_that_parsers_could_read_differently_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ctx(dir.path(), Mode::Open, &[], &[]);
+        for bad in [
+            "POST /anthropic/v1/messages HTTP/1.1\r\nX: a\n\nPOST /v1/files HTTP/1.1\r\n\r\n",
+            "POST /anthropic/v1/messages HTTP/1.1\r\nX: a\rb\r\n\r\n",
+            "POST /anthropic/v1/messages HTTP/1.1\r\nX: a\0b\r\n\r\n",
+            "POST /anthropic/v1/messages HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+            "POST /anthropic/v1/messages HTTP/1.1\r\nX a: b\r\n\r\n",
+            "POST /anthropic/v1/messages HTTP/1.1\r\nno colon\r\n\r\n",
+            "GET http://x.test/\x01 HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.2\r\n\r\n",
+        ] {
+            let got = through(c.clone(), bad.into()).await;
+            assert!(got.starts_with("HTTP/1.1 400 "), "{bad:?}: {got}");
         }
     }
 

@@ -103,7 +103,9 @@ impl Minter {
                 adc.kind
             );
         }
+        // Only the scope Vertex AI needs, whatever else the login granted.
         let form = [
+            ("scope", SCOPE),
             ("grant_type", "refresh_token"),
             ("client_id", &adc.client_id),
             ("client_secret", &adc.client_secret),

@@ -23,6 +23,8 @@ pub struct Origin {
     pub method: String,
     /// Path and query, as sent.
     pub target: String,
+    /// `HTTP/1.0` or `HTTP/1.1`: sent on as it came.
+    pub version: String,
     pub headers: Vec<(String, String)>,
 }
 
@@ -32,10 +34,16 @@ impl Origin {
     }
 }
 
-/// What the broker may use: the provider keys it was handed.
+/// What the broker may use: the provider keys it was handed, and the
+/// host's base URLs for them.
 pub struct Broker {
     keys: RwLock<HashMap<String, String>>,
     minter: gce::Minter,
+}
+
+/// The host variables a gateway takes: the keys and the base URLs.
+pub fn host_variables() -> impl Iterator<Item = &'static str> {
+    providers::key_variables().chain(providers::PROVIDERS.iter().map(|p| p.base_url.0))
 }
 
 impl Broker {
@@ -55,8 +63,16 @@ impl Broker {
     /// Keys handed over by a later command replace the ones held of the
     /// same variables (a command run where a key is unset forgets none).
     pub fn set_keys(&self, keys: HashMap<String, String>) {
-        let keys = keys.into_iter().filter(|(k, v)| providers::key_variables().any(|n| n == k) && !v.is_empty());
+        let keys = keys.into_iter().filter(|(k, v)| host_variables().any(|n| n == k) && !v.is_empty());
         self.keys.write().unwrap().extend(keys);
+    }
+
+    /// The host's base URL for `provider` as an upstream (its `/v1` style
+    /// suffix taken off: the route's path brings it).
+    fn base_url(&self, provider: &Provider) -> Option<String> {
+        let keys = self.keys.read().unwrap();
+        let url = keys.get(provider.base_url.0)?.trim_end_matches('/');
+        Some(url.strip_suffix(provider.base_url.1).unwrap_or(url).to_owned())
     }
 
     fn key(&self, provider: &Provider) -> Option<(String, Auth)> {
@@ -96,6 +112,12 @@ where
         return outcome;
     };
     outcome.rule = format!("broker: {}", provider.name);
+    let rest_of_path = &path[1 + name.len()..];
+    if let Err(why) = check_path(rest_of_path) {
+        outcome.error = Some(why.clone());
+        reply(client, 400, &format!("agent-vm's gateway does not send on {path:?}: {why}")).await;
+        return outcome;
+    }
     let Some((key, auth)) = ctx.broker.key(provider) else {
         let vars: Vec<&str> = provider.keys.iter().map(|(v, _)| *v).collect();
         outcome.error = Some("no key on the host".into());
@@ -116,7 +138,13 @@ where
             return outcome;
         }
     };
-    let upstream = match https::Url::parse(policy.upstreams.get(provider.name).map_or(provider.upstream, |u| u)) {
+    // The config's endpoint, else the one the host's own base URL names
+    // (a key for a company endpoint goes there, not to the provider), else
+    // the provider's.
+    let host_base = ctx.broker.base_url(provider);
+    let chosen =
+        policy.upstreams.get(provider.name).cloned().or(host_base).unwrap_or_else(|| provider.upstream.to_owned());
+    let upstream = match https::Url::parse(&chosen) {
         Ok(u) => u,
         Err(e) => {
             outcome.error = Some(format!("{e:#}"));
@@ -145,7 +173,6 @@ where
             return outcome;
         }
     };
-    let rest_of_path = &path[1 + name.len()..];
     let head = upstream_head(req, &upstream, rest_of_path, query, &key, auth);
     let mut sent = tls.write_all(&head).await.is_ok();
     if sent && !rest.is_empty() {
@@ -167,8 +194,13 @@ fn upstream_head(req: &Origin, upstream: &https::Url, path: &str, query: &str, k
     let query: Vec<&str> = query.split('&').filter(|p| !p.is_empty() && !p.starts_with("key=")).collect();
     let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
     let path = if path.is_empty() { "/" } else { path };
-    let mut head =
-        format!("{} {}{path}{query} HTTP/1.1\r\nHost: {}\r\n", req.method, upstream.base, upstream.authority());
+    let mut head = format!(
+        "{} {}{path}{query} {}\r\nHost: {}\r\nConnection: close\r\n",
+        req.method,
+        upstream.base,
+        req.version,
+        upstream.authority()
+    );
     const DROPPED: &[&str] =
         &["host", "authorization", "x-api-key", "x-goog-api-key", "connection", "keep-alive", "upgrade", "te"];
     for (k, v) in &req.headers {
@@ -179,11 +211,30 @@ fn upstream_head(req: &Origin, upstream: &https::Url, path: &str, query: &str, k
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     match auth {
-        Auth::Bearer => head.push_str(&format!("Authorization: Bearer {key}\r\n")),
-        Auth::Header(name) => head.push_str(&format!("{name}: {key}\r\n")),
+        Auth::Bearer => head.push_str(&format!("Authorization: Bearer {key}\r\n\r\n")),
+        Auth::Header(name) => head.push_str(&format!("{name}: {key}\r\n\r\n")),
     }
-    head.push_str("Connection: close\r\n\r\n");
     head.into_bytes()
+}
+
+/// The path under a provider's route stays under the upstream's base: it
+/// is empty or absolute, without `.`/`..` segments (plain or encoded),
+/// empty segments or backslashes.
+fn check_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Ok(());
+    }
+    let Some(rest) = path.strip_prefix('/') else { return Err("not a path under the route".into()) };
+    if path.contains('\\') || path.to_ascii_lowercase().contains("%5c") {
+        return Err("a backslash".into());
+    }
+    for segment in rest.split('/') {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        if matches!(decoded.as_str(), "." | "..") || decoded.contains("%2f") || (segment.is_empty() && rest != "") {
+            return Err(format!("the segment {segment:?}"));
+        }
+    }
+    Ok(())
 }
 
 /// The GCE metadata server's part.
@@ -311,6 +362,7 @@ mod tests {
         Origin {
             method: "POST".into(),
             target: target.into(),
+            version: "HTTP/1.1".into(),
             headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         }
     }
@@ -340,8 +392,8 @@ mod tests {
         .unwrap();
         assert_eq!(
             head,
-            "POST /base/v1beta/models?alt=sse HTTP/1.1\r\nHost: generativelanguage.test:8443\r\nContent-Length: 2\r\n\
-             x-goog-api-key: REAL\r\nConnection: close\r\n\r\n"
+            "POST /base/v1beta/models?alt=sse HTTP/1.1\r\nHost: generativelanguage.test:8443\r\nConnection: close\r\n\
+             Content-Length: 2\r\nx-goog-api-key: REAL\r\n\r\n"
         );
     }
 
@@ -360,6 +412,24 @@ mod tests {
         let env = session_env(|v| (v == "OPENAI_API_KEY").then(|| "k".into()), true);
         assert!(env.contains(&("OPENAI_BASE_URL".into(), "http://127.0.0.1:3128/openai/v1".into())));
         assert!(env.contains(&("GCE_METADATA_IP".into(), "127.0.0.1:3128".into())));
+    }
+
+    #[test]
+    fn paths_stay_under_the_upstreams_base() {
+        for ok in ["", "/", "/v1/messages", "/v1beta/models/gemini:generate", "/a.b/c..d"] {
+            assert!(check_path(ok).is_ok(), "{ok}");
+        }
+        for bad in ["x", "/../v1", "/v1/..", "/%2e%2E/x", "/.", "//v1", "/v1//x", "/a\\b", "/a%5cb", "/a%2fb"] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_base_url_of_the_hosts_is_the_upstream() {
+        let b =
+            Broker::with_keys([("OPENAI_BASE_URL".to_owned(), "https://llm.corp.test/openai/v1/".to_owned())].into());
+        assert_eq!(b.base_url(providers::find("openai").unwrap()).as_deref(), Some("https://llm.corp.test/openai"));
+        assert_eq!(b.base_url(providers::find("anthropic").unwrap()), None);
     }
 
     #[test]
