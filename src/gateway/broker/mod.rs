@@ -230,7 +230,7 @@ fn check_path(path: &str) -> Result<(), String> {
     }
     for segment in rest.split('/') {
         let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        if matches!(decoded.as_str(), "." | "..") || decoded.contains("%2f") || (segment.is_empty() && rest != "") {
+        if matches!(decoded.as_str(), "." | "..") || decoded.contains("%2f") || (segment.is_empty() && !rest.is_empty()) {
             return Err(format!("the segment {segment:?}"));
         }
     }
