@@ -228,9 +228,14 @@ fn check_path(path: &str) -> Result<(), String> {
     if path.contains('\\') || path.to_ascii_lowercase().contains("%5c") {
         return Err("a backslash".into());
     }
-    for segment in rest.split('/') {
+    let segments: Vec<&str> = rest.split('/').collect();
+    for (i, segment) in segments.iter().enumerate() {
         let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        if matches!(decoded.as_str(), "." | "..") || decoded.contains("%2f") || (segment.is_empty() && !rest.is_empty()) {
+        // An empty segment only as the last (a trailing slash).
+        if matches!(decoded.as_str(), "." | "..")
+            || decoded.contains("%2f")
+            || (segment.is_empty() && i + 1 < segments.len())
+        {
             return Err(format!("the segment {segment:?}"));
         }
     }
@@ -416,7 +421,7 @@ mod tests {
 
     #[test]
     fn paths_stay_under_the_upstreams_base() {
-        for ok in ["", "/", "/v1/messages", "/v1beta/models/gemini:generate", "/a.b/c..d"] {
+        for ok in ["", "/", "/v1/messages", "/v1/models/", "/v1beta/models/gemini:generate", "/a.b/c..d"] {
             assert!(check_path(ok).is_ok(), "{ok}");
         }
         for bad in ["x", "/../v1", "/v1/..", "/%2e%2E/x", "/.", "//v1", "/v1//x", "/a\\b", "/a%5cb", "/a%2fb"] {
