@@ -30,14 +30,16 @@ fn respond(r: &crate::tls::Request) -> (&'static str, &'static str, String) {
 
 /// Google's client library in the guest, as an agent's tools use it: the
 /// default credentials, a token, and a second one after the first expired.
-const GOOGLE_AUTH: &str = r#"import time, google.auth, google.auth.transport.requests as tr
+const GOOGLE_AUTH: &str = r#"import sys, time, google.auth, google.auth.transport.requests as tr
 creds, project = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
 req = tr.Request()
 creds.refresh(req)
 first = creds.token
 time.sleep(5)
 creds.refresh(req)
-print(type(creds).__module__, project, first, creds.token)
+# An API call with it, as a client of Vertex AI makes.
+r = tr.AuthorizedSession(creds).get(sys.argv[1])
+print(type(creds).__module__, project, first, creds.token, r.status_code)
 "#;
 
 /// The secrets reversed, one per line: the guest turns them back in a pipe,
@@ -58,14 +60,16 @@ fn with_env(w: &World, dir: &std::path::Path, args: &[&str], env: &[(&str, &str)
 /// Runs in the contained guest once its other checks are done; rewrites
 /// the instance's config for the stubs.
 pub fn credentials_stay_on_the_host(w: &World, config: &std::path::Path) {
-    let stub = crate::tls::Ca::new()
-        .serve(&["anthropic.test", "openai.test", "gemini.test", "openrouter.test", "oauth2.test"], respond);
+    let stub = crate::tls::Ca::new().serve(
+        &["anthropic.test", "openai.test", "gemini.test", "openrouter.test", "oauth2.test", "vertex.test"],
+        respond,
+    );
     let p = stub.port;
     std::fs::write(
         config,
         format!(
             "instances:\n  contain:\n    allow: ['*.test:{p}']\n    resolve: {{anthropic.test: 127.0.0.1, openai.test: \
-             127.0.0.1, gemini.test: 127.0.0.1, openrouter.test: 127.0.0.1, oauth2.test: 127.0.0.1}}\n    upstreams: \
+             127.0.0.1, gemini.test: 127.0.0.1, openrouter.test: 127.0.0.1, oauth2.test: 127.0.0.1, vertex.test: 127.0.0.1}}\n    upstreams: \
              {{anthropic: 'https://anthropic.test:{p}', openai: 'https://openai.test:{p}', gemini: \
              'https://gemini.test:{p}/g', google-token: 'https://oauth2.test:{p}/token'}}\n"
         ),
@@ -143,9 +147,14 @@ echo "$ANTHROPIC_AUTH_TOKEN ${ANTHROPIC_API_KEY:-no-key}""#;
     // GCP: Google's library in the guest takes the gateway for the metadata
     // server; the host mints from the refresh token, and again on expiry.
     w.install_in_guest("/tmp/agent-vm-gauth.py", GOOGLE_AUTH);
-    let r = with_env(w, &home, &["connect", "--no-mount", "--", "python3", "/tmp/agent-vm-gauth.py"], &env);
+    let api = format!("https://vertex.test:{p}/v1/projects/proj-under-test/locations/x");
+    let r = with_env(w, &home, &["connect", "--no-mount", "--", "python3", "/tmp/agent-vm-gauth.py", &api], &env);
     let words: Vec<String> = r.ok().stdout.split_whitespace().map(str::to_owned).collect();
-    assert_eq!(words.len(), 4, "{r:?}");
+    assert_eq!(words.len(), 5, "{r:?}");
+    assert_eq!(words[4], "200");
+    let bearer = stub.requests().into_iter().find(|r| r.header("host").is_some_and(|h| h.starts_with("vertex.test")));
+    let bearer = bearer.and_then(|r| r.header("authorization").map(str::to_owned));
+    assert_eq!(bearer, Some(format!("Bearer {}", words[3])), "the API did not get the renewed token");
     assert_eq!(words[0], "google.auth.compute_engine.credentials");
     assert_eq!(words[1], "proj-under-test");
     assert!(words[2].starts_with("ya29.minted-") && words[3].starts_with("ya29.minted-"), "{words:?}");
