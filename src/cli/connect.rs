@@ -141,8 +141,12 @@ fn ssh_command(endpoint: &crate::ssh::Endpoint, env: &[(String, String)], intera
     ssh.args(["-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes"]);
     // The agent user, whatever the config's User says.
     ssh.arg("-l").arg(&endpoint.user);
-    for (name, _) in env {
+    // The session's values, not whatever this process inherited under the
+    // same names: a brokered key's placeholder must never become the
+    // host's real key.
+    for (name, value) in env {
         ssh.arg("-o").arg(format!("SendEnv={name}"));
+        ssh.env(name, value);
     }
     ssh.arg(&endpoint.alias);
     ssh
@@ -179,5 +183,11 @@ mod tests {
         assert!(!seen.lines().any(|l| l.starts_with("controlpath ")), "a shared master's socket: {seen}");
         assert!(seen.contains("sendenv anthropic_api_key"), "{seen}");
         assert!(!cmd.get_args().any(|a| a.to_string_lossy().contains("secret")), "a value on the command line");
+        // The session's value goes, whatever this process has under the name
+        // (here: the test's own environment, whichever it is).
+        let cmd = ssh_command(&ep, &[("ANTHROPIC_AUTH_TOKEN".into(), "agent-vm-brokered".into())], false);
+        let set: Vec<_> = cmd.get_envs().collect();
+        let name = std::ffi::OsStr::new("ANTHROPIC_AUTH_TOKEN");
+        assert_eq!(set, vec![(name, Some(std::ffi::OsStr::new("agent-vm-brokered")))]);
     }
 }
