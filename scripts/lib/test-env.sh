@@ -61,7 +61,7 @@ as_test_user() {
     fi
     local var pass=()
     for var in CI RUST_BACKTRACE RUST_TEST_THREADS AGENT_VM_TEST_IMAGE AGENT_VM_TEST_LIMA AGENT_VM_TEST_QEMU \
-        AGENT_VM_ADVERSARIAL_TABLE AGENT_VM_ADVERSARIAL_ONLY $(compgen -v BENCH_); do
+        AGENT_VM_ADVERSARIAL_TABLE AGENT_VM_ADVERSARIAL_ONLY AGENT_VM_FULL_CORPUS $(compgen -v BENCH_); do
         [ -n "${!var:-}" ] && pass+=("$var=${!var}")
     done
     runuser -u "$test_user" -- env -i PATH="$PATH" HOME="$test_home" USER="$test_user" LOGNAME="$test_user" \

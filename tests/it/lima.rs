@@ -5,13 +5,20 @@
 use crate::common::{World, host_user};
 use std::time::{Duration, Instant};
 
+/// One guest for both (each boot costs minutes on an emulated CPU): the
+/// session variables first, while the master Lima opened at boot is fresh.
+#[test]
+fn session_variables_arrive_and_nothing_is_forwarded() {
+    let w = World::with_vm("pf");
+    w.run(&["start"]).ok();
+    session_variables_arrive_whoever_opened_the_ssh_master(&w);
+    nothing_in_the_guest_is_forwarded_to_the_host(&w);
+}
+
 /// Guest sockets on every loopback and wildcard address, TCP and UDP: the
 /// guest agent reports each to Lima's host agent (its debug log shows it),
 /// and none may appear on the host.
-#[test]
-fn nothing_in_the_guest_is_forwarded_to_the_host() {
-    let w = World::with_vm("pf");
-    w.run(&["start"]).ok();
+fn nothing_in_the_guest_is_forwarded_to_the_host(w: &World) {
     // Below the ephemeral range, so no outgoing host socket happens to use them.
     const BASE: u16 = 23410;
     let listeners = r#"
@@ -141,15 +148,12 @@ fn broken_and_degraded_vms_are_named_and_recovered() {
 /// variables even when an SSH master already exists: Lima's host agent opens
 /// one at boot, before agent-vm provisions sshd's AcceptEnv, and a session
 /// riding on it would silently lose them.
-#[test]
-fn session_variables_arrive_whoever_opened_the_ssh_master() {
-    let w = World::with_vm("mux");
-    w.run(&["start"]).ok();
+fn session_variables_arrive_whoever_opened_the_ssh_master(w: &World) {
     // As a new user would: a plain ssh first (it opens or reuses the master).
     let ssh = std::process::Command::new("ssh")
         .arg("-F")
         .arg(w.instance_dir().join("ssh.config"))
-        .args(["lima-mux", "true"])
+        .args([format!("lima-{}", w.instance).as_str(), "true"])
         .stdin(std::process::Stdio::null())
         .status()
         .unwrap();

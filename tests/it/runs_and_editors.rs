@@ -23,11 +23,8 @@ case "$b" in
 esac
 echo "done in $b""#;
 
-#[test]
-fn run_in_parallel_and_stop_everything_on_interrupt() {
-    let w = World::with_vm("run");
-    w.run(&["start", "--vcpu", "1", "--memory", "2"]).ok();
-    let repo = w.repo("app");
+fn run_in_parallel_and_stop_everything_on_interrupt(w: &World) {
+    let repo = w.repo("run-app");
 
     let logs = w.home.path().join("outputs");
     let logs_arg = format!("--logs={}", logs.display());
@@ -148,10 +145,12 @@ fn wait_with_timeout(child: &mut std::process::Child, secs: u64) -> std::process
     std::process::Output { status: child.wait().unwrap(), stdout: stdout.into_bytes(), stderr: stderr.into_bytes() }
 }
 
+/// One guest for all of it (each boot costs minutes on an emulated CPU).
 #[test]
-fn ssh_config_ssh_backend_and_snapshots() {
+fn runs_ssh_config_ssh_backend_and_snapshots() {
     let w = World::with_vm("edit");
     w.run(&["start", "--vcpu", "1", "--memory", "2"]).ok();
+    run_in_parallel_and_stop_everything_on_interrupt(&w);
     let repo = w.repo("app");
 
     // ssh-config --install, twice: one Include line, and `ssh edit` works.
