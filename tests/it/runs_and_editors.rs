@@ -61,12 +61,12 @@ fn run_in_parallel_and_stop_everything_on_interrupt(w: &World) {
     assert_eq!(git(&repo, &["log", "-1", "--format=%s", "x/y"]).trim(), "from-run");
 
     // Ctrl-C stops every remote command, children included.
-    interrupt_leaves_nothing_running(&w, &repo, "INT", Some(130));
+    interrupt_leaves_nothing_running(w, &repo, "INT", Some(130));
     // So does agent-vm being killed outright: the VM notices the dropped
     // connection.
-    interrupt_leaves_nothing_running(&w, &repo, "KILL", None);
+    interrupt_leaves_nothing_running(w, &repo, "KILL", None);
 
-    clean_all_waits_for_a_running_run(&w, &repo);
+    clean_all_waits_for_a_running_run(w, &repo);
 }
 
 /// clean-all takes the branch locks run holds: it waits instead of
