@@ -352,7 +352,15 @@ pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> 
         };
         // A VM that answers but will not listen (the port taken) is an
         // error to report at once; one that does not answer may be booting.
-        let outcome = match connected.await {
+        // `stop` is obeyed while connecting and reconnecting too.
+        let connected = tokio::select! {
+            c = connected => c,
+            _ = term.recv() => {
+                let _ = std::fs::remove_file(paths.state());
+                return Ok(());
+            }
+        };
+        let outcome = match connected {
             Ok((session, rx)) => match session.forward_from_vm("127.0.0.1", VM_PORT).await {
                 Ok(()) => Ok((session, rx)),
                 Err(e) => Err((e, true)),
@@ -370,7 +378,13 @@ pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> 
                 if since.elapsed() > GIVE_UP_AFTER {
                     return Ok(());
                 }
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = term.recv() => {
+                        let _ = std::fs::remove_file(paths.state());
+                        return Ok(());
+                    }
+                }
                 continue;
             }
         };
