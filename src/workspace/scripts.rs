@@ -270,6 +270,13 @@ mod tests {
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
+    /// A VM script run by sh with the host's git in `home` (laid out like
+    /// the VM user's home).
+    fn sh_in(home: &Path, script: &str, args: &[&str]) -> std::process::Output {
+        let line = shell::script(script, args).unwrap();
+        std::process::Command::new("sh").current_dir(home).arg("-c").arg(line).output().unwrap()
+    }
+
     /// A new repository at `dir` on `branch`, with file `a` ("1")
     /// committed; returns the commit.
     fn one_commit(dir: &Path, branch: &str) -> String {
@@ -388,12 +395,7 @@ mod tests {
         let ws = Workspace::new(&host("/h/r", "r"), branch);
         let args = [ws.cache.as_str(), &ws.dir, branch, "/h/r", &tip];
         let run = |script: &str, args: &[&str]| {
-            let out = std::process::Command::new("sh")
-                .current_dir(home.path())
-                .arg("-c")
-                .arg(shell::script(script, args).unwrap())
-                .output()
-                .unwrap();
+            let out = sh_in(home.path(), script, args);
             (out.status.code(), String::from_utf8(out.stdout).unwrap())
         };
         // No cache, then a cache without the tip: the host must bring it.
@@ -439,12 +441,7 @@ mod tests {
         let ws = Workspace::new(&host("/h/r", "r"), "w");
         let cache = home.path().join(&ws.cache);
         let run = |script: &str, args: &[&str]| {
-            let out = std::process::Command::new("sh")
-                .current_dir(home.path())
-                .arg("-c")
-                .arg(shell::script(script, args).unwrap())
-                .output()
-                .unwrap();
+            let out = sh_in(home.path(), script, args);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         };
         run(ENSURE_CACHE, &[&ws.cache, &ws.dir]);

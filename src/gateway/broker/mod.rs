@@ -305,22 +305,19 @@ async fn metadata<S>(
     }
 }
 
+/// The metadata server's answers carry its flavour, as clients check.
 async fn metadata_reply<S: AsyncWrite + Unpin>(client: &mut S, code: u16, ctype: &str, body: &str) {
-    let head = format!(
-        "HTTP/1.1 {code} {}\r\nMetadata-Flavor: Google\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        reason(code),
-        body.len()
-    );
-    let _ = client.write_all(head.as_bytes()).await;
-    let _ = client.write_all(body.as_bytes()).await;
-    let _ = client.shutdown().await;
+    answer(client, code, "Metadata-Flavor: Google\r\n", ctype, body).await
 }
 
 /// The broker's own refusals, in words for the agent (and its user).
 async fn reply<S: AsyncWrite + Unpin>(client: &mut S, code: u16, why: &str) {
-    let body = format!("{why}\n");
+    answer(client, code, "", "text/plain; charset=utf-8", &format!("{why}\n")).await
+}
+
+async fn answer<S: AsyncWrite + Unpin>(client: &mut S, code: u16, extra: &str, ctype: &str, body: &str) {
     let head = format!(
-        "HTTP/1.1 {code} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {code} {}\r\n{extra}Content-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         reason(code),
         body.len()
     );
