@@ -125,10 +125,12 @@ curl -sS -X POST "$ANTHROPIC_BASE_URL/v1/messages" -H "Authorization: Bearer $AN
 curl -sS "$OPENAI_BASE_URL/chat/completions" -H "Authorization: Bearer $OPENAI_API_KEY"; echo
 curl -sS "$GOOGLE_GEMINI_BASE_URL/v1beta/models?key=$GEMINI_API_KEY&alt=sse" -H "x-goog-api-key: $GEMINI_API_KEY"; echo
 echo "$ANTHROPIC_AUTH_TOKEN ${ANTHROPIC_API_KEY:-no-key}""#;
+    let earlier = stub.requests().len();
     let r = with_env(w, &home, &["connect", "--no-mount", "--", "bash", "-c", calls], &env);
     let answer = "{\"answer\": \"from the provider\"}";
     assert_eq!(r.ok().stdout, format!("{answer}\n{answer}\n{answer}\nagent-vm-brokered no-key\n"), "{r:?}");
-    let seen = stub.requests();
+    // Those of the calls above (the trust checks came first).
+    let seen = stub.requests().split_off(earlier);
     let find = |host: &str| seen.iter().find(|r| r.header("host").is_some_and(|h| h.starts_with(host))).cloned();
     let anthropic = find("anthropic.test").expect("the Anthropic stub got nothing");
     assert_eq!(anthropic.line(), "POST /v1/messages");
