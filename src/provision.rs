@@ -461,13 +461,20 @@ async fn run_root(session: &Session, script: &str, args: &[&str], input: &[u8], 
     Ok(out.stdout_str())
 }
 
+/// Where the host's GCP application-default credentials are:
+/// $GOOGLE_APPLICATION_CREDENTIALS (true: named explicitly), else
+/// gcloud's default location.
+pub fn adc_location() -> Result<(PathBuf, bool)> {
+    match std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").filter(|p| !p.is_empty()) {
+        Some(p) => Ok((PathBuf::from(p), true)),
+        None => Ok((crate::home_dir()?.join(".config/gcloud/application_default_credentials.json"), false)),
+    }
+}
+
 /// The host's GCP application-default credentials, if any: from
 /// $GOOGLE_APPLICATION_CREDENTIALS, else gcloud's default location.
 fn credentials() -> Result<Option<(PathBuf, Vec<u8>)>> {
-    let (path, explicit) = match std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").filter(|p| !p.is_empty()) {
-        Some(p) => (PathBuf::from(p), true),
-        None => (crate::home_dir()?.join(".config/gcloud/application_default_credentials.json"), false),
-    };
+    let (path, explicit) = adc_location()?;
     if !explicit && !path.exists() {
         return Ok(None);
     }

@@ -259,9 +259,8 @@ async fn session_with(
 /// follows its (new) port, and the network gateway runs.
 fn after_connect(ctx: &Context, backend: &dyn Backend, endpoint: &crate::ssh::Endpoint) {
     refresh_ssh_config(backend, endpoint);
-    match crate::gateway::ensure(backend).and_then(|_| crate::gateway::hand_keys(backend)) {
-        Ok(()) => {}
-        Err(e) => ctx.ui.say(&format!("warning: {e:#}")),
+    if let Err(e) = crate::gateway::ensure(backend).and_then(|_| crate::gateway::hand_keys(backend)) {
+        ctx.ui.say(&format!("warning: {e:#}"));
     }
 }
 

@@ -32,18 +32,22 @@ pub const VM_PORT: u16 = 3128;
 /// workspace a connection came from. The name is the session's own claim
 /// (an agent can send another): it labels the log, it grants nothing.
 pub fn workspace_env(workspace: &str) -> Vec<String> {
-    let name = workspace.rsplit('/').next().unwrap_or(workspace);
-    let user: String = name
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect();
+    let user = percent_encode(workspace.rsplit('/').next().unwrap_or(workspace));
     // A password too: some clients (Python's urllib) send no credentials
     // for a user alone.
     let url = format!("http://{user}:ws@127.0.0.1:{VM_PORT}");
     ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"].iter().map(|v| format!("{v}={url}")).collect()
+}
+
+/// `text` with every byte but RFC 3986's unreserved ones as `%XX`: safe in
+/// a URL's user name and in a form.
+pub fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// The gateway's files in an instance's state directory.
@@ -342,6 +346,11 @@ pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> 
     };
     take_keys(&paths, ctx.clone())?;
     write_state("starting", None);
+    // On `stop`: no state left that says a gateway runs.
+    let stopped = || {
+        let _ = std::fs::remove_file(paths.state());
+        Ok(())
+    };
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut unreachable_since: Option<std::time::Instant> = None;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -355,10 +364,7 @@ pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> 
         // `stop` is obeyed while connecting and reconnecting too.
         let connected = tokio::select! {
             c = connected => c,
-            _ = term.recv() => {
-                let _ = std::fs::remove_file(paths.state());
-                return Ok(());
-            }
+            _ = term.recv() => return stopped(),
         };
         let outcome = match connected {
             Ok((session, rx)) => match session.forward_from_vm("127.0.0.1", VM_PORT).await {
@@ -380,10 +386,7 @@ pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> 
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = term.recv() => {
-                        let _ = std::fs::remove_file(paths.state());
-                        return Ok(());
-                    }
+                    _ = term.recv() => return stopped(),
                 }
                 continue;
             }
@@ -406,10 +409,7 @@ pub async fn serve(backend: &dyn Backend, command_prefix: String) -> Result<()> 
                     None => break,
                 },
                 _ = tick.tick() => if session.is_closed() { break },
-                _ = term.recv() => {
-                    let _ = std::fs::remove_file(paths.state());
-                    return Ok(());
-                }
+                _ = term.recv() => return stopped(),
             }
         }
         write_state("starting", Some("the SSH connection to the VM ended; reconnecting".into()));

@@ -19,13 +19,9 @@ const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 /// The service account's name in answers: the VM has no real one.
 const EMAIL: &str = "default";
 
-/// The host's application-default credentials file: as for provisioning,
-/// `$GOOGLE_APPLICATION_CREDENTIALS`, else gcloud's default location.
-pub fn adc_path() -> Result<PathBuf> {
-    match std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").filter(|p| !p.is_empty()) {
-        Some(p) => Ok(PathBuf::from(p)),
-        None => Ok(crate::home_dir()?.join(".config/gcloud/application_default_credentials.json")),
-    }
+/// The host's application-default credentials file, as provisioning finds it.
+fn adc_path() -> Result<PathBuf> {
+    crate::provision::adc_location().map(|(path, _)| path)
 }
 
 /// The fields of an `authorized_user` credentials file (what
@@ -112,7 +108,7 @@ impl Minter {
             ("refresh_token", &adc.refresh_token),
         ]
         .iter()
-        .map(|(k, v)| format!("{k}={}", form_encode(v)))
+        .map(|(k, v)| format!("{k}={}", crate::gateway::percent_encode(v)))
         .collect::<Vec<_>>()
         .join("&");
         let addrs = dial(token_url.host.clone(), token_url.port).await?;
@@ -132,15 +128,6 @@ impl Minter {
         *cached = Some(Token { value: minted.access_token.clone(), expires: now + life });
         Ok((minted.access_token, life.as_secs()))
     }
-}
-
-fn form_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// An answer of the metadata server.
@@ -195,6 +182,6 @@ mod tests {
             Answer::NotFound
         ));
         assert!(matches!(route("/computeMetadata/v1/universe/universe-domain", false), Answer::NotFound));
-        assert_eq!(form_encode("a b/c+1"), "a%20b%2Fc%2B1");
+        assert_eq!(crate::gateway::percent_encode("a b/c+1"), "a%20b%2Fc%2B1");
     }
 }
