@@ -8,12 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use russh::ChannelMsg;
 use tokio::sync::watch;
 
 use crate::printable;
 use crate::shell;
-use crate::ssh::{CONNECT_TIMEOUT, Endpoint, Session};
+use crate::ssh::{CONNECT_TIMEOUT, Endpoint, Event, Session};
 
 /// $1 directory, $2… the command. Runs the command in a session (process
 /// group) of its own, stdin from /dev/null; a watchdog reads our stdin and,
@@ -179,19 +178,16 @@ async fn run_one(
         args.extend(job.env.iter().map(String::as_str));
     }
     args.extend(argv.iter().map(String::as_str));
-    let channel = session.open_exec_env(&shell::login_script(WRAPPER, &args)?, env).await?;
-    let (mut read, write) = channel.split();
+    let (mut read, write) = session.open_exec_env(&shell::login_script(WRAPPER, &args)?, env).await?;
     let mut status = None;
     let mut interrupted = false;
     loop {
         tokio::select! {
-            msg = read.wait() => match msg {
+            event = read.next() => match event {
                 None => break,
-                Some(ChannelMsg::Data { data }) => sink.write(false, &data)?,
-                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => sink.write(true, &data)?,
-                Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
-                Some(ChannelMsg::ExitSignal { .. }) => status = Some(255),
-                Some(_) => {}
+                Some(Event::Stdout(data)) => sink.write(false, &data)?,
+                Some(Event::Stderr(data)) => sink.write(true, &data)?,
+                Some(Event::Exit(code)) => status = Some(code),
             },
             _ = stopped(&mut stop), if !interrupted => {
                 // Closing the command's stdin is the watchdog's signal.

@@ -10,10 +10,10 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
+use crate::ssh::Event;
 use anyhow::{Result, bail};
 use git2::transport::{Service, SmartSubtransport, SmartSubtransportStream, Transport};
 use git2::{Error, ErrorClass, ErrorCode};
-use russh::ChannelMsg;
 use tokio::sync::mpsc as tmpsc;
 
 use crate::shell;
@@ -199,12 +199,11 @@ impl Pipe {
     fn open(session: Arc<Session>, command: String, stderr: Arc<Mutex<Vec<u8>>>) -> Result<Pipe, Error> {
         let rt =
             tokio::runtime::Handle::try_current().map_err(|_| net_error("git transfer outside the async runtime"))?;
-        let channel = rt.block_on(session.open_exec(&command)).map_err(|e| net_error(format!("{e:#}")))?;
+        let (mut read, write) = rt.block_on(session.open_exec(&command)).map_err(|e| net_error(format!("{e:#}")))?;
         let (to_remote, mut outgoing) = tmpsc::channel::<Vec<u8>>(16);
         let (incoming, from_remote) = mpsc::sync_channel::<Result<Vec<u8>, String>>(64);
         let limit = max_receive_bytes();
         rt.spawn(async move {
-            let (mut read, write) = channel.split();
             let writer = async move {
                 while let Some(buf) = outgoing.recv().await {
                     if write.data(&buf[..]).await.is_err() {
@@ -215,9 +214,9 @@ impl Pipe {
             };
             let reader = async move {
                 let mut received: u64 = 0;
-                while let Some(msg) = read.wait().await {
-                    match msg {
-                        ChannelMsg::Data { data } => {
+                while let Some(event) = read.next().await {
+                    match event {
+                        Event::Stdout(data) => {
                             // A hostile VM could send without end: stop at the limit.
                             received += data.len() as u64;
                             let item = if received > limit {
@@ -226,7 +225,7 @@ impl Pipe {
                                      (set {MAX_RECEIVE_ENV} to allow more)"
                                 ))
                             } else {
-                                Ok(data.to_vec())
+                                Ok(data)
                             };
                             let stop = item.is_err();
                             // The blocking reader may be slow; never block the runtime on it.
@@ -239,16 +238,16 @@ impl Pipe {
                                 break;
                             }
                         }
-                        ChannelMsg::ExtendedData { data, .. } => {
+                        Event::Stderr(data) => {
                             // Kept for error messages only: bounded.
                             let mut buf = stderr.lock().unwrap();
                             let room = MAX_STDERR.saturating_sub(buf.len());
                             buf.extend_from_slice(&data[..data.len().min(room)]);
                         }
-                        ChannelMsg::ExitStatus { exit_status } if exit_status != 0 => {
+                        Event::Exit(exit_status) if exit_status != 0 => {
                             tracing::debug!(exit_status, "remote git exited");
                         }
-                        _ => {}
+                        Event::Exit(_) => {}
                     }
                 }
             };

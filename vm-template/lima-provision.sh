@@ -188,6 +188,9 @@ for n in $names; do
 done
 if {
     printf 'AcceptEnv %s\n' "$names"
+    # agent-vm's commands share one connection per user: room for many
+    # sessions on it (a terminal, a `run` of many branches) at once.
+    printf 'MaxSessions 64\n'
     # Agent sessions find the gateway through the usual variables (set by
     # sshd, so a session cannot be handed others); no forwarding of any kind.
     printf 'Match User %s\n' "$agent"

@@ -107,7 +107,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     if args.command.is_empty() || interactive {
         // A terminal session: OpenSSH handles the tty, window size and
         // signals natively, so hand the process over to it.
-        let mut ssh = ssh_command(&endpoint, &env, interactive);
+        let mut ssh = ssh_command(&endpoint, session.control_path(), &env, interactive);
         if !command.is_empty() {
             ssh.arg("--").arg(shell::login_command(cwd.as_deref(), &command)?);
         } else if let Some(dir) = &cwd {
@@ -127,17 +127,27 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
 
 /// The system ssh for a terminal session: `ssh … <alias>`, the remote
 /// command to be added.
-fn ssh_command(endpoint: &crate::ssh::Endpoint, env: &[(String, String)], interactive: bool) -> std::process::Command {
+fn ssh_command(
+    endpoint: &crate::ssh::Endpoint,
+    shared: Option<&std::path::Path>,
+    env: &[(String, String)],
+    interactive: bool,
+) -> std::process::Command {
     let mut ssh = std::process::Command::new("ssh");
     ssh.arg("-F").arg(&endpoint.config_file);
     ssh.arg(if interactive { "-t" } else { "-T" });
-    // A connection of its own: Lima's ssh.config shares one master
-    // connection (ControlMaster auto, ControlPersist), and a session on a
-    // master opened by someone else (Lima's host agent does at boot, before
-    // provisioning sets sshd's AcceptEnv) silently loses the variables
-    // below. Nothing of the host is forwarded, whatever the user's own ssh
-    // config says for `Host *` (the ssh backend reads it).
-    ssh.args(["-o", "ControlMaster=no", "-o", "ControlPath=none"]);
+    // On agent-vm's shared connection when there is one, else a connection
+    // of its own; never Lima's master (ControlMaster auto in its
+    // ssh.config): a session on a master opened by someone else (Lima's host
+    // agent does at boot, before provisioning sets sshd's AcceptEnv)
+    // silently loses the variables below. Nothing of the host is forwarded,
+    // whatever the user's own ssh config says for `Host *` (the ssh backend
+    // reads it).
+    ssh.args(["-o", "ControlMaster=no", "-o"]);
+    ssh.arg(match shared {
+        Some(path) => format!("ControlPath={}", path.display()),
+        None => "ControlPath=none".to_owned(),
+    });
     ssh.args(["-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes"]);
     // The agent user, whatever the config's User says.
     ssh.arg("-l").arg(&endpoint.user);
@@ -173,7 +183,7 @@ mod tests {
         )
         .unwrap();
         let ep = crate::ssh::Endpoint::for_tests("big", config);
-        let cmd = ssh_command(&ep, &[("ANTHROPIC_API_KEY".into(), "secret".into())], true);
+        let cmd = ssh_command(&ep, None, &[("ANTHROPIC_API_KEY".into(), "secret".into())], true);
         let out = std::process::Command::new("ssh").arg("-G").args(cmd.get_args()).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let seen = String::from_utf8_lossy(&out.stdout).to_lowercase();
@@ -185,7 +195,7 @@ mod tests {
         assert!(!cmd.get_args().any(|a| a.to_string_lossy().contains("secret")), "a value on the command line");
         // The session's value goes, whatever this process has under the name
         // (here: the test's own environment, whichever it is).
-        let cmd = ssh_command(&ep, &[("ANTHROPIC_AUTH_TOKEN".into(), "agent-vm-brokered".into())], false);
+        let cmd = ssh_command(&ep, None, &[("ANTHROPIC_AUTH_TOKEN".into(), "agent-vm-brokered".into())], false);
         let set: Vec<_> = cmd.get_envs().collect();
         let name = std::ffi::OsStr::new("ANTHROPIC_AUTH_TOKEN");
         assert_eq!(set, vec![(name, Some(std::ffi::OsStr::new("agent-vm-brokered")))]);

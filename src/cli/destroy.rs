@@ -52,6 +52,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     if crate::gateway::stop(backend.as_ref())? {
         ctx.ui.say("Stopped the network gateway.");
     }
+    crate::ssh::mux::terminate_all(&backend.state_dir()).await;
     ctx.ui.say(&format!("Deleting VM '{}'…", instance.name));
     backend.delete()?;
     let state = backend.state_dir();

@@ -170,7 +170,13 @@ fn init_logging(global: &Global) {
         _ => "agent_vm=trace,russh=debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // With -v, seconds since start: where a slow command spends its time.
+    if global.verbose > 0 {
+        fmt.with_timer(tracing_subscriber::fmt::time::uptime()).init();
+    } else {
+        fmt.without_time().init();
+    }
 }
 
 /// Unmounts the instance's workspace mount if it is ours (lazily when
@@ -310,6 +316,9 @@ async fn provision_vm(
     let agent = crate::provision::AGENT_USER;
     let before = crate::vm::agent_user(backend);
     crate::provision::run(admin, &ctx.ui, &options).await?;
+    // sshd's new settings (AcceptEnv, the agent's groups) apply to
+    // connections made from now on.
+    crate::ssh::mux::terminate_all(&backend.state_dir()).await;
     if before.as_deref() != Some(agent) {
         unmount(backend, true)?;
     }

@@ -259,6 +259,7 @@ impl Backend for Lima {
             bail!("{} does not exist: the VM has not been started. Run `agent-vm start`", path.display());
         }
         Endpoint::from_config_file(&path, &self.ssh_alias(), crate::ssh::Defaults::None)
+            .map(|e| e.shared_in(self.state_dir()))
     }
 
     fn ssh_alias(&self) -> String {

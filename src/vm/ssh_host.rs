@@ -92,6 +92,7 @@ impl Backend for SshHost {
 
     fn ssh_endpoint(&self) -> Result<Endpoint> {
         Endpoint::from_config_file(&self.config_file, &self.alias, Defaults::OpenSsh)
+            .map(|e| e.shared_in(self.state_dir()))
     }
 
     fn ssh_alias(&self) -> String {

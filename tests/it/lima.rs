@@ -12,7 +12,44 @@ fn session_variables_arrive_and_nothing_is_forwarded() {
     let w = World::with_vm("pf");
     w.run(&["start"]).ok();
     session_variables_arrive_whoever_opened_the_ssh_master(&w);
+    commands_share_one_connection_and_a_stalled_one_holds_up_no_other(&w);
     nothing_in_the_guest_is_forwarded_to_the_host(&w);
+}
+
+/// The VM's SSH connection of the command that runs it: the nearest
+/// sshd-session above it (one per connection, whatever its channels).
+const CONNECTION_PID: &str = r#"p=$$; while [ "$p" -gt 1 ]; do [ "$(cat /proc/$p/comm)" = sshd-session ] && { echo "$p"; exit 0; }; p=$(awk '/^PPid:/ {print $2}' /proc/$p/status); done; exit 1"#;
+
+/// agent-vm's commands ride one SSH connection (a handshake costs seconds on
+/// a slow guest), and one whose output nobody reads holds up no other: each
+/// session on it is flow-controlled on its own.
+fn commands_share_one_connection_and_a_stalled_one_holds_up_no_other(w: &World) {
+    let first = w.run(&["connect", "--no-mount", "--", "sh", "-c", CONNECTION_PID]);
+    let second = w.run(&["connect", "--no-mount", "--", "sh", "-c", CONNECTION_PID]);
+    let pid = first.ok().stdout.trim().to_owned();
+    assert!(!pid.is_empty(), "no connection found: {}", first.stderr);
+    assert_eq!(pid, second.ok().stdout.trim(), "two commands, two SSH connections");
+    // Endless output into a pipe nobody reads: it fills, and stays full.
+    let mut stalled = w
+        .agent_vm(&["connect", "--no-mount", "--", "sh", "-c", &format!("{CONNECTION_PID}; exec yes")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 16];
+    std::io::Read::read(stalled.stdout.as_mut().unwrap(), &mut head).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&head).lines().next(),
+        Some(pid.as_str()),
+        "the stalled command's own connection"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let started = Instant::now();
+    let alive = w.run(&["connect", "--no-mount", "--", "sh", "-c", &format!("{CONNECTION_PID} && echo alive")]);
+    assert_eq!(alive.ok().stdout, format!("{pid}\nalive\n"), "a command beside the stalled one");
+    eprintln!("a command beside a stalled one took {:?}", started.elapsed());
+    let _ = stalled.kill();
+    let _ = stalled.wait();
 }
 
 /// Guest sockets on every loopback and wildcard address, TCP and UDP: the

@@ -1,5 +1,8 @@
-//! SSH to the VM with russh, configured from the ssh.config file Lima writes
-//! for the instance. One [`Session`] carries many channels for one command.
+//! SSH to the VM, configured from the ssh.config file Lima writes for the
+//! instance. A [`Session`] runs a command's channels on the connection the
+//! VM user's commands share ([`mux`]), or on a russh connection of its own.
+
+pub mod mux;
 
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -29,6 +32,9 @@ pub struct Endpoint {
     pub config_file: PathBuf,
     /// How the server's host key is checked.
     pub host_key: HostKeyPolicy,
+    /// Where the connection commands share has its socket (the instance's
+    /// state directory); without one, each command connects on its own.
+    pub shared_dir: Option<PathBuf>,
 }
 
 impl Endpoint {
@@ -44,6 +50,7 @@ impl Endpoint {
             identity_files: vec![config_file.with_file_name("key")],
             config_file,
             host_key: HostKeyPolicy::AcceptAny,
+            shared_dir: None,
         }
     }
 }
@@ -172,7 +179,13 @@ impl Endpoint {
             identity_files,
             config_file: path.to_owned(),
             host_key,
+            shared_dir: None,
         })
+    }
+
+    /// This endpoint, its commands sharing one connection with a socket in `dir`.
+    pub fn shared_in(self, dir: PathBuf) -> Endpoint {
+        Endpoint { shared_dir: Some(dir), ..self }
     }
 }
 
@@ -317,8 +330,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Answered<S> {
 }
 
 pub struct Session {
-    handle: Handle<Client>,
+    link: Link,
     endpoint: Endpoint,
+}
+
+enum Link {
+    /// A russh connection of the session's own.
+    Direct(Handle<Client>),
+    /// The VM user's shared connection, at its master's socket; and a
+    /// connection of the session's own once the server opens no more
+    /// sessions on the shared one.
+    Shared { path: PathBuf, own: tokio::sync::OnceCell<Handle<Client>> },
+}
+
+/// `AGENT_VM_SHARED_SSH=0`: every command makes a connection of its own.
+fn sharing_wanted() -> bool {
+    std::env::var_os("AGENT_VM_SHARED_SSH").is_none_or(|v| v != "0")
 }
 
 /// AES-GCM first: fastest with AES instructions, and measured faster than
@@ -333,14 +360,27 @@ pub(crate) const CIPHERS: &[russh::cipher::Name] = &[
 ];
 
 impl Session {
-    /// Connects and authenticates with the endpoint's identity files. The
-    /// VM's SSH server must start answering within `answer_within`; once it
-    /// has, a slow handshake (a busy guest) may take up to [`CONNECT_TIMEOUT`].
+    /// A session to `endpoint`: on the connection its commands share
+    /// (started when none runs), or else on a connection of its own,
+    /// authenticated with the endpoint's identity files. The VM's SSH server
+    /// must start answering within `answer_within`; once it has, a slow
+    /// handshake (a busy guest) may take up to [`CONNECT_TIMEOUT`].
     pub async fn connect(endpoint: &Endpoint, answer_within: Duration) -> Result<Session> {
-        Self::connect_with(endpoint, answer_within, None).await
+        if sharing_wanted() && mux::control_path(endpoint).is_some() {
+            match mux::ensure(endpoint, answer_within).await {
+                Ok(path) => {
+                    return Ok(Session {
+                        link: Link::Shared { path, own: tokio::sync::OnceCell::new() },
+                        endpoint: endpoint.clone(),
+                    });
+                }
+                Err(e) => tracing::debug!("no shared SSH connection, connecting on our own: {e:#}"),
+            }
+        }
+        Ok(Session { link: Link::Direct(handshake(endpoint, answer_within, None).await?), endpoint: endpoint.clone() })
     }
 
-    /// [`Session::connect`] for a session that forwards VM ports to this
+    /// A session on a connection of its own that forwards VM ports to this
     /// side ([`Session::forward_from_vm`]): their connections arrive on the
     /// returned receiver.
     pub async fn connect_forwarding(
@@ -348,137 +388,88 @@ impl Session {
         answer_within: Duration,
     ) -> Result<(Session, tokio::sync::mpsc::UnboundedReceiver<Forwarded>)> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        Ok((Self::connect_with(endpoint, answer_within, Some(tx)).await?, rx))
-    }
-
-    async fn connect_with(
-        endpoint: &Endpoint,
-        answer_within: Duration,
-        forwarded: Option<tokio::sync::mpsc::UnboundedSender<Forwarded>>,
-    ) -> Result<Session> {
-        let keys = load_keys(endpoint)?;
-        let config = Arc::new(client::Config {
-            keepalive_interval: Some(Duration::from_secs(15)),
-            keepalive_max: 4,
-            nodelay: true,
-            preferred: russh::Preferred { cipher: std::borrow::Cow::Borrowed(CIPHERS), ..Default::default() },
-            ..Default::default()
-        });
-        let refusal = Arc::new(std::sync::Mutex::new(None));
-        let answered = Arc::new(AtomicBool::new(false));
-        let started = tokio::time::Instant::now();
-        let quick = started + answer_within;
-        let full = started + CONNECT_TIMEOUT.max(answer_within);
-        let timed_out = || {
-            anyhow!(
-                "timed out after {} s connecting to the VM at {}:{}; check `agent-vm status`",
-                started.elapsed().as_secs(),
-                endpoint.host,
-                endpoint.port
-            )
-        };
-        let mut attempt = 0u32;
-        let mut handle = loop {
-            attempt += 1;
-            let client = Client {
-                host: endpoint.host.clone(),
-                port: endpoint.port,
-                policy: endpoint.host_key.clone(),
-                refusal: refusal.clone(),
-                forwarded: forwarded.clone(),
-            };
-            let handshake = async {
-                let tcp = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
-                tcp.set_nodelay(true).ok();
-                client::connect_stream(config.clone(), Answered { inner: tcp, flag: answered.clone() }, client).await
-            };
-            tokio::pin!(handshake);
-            let outcome = match tokio::time::timeout_at(quick, &mut handshake).await {
-                Ok(outcome) => outcome,
-                // The server is alive and working on it: give it the full time.
-                Err(_) if answered.load(Ordering::Relaxed) => {
-                    tokio::time::timeout_at(full, &mut handshake).await.map_err(|_| timed_out())?
-                }
-                Err(_) => return Err(timed_out()),
-            };
-            match outcome {
-                Err(russh::Error::IO(e)) => bail!(
-                    "cannot reach the VM's SSH server at {}:{} ({e}): the VM is not running. Start it with `agent-vm start`",
-                    endpoint.host,
-                    endpoint.port
-                ),
-                // sshd drops handshakes beyond MaxStartups when many
-                // commands connect at once: try again shortly.
-                Err(russh::Error::Disconnect) if attempt < 8 && refusal.lock().unwrap().is_none() => {
-                    tracing::debug!(attempt, "the SSH server dropped the handshake; retrying");
-                    let pause = tokio::time::Instant::now() + Duration::from_millis(250 * u64::from(attempt));
-                    let limit = if answered.load(Ordering::Relaxed) { full } else { quick };
-                    if pause >= limit {
-                        return Err(timed_out());
-                    }
-                    tokio::time::sleep_until(pause).await;
-                }
-                Err(e) => {
-                    if let Some(why) = refusal.lock().unwrap().take() {
-                        bail!("refusing to connect to {}:{}: {why}", endpoint.host, endpoint.port);
-                    }
-                    return Err(e).with_context(|| {
-                        format!("SSH handshake with the VM at {}:{} failed", endpoint.host, endpoint.port)
-                    });
-                }
-                Ok(h) => break h,
-            }
-        };
-        for (path, key) in keys {
-            let hash = handle.best_supported_rsa_hash().await?.flatten();
-            let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
-            if handle.authenticate_publickey(&endpoint.user, key).await?.success() {
-                tracing::debug!(key = %path.display(), user = %endpoint.user, "authenticated");
-                return Ok(Session { handle, endpoint: endpoint.clone() });
-            }
-        }
-        bail!(
-            "authentication failed: the VM did not accept key {} for user {}",
-            endpoint.identity_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-            endpoint.user
-        )
+        let handle = handshake(endpoint, answer_within, Some(tx)).await?;
+        Ok((Session { link: Link::Direct(handle), endpoint: endpoint.clone() }, rx))
     }
 
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
 
+    /// The shared connection's socket, for `ssh -o ControlPath=…` to run
+    /// a terminal session on it.
+    pub fn control_path(&self) -> Option<&Path> {
+        match &self.link {
+            Link::Shared { path, .. } => Some(path),
+            Link::Direct(_) => None,
+        }
+    }
+
     /// Asks the VM's sshd to listen on `address:port` in the VM and pass
     /// each connection back over this session (a remote forward: the VM
     /// never connects to the host).
     pub async fn forward_from_vm(&self, address: &str, port: u16) -> Result<()> {
-        self.handle.tcpip_forward(address, u32::from(port)).await.with_context(|| {
+        let Link::Direct(handle) = &self.link else {
+            bail!("a remote forward needs a connection of its own");
+        };
+        handle.tcpip_forward(address, u32::from(port)).await.with_context(|| {
             format!("the VM's SSH server would not listen on {address}:{port} (is something else there?)")
         })?;
         Ok(())
     }
 
-    /// Whether the connection has ended.
+    /// Whether a connection of the session's own has ended.
     pub fn is_closed(&self) -> bool {
-        self.handle.is_closed()
+        match &self.link {
+            Link::Direct(handle) => handle.is_closed(),
+            Link::Shared { .. } => false,
+        }
     }
 
-    /// Opens a channel running `command` (built with [`crate::shell`]).
-    pub async fn open_exec(&self, command: &str) -> Result<russh::Channel<client::Msg>> {
+    /// Starts `command` (built with [`crate::shell`]): its output to read,
+    /// its input to write.
+    pub async fn open_exec(&self, command: &str) -> Result<(Reader, Writer)> {
         self.open_exec_env(command, &[]).await
     }
 
     /// Like [`Session::open_exec`], with environment variables passed in the
     /// SSH session (the VM's sshd must `AcceptEnv` them): values never
     /// appear on a command line or in logs.
-    pub async fn open_exec_env(&self, command: &str, env: &[(String, String)]) -> Result<russh::Channel<client::Msg>> {
+    pub async fn open_exec_env(&self, command: &str, env: &[(String, String)]) -> Result<(Reader, Writer)> {
         tracing::debug!(command, env = ?env.iter().map(|(k, _)| k).collect::<Vec<_>>(), "exec");
-        let channel = self.handle.channel_open_session().await.context("cannot open an SSH channel to the VM")?;
-        for (name, value) in env {
-            channel.set_env(false, name.as_str(), value.as_str()).await?;
+        let (path, own) = match &self.link {
+            Link::Direct(handle) => return open_channel(handle, command, env).await,
+            Link::Shared { path, own } => (path, own),
+        };
+        if let Some(handle) = own.get() {
+            return open_channel(handle, command, env).await;
         }
-        channel.exec(true, command).await.context("the VM refused to run a command")?;
-        Ok(channel)
+        let opened = match mux::open(path, command, env).await {
+            Err(e) if mux::is_refused(&e) => {
+                tracing::debug!("{e:#}; opening a connection of our own");
+                let handle = own.get_or_try_init(|| handshake(&self.endpoint, CONNECT_TIMEOUT, None)).await?;
+                return open_channel(handle, command, env).await;
+            }
+            // The master went (the VM restarted, provisioning ended it):
+            // once more on a new one.
+            Err(e) => {
+                tracing::debug!("{e:#}; starting the shared connection again");
+                mux::ensure(&self.endpoint, CONNECT_TIMEOUT).await?;
+                mux::open(path, command, env).await?
+            }
+            Ok(p) => p,
+        };
+        let mux::Process { stdin, stdout, stderr, exit, control } = opened;
+        Ok((
+            Reader(ReadSide::Shared {
+                stdout: Some(stdout),
+                stderr: Some(stderr),
+                exit: Some(exit),
+                control,
+                buf: vec![0; 32 << 10].into_boxed_slice(),
+            }),
+            Writer(WriteSide::Shared(tokio::sync::Mutex::new(Some(stdin)))),
+        ))
     }
 
     /// Runs `command` with no input and collects its output.
@@ -519,8 +510,7 @@ impl Session {
         W: AsyncWrite + Unpin,
         E: AsyncWrite + Unpin,
     {
-        let channel = self.open_exec_env(command, env).await?;
-        let (mut read, write) = channel.split();
+        let (mut read, write) = self.open_exec_env(command, env).await?;
         // Input is pumped by its own task so a command that produces output
         // before reading all its input cannot deadlock us.
         let pump = tokio::spawn(async move {
@@ -529,22 +519,17 @@ impl Session {
             result
         });
         let mut status = None;
-        while let Some(msg) = read.wait().await {
-            match msg {
-                ChannelMsg::Data { data } => {
+        while let Some(event) = read.next().await {
+            match event {
+                Event::Stdout(data) => {
                     stdout.write_all(&data).await?;
                     stdout.flush().await?;
                 }
-                ChannelMsg::ExtendedData { data, ext: 1 } => {
+                Event::Stderr(data) => {
                     stderr.write_all(&data).await?;
                     stderr.flush().await?;
                 }
-                ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
-                ChannelMsg::ExitSignal { signal_name, .. } => {
-                    tracing::debug!(?signal_name, "remote command killed by signal");
-                    status = Some(255);
-                }
-                _ => {}
+                Event::Exit(code) => status = Some(code),
             }
         }
         pump.abort();
@@ -561,9 +546,233 @@ impl Session {
         Ok(())
     }
 
+    /// Ends a connection of the session's own (a shared one stays up).
     pub async fn close(self) {
-        let _ = self.handle.disconnect(Disconnect::ByApplication, "", "en").await;
+        let own = match self.link {
+            Link::Direct(handle) => Some(handle),
+            Link::Shared { own, .. } => own.into_inner(),
+        };
+        if let Some(handle) = own {
+            let _ = handle.disconnect(Disconnect::ByApplication, "", "en").await;
+        }
     }
+}
+
+/// What a command in the VM sends.
+#[derive(Debug)]
+pub enum Event {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// Its exit status (255 when a signal killed it).
+    Exit(u32),
+}
+
+/// The output side of a command started with [`Session::open_exec`].
+pub struct Reader(ReadSide);
+
+enum ReadSide {
+    Channel(russh::ChannelReadHalf),
+    Shared {
+        stdout: Option<tokio::net::UnixStream>,
+        stderr: Option<tokio::net::UnixStream>,
+        exit: Option<tokio::sync::oneshot::Receiver<u32>>,
+        /// Holds the session open on the master: ended with the reader.
+        control: tokio::task::JoinHandle<()>,
+        buf: Box<[u8]>,
+    },
+}
+
+impl Reader {
+    /// The next thing the command sent; `None` once it has ended and all
+    /// its output is read.
+    pub async fn next(&mut self) -> Option<Event> {
+        use tokio::io::AsyncReadExt;
+        match &mut self.0 {
+            ReadSide::Channel(read) => loop {
+                match read.wait().await? {
+                    ChannelMsg::Data { data } => return Some(Event::Stdout(data.to_vec())),
+                    ChannelMsg::ExtendedData { data, ext: 1 } => return Some(Event::Stderr(data.to_vec())),
+                    ChannelMsg::ExitStatus { exit_status } => return Some(Event::Exit(exit_status)),
+                    ChannelMsg::ExitSignal { signal_name, .. } => {
+                        tracing::debug!(?signal_name, "remote command killed by signal");
+                        return Some(Event::Exit(255));
+                    }
+                    _ => {}
+                }
+            },
+            ReadSide::Shared { stdout, stderr, exit, buf, .. } => loop {
+                if stdout.is_none() && stderr.is_none() && exit.is_none() {
+                    return None;
+                }
+                let half = buf.len() / 2;
+                let (out_buf, err_buf) = buf.split_at_mut(half);
+                tokio::select! {
+                    n = async { stdout.as_mut().expect("guarded").read(out_buf).await }, if stdout.is_some() => match n {
+                        Ok(n) if n > 0 => return Some(Event::Stdout(out_buf[..n].to_vec())),
+                        _ => *stdout = None,
+                    },
+                    n = async { stderr.as_mut().expect("guarded").read(err_buf).await }, if stderr.is_some() => match n {
+                        Ok(n) if n > 0 => return Some(Event::Stderr(err_buf[..n].to_vec())),
+                        _ => *stderr = None,
+                    },
+                    code = async { exit.as_mut().expect("guarded").await }, if exit.is_some() => {
+                        *exit = None;
+                        if let Ok(code) = code {
+                            return Some(Event::Exit(code));
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if let ReadSide::Shared { control, .. } = &self.0 {
+            control.abort();
+        }
+    }
+}
+
+/// The input side of a command started with [`Session::open_exec`].
+pub struct Writer(WriteSide);
+
+enum WriteSide {
+    Channel(russh::ChannelWriteHalf<client::Msg>),
+    Shared(tokio::sync::Mutex<Option<tokio::net::UnixStream>>),
+}
+
+impl Writer {
+    /// Sends all of `input` to the command's stdin.
+    pub async fn data<R: AsyncRead + Unpin>(&self, mut input: R) -> Result<()> {
+        match &self.0 {
+            WriteSide::Channel(write) => write.data(input).await?,
+            WriteSide::Shared(stdin) => {
+                let mut stdin = stdin.lock().await;
+                let stdin = stdin.as_mut().ok_or_else(|| anyhow!("the command's input is closed"))?;
+                tokio::io::copy(&mut input, stdin).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the command's stdin.
+    pub async fn eof(&self) -> Result<()> {
+        match &self.0 {
+            WriteSide::Channel(write) => write.eof().await?,
+            WriteSide::Shared(stdin) => {
+                if let Some(mut stdin) = stdin.lock().await.take() {
+                    stdin.shutdown().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn open_channel(handle: &Handle<Client>, command: &str, env: &[(String, String)]) -> Result<(Reader, Writer)> {
+    let channel = handle.channel_open_session().await.context("cannot open an SSH channel to the VM")?;
+    for (name, value) in env {
+        channel.set_env(false, name.as_str(), value.as_str()).await?;
+    }
+    channel.exec(true, command).await.context("the VM refused to run a command")?;
+    let (read, write) = channel.split();
+    Ok((Reader(ReadSide::Channel(read)), Writer(WriteSide::Channel(write))))
+}
+
+/// Connects and authenticates a russh connection of a command's own.
+async fn handshake(
+    endpoint: &Endpoint,
+    answer_within: Duration,
+    forwarded: Option<tokio::sync::mpsc::UnboundedSender<Forwarded>>,
+) -> Result<Handle<Client>> {
+    let keys = load_keys(endpoint)?;
+    let config = Arc::new(client::Config {
+        keepalive_interval: Some(Duration::from_secs(15)),
+        keepalive_max: 4,
+        nodelay: true,
+        preferred: russh::Preferred { cipher: std::borrow::Cow::Borrowed(CIPHERS), ..Default::default() },
+        ..Default::default()
+    });
+    let refusal = Arc::new(std::sync::Mutex::new(None));
+    let answered = Arc::new(AtomicBool::new(false));
+    let started = tokio::time::Instant::now();
+    let quick = started + answer_within;
+    let full = started + CONNECT_TIMEOUT.max(answer_within);
+    let timed_out = || {
+        anyhow!(
+            "timed out after {} s connecting to the VM at {}:{}; check `agent-vm status`",
+            started.elapsed().as_secs(),
+            endpoint.host,
+            endpoint.port
+        )
+    };
+    let mut attempt = 0u32;
+    let mut handle = loop {
+        attempt += 1;
+        let client = Client {
+            host: endpoint.host.clone(),
+            port: endpoint.port,
+            policy: endpoint.host_key.clone(),
+            refusal: refusal.clone(),
+            forwarded: forwarded.clone(),
+        };
+        let handshake = async {
+            let tcp = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
+            tcp.set_nodelay(true).ok();
+            client::connect_stream(config.clone(), Answered { inner: tcp, flag: answered.clone() }, client).await
+        };
+        tokio::pin!(handshake);
+        let outcome = match tokio::time::timeout_at(quick, &mut handshake).await {
+            Ok(outcome) => outcome,
+            // The server is alive and working on it: give it the full time.
+            Err(_) if answered.load(Ordering::Relaxed) => {
+                tokio::time::timeout_at(full, &mut handshake).await.map_err(|_| timed_out())?
+            }
+            Err(_) => return Err(timed_out()),
+        };
+        match outcome {
+            Err(russh::Error::IO(e)) => bail!(
+                "cannot reach the VM's SSH server at {}:{} ({e}): the VM is not running. Start it with `agent-vm start`",
+                endpoint.host,
+                endpoint.port
+            ),
+            // sshd drops handshakes beyond MaxStartups when many
+            // commands connect at once: try again shortly.
+            Err(russh::Error::Disconnect) if attempt < 8 && refusal.lock().unwrap().is_none() => {
+                tracing::debug!(attempt, "the SSH server dropped the handshake; retrying");
+                let pause = tokio::time::Instant::now() + Duration::from_millis(250 * u64::from(attempt));
+                let limit = if answered.load(Ordering::Relaxed) { full } else { quick };
+                if pause >= limit {
+                    return Err(timed_out());
+                }
+                tokio::time::sleep_until(pause).await;
+            }
+            Err(e) => {
+                if let Some(why) = refusal.lock().unwrap().take() {
+                    bail!("refusing to connect to {}:{}: {why}", endpoint.host, endpoint.port);
+                }
+                return Err(e).with_context(|| {
+                    format!("SSH handshake with the VM at {}:{} failed", endpoint.host, endpoint.port)
+                });
+            }
+            Ok(h) => break h,
+        }
+    };
+    for (path, key) in keys {
+        let hash = handle.best_supported_rsa_hash().await?.flatten();
+        let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
+        if handle.authenticate_publickey(&endpoint.user, key).await?.success() {
+            tracing::debug!(key = %path.display(), user = %endpoint.user, "authenticated");
+            return Ok(handle);
+        }
+    }
+    bail!(
+        "authentication failed: the VM did not accept key {} for user {}",
+        endpoint.identity_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        endpoint.user
+    )
 }
 
 fn load_keys(endpoint: &Endpoint) -> Result<Vec<(PathBuf, russh::keys::PrivateKey)>> {
@@ -695,6 +904,7 @@ Host lima-agent-vm
             identity_files: vec![key],
             config_file: dir.join("ssh.config"),
             host_key: HostKeyPolicy::AcceptAny,
+            shared_dir: None,
         }
     }
 
