@@ -18,11 +18,22 @@ fn first_bad<S: AsRef<str>>(words: &[S]) -> &str {
 /// read, as in an interactive session), in `cwd` when given (relative paths
 /// are relative to the remote home directory).
 pub fn login_command<S: AsRef<str>>(cwd: Option<&str>, argv: &[S]) -> Result<String> {
-    let inner = match cwd {
-        Some(dir) => format!("cd {} && exec {}", quote(&[dir])?, quote(argv)?),
-        None => format!("exec {}", quote(argv)?),
-    };
-    quote(&["bash", "--login", "-c", inner.as_str()])
+    quote(&login_argv(cwd, &[], argv)?)
+}
+
+/// The words of [`login_command`], with `exports` (`NAME=value`) added to
+/// the command's environment once the login shell has read its profile.
+pub fn login_argv<S: AsRef<str>>(cwd: Option<&str>, exports: &[String], argv: &[S]) -> Result<Vec<String>> {
+    let mut inner = String::new();
+    if let Some(dir) = cwd {
+        inner += &format!("cd {} && ", quote(&[dir])?);
+    }
+    // `export` is a builtin: no `env` process to start on a slow guest.
+    if !exports.is_empty() {
+        inner += &format!("export {} && ", quote(exports)?);
+    }
+    inner += &format!("exec {}", quote(argv)?);
+    Ok(vec!["bash".into(), "--login".into(), "-c".into(), inner])
 }
 
 /// A command line that runs a fixed `script` with `args` as its positional
@@ -130,6 +141,17 @@ mod tests {
         let line = login_command(Some(weird.to_str().unwrap()), &["pwd"]).unwrap();
         let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end(), weird.to_str().unwrap());
+    }
+
+    #[test]
+    fn exported_values_arrive_verbatim() {
+        let exports: Vec<String> = HOSTILE.iter().enumerate().map(|(i, v)| format!("V{i}={v}")).collect();
+        let line = quote(&login_argv(None, &exports, &["env", "-0"]).unwrap()).unwrap();
+        let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
+        let env = String::from_utf8(out.stdout).unwrap();
+        for (i, v) in HOSTILE.iter().enumerate() {
+            assert!(env.split('\0').any(|e| e == format!("V{i}={v}")), "V{i} did not arrive as {v:?}");
+        }
     }
 
     #[test]

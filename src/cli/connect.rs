@@ -54,17 +54,17 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         println!("{}", host_path(&mount.point, &crate::workspace::Workspace::new(&host, branch)).display());
         return Ok(ExitCode::SUCCESS);
     }
-    let (backend, session, ws) = match &args.branch {
+    let branch_ws = match &args.branch {
         Some(branch) => {
-            let (backend, vm, ws) = super::push::push(ctx, branch, args.objects.objects()).await?;
-            (backend, vm.into_session(), Some(ws))
+            crate::workspace::validate_branch(branch)?;
+            let host = crate::workspace::HostRepo::discover()?;
+            let ws = crate::workspace::Workspace::new(&host, branch);
+            Some((host, ws))
         }
-        None => {
-            let (backend, session) = super::session(ctx, !args.no_start).await?;
-            (backend, Arc::new(session), None)
-        }
+        None => None,
     };
-    let cwd = ws.as_ref().map(|w| w.dir.clone());
+    let (backend, session) = super::session(ctx, branch_ws.is_some() || !args.no_start).await?;
+    let ws = branch_ws.as_ref().map(|(_, ws)| ws);
     match crate::vm::agent_contained(backend.as_ref()) {
         Some(true) => {}
         Some(false) => ctx.ui.say(
@@ -80,45 +80,57 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         // The shell is still useful without the mount: warn, do not fail.
         let mount = super::mount_of(backend.as_ref())?;
         match mount.ensure(&session, &ctx.ui).await {
-            Ok(_) => match &ws {
+            Ok(_) => match ws {
                 Some(ws) => ctx.ui.say(&format!("On this machine: {}", host_path(&mount.point, ws).display())),
                 None => ctx.ui.say(&format!("VM workspaces on this machine: {}", mount.point.display())),
             },
             Err(e) => ctx.ui.say(&format!("warning: no workspace mount: {e:#}")),
         }
     }
+    let shell = ["bash".to_owned(), "--login".to_owned()];
+    let argv = if args.command.is_empty() { &shell[..] } else { &args.command[..] };
     // Sessions in a workspace name it to the gateway, for its log.
-    let command: Vec<String> = match &ws {
-        Some(ws) if crate::vm::agent_user(backend.as_ref()).is_some() => {
-            let shell = ["bash".to_owned(), "--login".to_owned()];
-            let argv = if args.command.is_empty() { &shell[..] } else { &args.command[..] };
-            std::iter::once("env".to_owned())
-                .chain(crate::gateway::workspace_env(&ws.dir))
-                .chain(argv.iter().cloned())
-                .collect()
-        }
-        _ => args.command.clone(),
+    let exports = match ws {
+        Some(ws) if crate::vm::agent_user(backend.as_ref()).is_some() => crate::gateway::workspace_env(&ws.dir),
+        _ => Vec::new(),
     };
-    let endpoint = session.endpoint().clone();
+    let cwd = ws.map(|w| w.dir.as_str());
+    let words = shell::login_argv(cwd, &exports, argv)?;
     // API keys and the like from envvars.txt travel in the SSH session's
     // environment, never on a command line.
     let env = crate::provision::session_env(&ctx.instance)?;
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let session = Arc::new(session);
+    if let Some((host, ws)) = &branch_ws {
+        let vm = crate::workspace::Vm::from_session(session.clone())?;
+        // A command in a workspace the push would not change, the usual
+        // case: checked and run in one round trip.
+        if !args.command.is_empty() && !interactive {
+            if let Some(tip) = host.branch_tip(&ws.branch)? {
+                let up_to_date = || ctx.ui.say(&format!("~/{} is up to date with {:?}.", ws.dir, ws.branch));
+                let (mut out, mut err) = (tokio::io::stdout(), tokio::io::stderr());
+                let ran = vm.exec_if_current(ws, tip, &words, &env, up_to_date, tokio::io::stdin(), &mut out, &mut err);
+                if let Some(status) = ran.await? {
+                    return Ok(exit_code(status));
+                }
+            }
+        }
+        super::push::push_branch(ctx, host, &vm, &ws.branch, args.objects.objects()).await?;
+    }
+    let line = shell::quote(&words)?;
+    let endpoint = session.endpoint().clone();
     if args.command.is_empty() || interactive {
         // A terminal session: OpenSSH handles the tty, window size and
         // signals natively, so hand the process over to it.
         let mut ssh = ssh_command(&endpoint, session.control_path(), &env, interactive);
-        if !command.is_empty() {
-            ssh.arg("--").arg(shell::login_command(cwd.as_deref(), &command)?);
-        } else if let Some(dir) = &cwd {
-            ssh.arg("--").arg(shell::login_command(Some(dir), &["bash", "--login"])?);
+        if !args.command.is_empty() || cwd.is_some() || !exports.is_empty() {
+            ssh.arg("--").arg(&line);
         }
         let err = ssh.exec();
         return Err(err).context("cannot run ssh (install OpenSSH; `agent-vm doctor` checks)");
     }
-    // Scripts and pipes: run over russh with exact stdin/stdout/stderr and
+    // Scripts and pipes: run over SSH with exact stdin/stdout/stderr and
     // exit status, and no ssh process.
-    let line = shell::login_command(cwd.as_deref(), &command)?;
     let status = session
         .exec_io_env(&line, &env, tokio::io::stdin(), &mut tokio::io::stdout(), &mut tokio::io::stderr())
         .await?;

@@ -510,30 +510,8 @@ impl Session {
         W: AsyncWrite + Unpin,
         E: AsyncWrite + Unpin,
     {
-        let (mut read, write) = self.open_exec_env(command, env).await?;
-        // Input is pumped by its own task so a command that produces output
-        // before reading all its input cannot deadlock us.
-        let pump = tokio::spawn(async move {
-            let result = write.data(stdin).await;
-            let _ = write.eof().await;
-            result
-        });
-        let mut status = None;
-        while let Some(event) = read.next().await {
-            match event {
-                Event::Stdout(data) => {
-                    stdout.write_all(&data).await?;
-                    stdout.flush().await?;
-                }
-                Event::Stderr(data) => {
-                    stderr.write_all(&data).await?;
-                    stderr.flush().await?;
-                }
-                Event::Exit(code) => status = Some(code),
-            }
-        }
-        pump.abort();
-        Ok(status.unwrap_or(255))
+        let (read, write) = self.open_exec_env(command, env).await?;
+        relay(read, write, stdin, stdout, stderr).await
     }
 
     /// Writes `data` to `path` in the VM (relative to the home directory)
@@ -556,6 +534,40 @@ impl Session {
             let _ = handle.disconnect(Disconnect::ByApplication, "", "en").await;
         }
     }
+}
+
+/// Streams `stdin` to a started command and its output to `stdout` and
+/// `stderr` as it comes, until it ends. Returns its exit status (255 for a
+/// signal, or when none came).
+pub async fn relay<R, W, E>(mut read: Reader, write: Writer, stdin: R, stdout: &mut W, stderr: &mut E) -> Result<u32>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
+    E: AsyncWrite + Unpin,
+{
+    // Input is pumped by its own task so a command that produces output
+    // before reading all its input cannot deadlock us.
+    let pump = tokio::spawn(async move {
+        let result = write.data(stdin).await;
+        let _ = write.eof().await;
+        result
+    });
+    let mut status = None;
+    while let Some(event) = read.next().await {
+        match event {
+            Event::Stdout(data) => {
+                stdout.write_all(&data).await?;
+                stdout.flush().await?;
+            }
+            Event::Stderr(data) => {
+                stderr.write_all(&data).await?;
+                stderr.flush().await?;
+            }
+            Event::Exit(code) => status = Some(code),
+        }
+    }
+    pump.abort();
+    Ok(status.unwrap_or(255))
 }
 
 /// What a command in the VM sends.

@@ -136,6 +136,19 @@ macro_rules! end_of_probe {
 pub(super) const PROBE_BEFORE_FETCH: &str = concat!(probe!(), "\necho '", end_of_probe!(), "'");
 
 /// $1 workspace: delete it.
+/// Shell text saying on stdout whether workspace $1's branch $2 is at $3
+/// (the host's tip: a push would change nothing), and only if it is, running
+/// the command in $4… in the shell's place. The ref is read by the shell
+/// itself (no process to start) unless git has packed it.
+pub(super) const IF_CURRENT: &str = r#"{ read -r ref < "$1/.git/refs/heads/$2"; } 2>/dev/null || ref=$(git -C "$1" rev-parse -q --verify "refs/heads/$2^{commit}" 2>/dev/null)
+[ "$ref" = "$3" ] || { echo stale; exit 0; }
+echo current
+shift 3
+exec "$@""#;
+
+/// The first line of [`IF_CURRENT`]'s answer when the command runs.
+pub(super) const CURRENT: &[u8] = b"current\n";
+
 pub(super) const REMOVE: &str = r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
 
 /// Every workspace: path, branch, host repo and what [`PROBE`] says of it,
@@ -317,6 +330,35 @@ mod tests {
         // Nonsense from the VM is refused, not guessed at.
         assert_eq!(parse_probe("present\n# tip nonsense\n", "b"), None);
         assert_eq!(parse_probe("maybe\n", "b"), None);
+    }
+
+    /// The check before a command in a workspace, by sh with the host's git:
+    /// the command runs only when the branch is at the host's tip, however
+    /// git stores the ref.
+    #[test]
+    fn a_command_runs_only_in_a_workspace_at_the_hosts_tip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ws = tmp.path().join("ws");
+        let marker = tmp.path().join("ran");
+        let run = |branch: &str, tip: &str| {
+            let _ = std::fs::remove_file(&marker);
+            let args = [ws.to_str().unwrap(), branch, tip, "sh", "-c", "touch \"$1\"; echo \"$2\"", "sh"];
+            let mut args = args.to_vec();
+            args.extend([marker.to_str().unwrap(), "it's $(me)"]);
+            let out =
+                std::process::Command::new("sh").arg("-c").arg(shell::script(IF_CURRENT, &args).unwrap()).output();
+            (String::from_utf8(out.unwrap().stdout).unwrap(), marker.exists())
+        };
+        let zeros = "0".repeat(40);
+        assert_eq!(run("feature/x", &zeros), ("stale\n".into(), false), "no workspace");
+        let tip = one_commit(&ws, "feature/x");
+        assert_eq!(run("feature/x", &tip), ("current\nit's $(me)\n".into(), true));
+        assert_eq!(run("feature/x", &zeros), ("stale\n".into(), false), "another tip");
+        assert_eq!(run("feature", &tip), ("stale\n".into(), false), "another branch");
+        host_git(&ws, &["pack-refs", "--all"]);
+        assert!(!ws.join(".git/refs/heads/feature/x").exists());
+        assert_eq!(run("feature/x", &tip), ("current\nit's $(me)\n".into(), true), "a packed ref");
+        assert_eq!(run("feature/x", &zeros), ("stale\n".into(), false), "a packed ref, another tip");
     }
 
     /// The probe a fetch runs first, by sh with the host's git, then what

@@ -98,7 +98,11 @@ fn remote_said(raw: &[u8]) -> String {
 
 impl Vm {
     pub fn new(session: Session) -> Result<Vm> {
-        let session = Arc::new(session);
+        Self::from_session(Arc::new(session))
+    }
+
+    /// A [`Vm`] on a session shared with the caller.
+    pub fn from_session(session: Arc<Session>) -> Result<Vm> {
         let remote = transport::Remote::new(session.clone())?;
         Ok(Vm { session, remote })
     }
@@ -114,6 +118,54 @@ impl Vm {
     async fn script(&self, script: &str, args: &[&str], what: &str) -> Result<String> {
         let out = self.session.exec(&shell::script(script, args)?).await?.check(what)?;
         Ok(out.stdout_str())
+    }
+
+    /// Runs `argv` (a command line's words) in the VM if `ws`'s branch there
+    /// is at `tip`, as a push of the host's branch would leave it, streaming
+    /// its input and output: one round trip where a push and then the command
+    /// would take two. `None`: the workspace is elsewhere or missing, and
+    /// nothing ran (its input untouched).
+    pub async fn exec_if_current<R, W, E>(
+        &self,
+        ws: &Workspace,
+        tip: Oid,
+        argv: &[String],
+        env: &[(String, String)],
+        on_current: impl FnOnce(),
+        stdin: R,
+        stdout: &mut W,
+        stderr: &mut E,
+    ) -> Result<Option<u32>>
+    where
+        R: tokio::io::AsyncRead + Unpin + Send + 'static,
+        W: tokio::io::AsyncWrite + Unpin,
+        E: tokio::io::AsyncWrite + Unpin,
+    {
+        use crate::ssh::Event;
+        use tokio::io::AsyncWriteExt;
+        let t = tip.to_string();
+        let mut args = vec![ws.dir.as_str(), ws.branch.as_str(), t.as_str()];
+        args.extend(argv.iter().map(String::as_str));
+        let (mut read, write) = self.session.open_exec_env(&shell::script(IF_CURRENT, &args)?, env).await?;
+        // The answer's first line, before any of the command's output.
+        let mut head = Vec::new();
+        while head.len() < CURRENT.len() {
+            match read.next().await {
+                Some(Event::Stdout(data)) => head.extend_from_slice(&data),
+                Some(Event::Stderr(data)) => stderr.write_all(&data).await?,
+                Some(Event::Exit(_)) => {}
+                None => break,
+            }
+            if !CURRENT.starts_with(&head[..head.len().min(CURRENT.len())]) {
+                return Ok(None);
+            }
+        }
+        if !head.starts_with(CURRENT) {
+            return Ok(None);
+        }
+        on_current();
+        stdout.write_all(&head[CURRENT.len()..]).await?;
+        Ok(Some(crate::ssh::relay(read, write, stdin, stdout, stderr).await?))
     }
 
     /// What the VM says about the workspace, with its uncommitted changes
