@@ -107,10 +107,13 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         let ep = crate::vm::agent_endpoint(backend.as_ref())?;
         let session = Session::connect(&ep, crate::ssh::CONNECT_TIMEOUT).await?;
         super::after_connect(ctx, backend.as_ref(), &ep);
-        credentials.gcp = Some(crate::provision::gcp(&session).await?);
-        let vm = Vm::new(session)?;
+        let session = std::sync::Arc::new(session);
+        let vm = Vm::from_session(session.clone())?;
+        // Side by side on the one connection: one round trip, not two.
+        let (gcp, listed) = tokio::try_join!(crate::provision::gcp(&session), vm.list())?;
+        credentials.gcp = Some(gcp);
         let host = HostRepo::discover().ok();
-        for listed in vm.list().await? {
+        for listed in listed {
             let this_repo = host.as_ref().is_some_and(|h| Workspace::new(h, &listed.branch).dir == listed.dir);
             let (ahead, behind) = match (&host, listed.tip) {
                 (Some(h), Some(tip)) if this_repo => workspace::ahead_behind(h, &listed.branch, tip).unzip(),
