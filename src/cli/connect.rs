@@ -161,6 +161,8 @@ fn ssh_command(
         None => "ControlPath=none".to_owned(),
     });
     ssh.args(["-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes"]);
+    // Errors only: no "Shared connection … closed." after every session.
+    ssh.args(["-o", "LogLevel=ERROR"]);
     // The agent user, whatever the config's User says.
     ssh.arg("-l").arg(&endpoint.user);
     // The session's values, not whatever this process inherited under the
