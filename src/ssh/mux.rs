@@ -39,11 +39,29 @@ const MAX_CONTROL_PATH: usize = 104 - 18;
 const LOCAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the master for `endpoint` listens, when it has a place: a socket
-/// per user and port (a VM restarted on another port gets a master of its
-/// own; the old one ends with its connection).
+/// per user, port and key (a VM restarted on another port gets a master of
+/// its own, the old one ending with its connection; a replaced or deleted
+/// key is not bypassed by a connection made with the old one).
 pub fn control_path(endpoint: &Endpoint) -> Option<PathBuf> {
+    use sha1::Digest;
     let dir = endpoint.shared_dir.as_ref()?;
-    let path = dir.join(format!("ssh-{}-{}", endpoint.port, endpoint.user));
+    let mut keys = sha1::Sha1::new();
+    let mut any = false;
+    for file in &endpoint.identity_files {
+        if let Ok(bytes) = std::fs::read(file) {
+            keys.update(&bytes);
+            any = true;
+        }
+    }
+    // No key: the caller's own connection says what is missing.
+    if !any {
+        return None;
+    }
+    let key = keys.finalize();
+    let path = dir.join(format!(
+        "ssh-{}-{}-{:02x}{:02x}{:02x}{:02x}",
+        endpoint.port, endpoint.user, key[0], key[1], key[2], key[3]
+    ));
     // OpenSSH expands `%` in the path and splits an option's value at blanks.
     let plain = path.to_str().is_some_and(|p| !p.contains(|c: char| c == '%' || c == '"' || c.is_whitespace()));
     (plain && path.as_os_str().len() <= MAX_CONTROL_PATH).then_some(path)

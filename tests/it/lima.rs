@@ -45,7 +45,7 @@ fn commands_share_one_connection_and_a_stalled_one_holds_up_no_other(w: &World) 
     );
     std::thread::sleep(Duration::from_secs(3));
     let started = Instant::now();
-    let alive = w.run(&["connect", "--no-mount", "--", "sh", "-c", &format!("{CONNECTION_PID} && echo alive")]);
+    let alive = w.run(&["connect", "--no-mount", "--", "sh", "-c", &format!("({CONNECTION_PID}) && echo alive")]);
     assert_eq!(alive.ok().stdout, format!("{pid}\nalive\n"), "a command beside the stalled one");
     eprintln!("a command beside a stalled one took {:?}", started.elapsed());
     let _ = stalled.kill();

@@ -82,7 +82,8 @@ fn provisioning_against_a_real_guest() {
             "--",
             "sh",
             "-c",
-            "echo ${ANTHROPIC_API_KEY:-unset} ${NOT_LISTED_VAR:-unset}; sleep 4",
+            // Running until the guest's command lines have been read.
+            "echo ${ANTHROPIC_API_KEY:-unset} ${NOT_LISTED_VAR:-unset}; while [ ! -e /tmp/ps-taken ]; do sleep 0.2; done",
         ])
         .env("ANTHROPIC_API_KEY", "sk-test-7f3a")
         .env("NOT_LISTED_VAR", "leak-me")
@@ -91,11 +92,11 @@ fn provisioning_against_a_real_guest() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let guest_ps = w.guest("ps -eo args").ok().stdout.clone();
+    let guest_ps = w.guest("ps -eo args; touch /tmp/ps-taken").ok().stdout.clone();
     let host_ps = crate::common::host_cmdlines();
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "sk-test-7f3a unset\n");
-    assert!(guest_ps.contains("sleep 4"), "the session was not running: {guest_ps}");
+    assert!(guest_ps.contains("ps-taken ]"), "the session was not running: {guest_ps}");
     assert!(!guest_ps.contains("sk-test-7f3a"), "the key is on a guest command line");
     assert!(!host_ps.contains("sk-test-7f3a"), "the key is on a host command line");
 
