@@ -67,6 +67,21 @@ pub fn control_path(endpoint: &Endpoint) -> Option<PathBuf> {
     (plain && path.as_os_str().len() <= MAX_CONTROL_PATH).then_some(path)
 }
 
+/// A master's socket, as [`control_path`] names it (not its lock or log, nor
+/// the temporary name OpenSSH binds first).
+fn is_control_name(name: &str) -> bool {
+    let hash = name.rsplit('-').next().unwrap_or("");
+    name.starts_with("ssh-") && hash.len() == 8 && hash.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `<socket>.<suffix>`: the socket's name may hold a dot (a user name can).
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".");
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 /// Whether a session failed because the server would open no more channels
 /// on the shared connection (sshd's `MaxSessions`): a connection of the
 /// command's own does then.
@@ -85,7 +100,7 @@ pub async fn ensure(endpoint: &Endpoint, answer_within: Duration) -> Result<Path
     // One command starts the master; the others wait and use it. Two would
     // fight over the socket, and the loser would stay behind as a plain
     // background connection.
-    let lock_path = path.with_extension("lock");
+    let lock_path = beside(&path, "lock");
     let lock = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
         let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
         file.lock()?;
@@ -104,7 +119,7 @@ async fn start(endpoint: &Endpoint, path: &Path, answer_within: Duration) -> Res
     // A socket nobody answers on is left from a master that died: OpenSSH
     // would refuse to listen there and carry on unshared.
     let _ = std::fs::remove_file(path);
-    let log = std::fs::File::create(path.with_extension("log"))?;
+    let log = std::fs::File::create(beside(path, "log"))?;
     let mut cmd = std::process::Command::new("ssh");
     cmd.arg("-F").arg(&endpoint.config_file);
     cmd.args(["-N", "-o", "ControlMaster=yes", "-o", "ControlPersist=no"]);
@@ -129,7 +144,7 @@ async fn start(endpoint: &Endpoint, path: &Path, answer_within: Duration) -> Res
     let deadline = tokio::time::Instant::now() + super::CONNECT_TIMEOUT.max(answer_within);
     loop {
         if let Some(status) = child.try_wait()? {
-            let said = std::fs::read_to_string(path.with_extension("log")).unwrap_or_default();
+            let said = std::fs::read_to_string(beside(path, "log")).unwrap_or_default();
             bail!("ssh exited ({status}): {}", crate::printable_lines(said.trim()));
         }
         if alive(path).await.is_ok() {
@@ -152,7 +167,7 @@ pub async fn terminate_all(dir: &Path) {
     let sockets = entries
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("ssh-") && !n.contains('.')));
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(is_control_name));
     for path in sockets {
         match request(&path, MUX_C_TERMINATE).await {
             Ok(reply) if reply.kind == MUX_S_OK => {
@@ -371,4 +386,32 @@ async fn read_packet(sock: &mut UnixStream) -> Result<Packet> {
     let mut packet = Packet { kind: 0, body, at: 0 };
     packet.kind = packet.u32()?;
     Ok(packet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_user_port_and_key_has_a_socket_of_its_own_and_only_sockets_are_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "one").unwrap();
+        let mut ep = Endpoint::for_tests("vm", dir.path().join("ssh.config")).shared_in(dir.path().to_owned());
+        ep.identity_files = vec![key.clone()];
+        ep.user = "john.doe".into();
+        let path = control_path(&ep).unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        assert!(name.starts_with("ssh-2222-john.doe-") && is_control_name(&name), "{name}");
+        for other in [beside(&path, "lock"), beside(&path, "log"), beside(&path, "a1B2c3D4e5F6g7H8")] {
+            assert!(!is_control_name(other.file_name().unwrap().to_str().unwrap()), "{}", other.display());
+        }
+        ep.port = 2223;
+        assert_ne!(control_path(&ep).unwrap(), path);
+        ep.port = 2222;
+        std::fs::write(&key, "two").unwrap();
+        assert_ne!(control_path(&ep).unwrap(), path, "a replaced key shares the old key's connection");
+        std::fs::remove_file(&key).unwrap();
+        assert_eq!(control_path(&ep), None, "no key, no shared connection");
+    }
 }
