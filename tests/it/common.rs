@@ -196,7 +196,19 @@ impl World {
         if let Some(user) = user {
             cmd.arg("-l").arg(user);
         }
-        let out = cmd.arg(format!("lima-{}", self.instance)).arg(script).stdin(Stdio::null()).output().unwrap();
+        cmd.arg(format!("lima-{}", self.instance)).arg(script).stdin(Stdio::null());
+        let mut out = cmd.output().unwrap();
+        // sshd drops handshakes past MaxStartups while other commands connect:
+        // the check's own connection tries again, as agent-vm's does.
+        for _ in 0..5 {
+            if out.status.code() != Some(255)
+                || !String::from_utf8_lossy(&out.stderr).contains("kex_exchange_identification")
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            out = cmd.output().unwrap();
+        }
         Run::from(out, &[script])
     }
 
