@@ -191,6 +191,11 @@ if {
     # agent-vm's commands share one connection per user: room for many
     # sessions on it (a terminal, a `run` of many branches) at once.
     printf 'MaxSessions 64\n'
+    # Every connection comes from the host through Lima's forwarded port, so
+    # sshd sees one source: a penalty for a failed attempt (a replaced key,
+    # a command cut short) would shut out all of the user's commands, and
+    # the port only listens on the host's loopback.
+    if sshd -T 2>/dev/null | grep -q '^persourcepenalties '; then printf 'PerSourcePenalties no\n'; fi
     # Agent sessions find the gateway through the usual variables (set by
     # sshd, so a session cannot be handed others); no forwarding of any kind.
     printf 'Match User %s\n' "$agent"

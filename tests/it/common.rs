@@ -185,7 +185,13 @@ impl World {
         record.ok().and_then(|r| r.split_whitespace().next().map(str::to_owned))
     }
 
-    fn guest_as(&self, user: Option<&str>, script: &str) -> Run {
+    /// Runs `script` in the guest as Lima's user over one connection of its
+    /// own, trying only once.
+    pub fn guest_once(&self, script: &str) -> Run {
+        Run::from(self.guest_command(None, script).output().unwrap(), &[script])
+    }
+
+    fn guest_command(&self, user: Option<&str>, script: &str) -> Command {
         let mut cmd = Command::new("ssh");
         cmd.arg("-F").arg(self.instance_dir().join("ssh.config")).args([
             "-o",
@@ -197,6 +203,11 @@ impl World {
             cmd.arg("-l").arg(user);
         }
         cmd.arg(format!("lima-{}", self.instance)).arg(script).stdin(Stdio::null());
+        cmd
+    }
+
+    fn guest_as(&self, user: Option<&str>, script: &str) -> Run {
+        let mut cmd = self.guest_command(user, script);
         let mut out = cmd.output().unwrap();
         // sshd drops handshakes past MaxStartups while other commands connect:
         // the check's own connection tries again, as agent-vm's does.

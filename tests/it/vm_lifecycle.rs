@@ -104,7 +104,14 @@ fn lifecycle_against_a_real_guest() {
     );
     std::fs::copy(&other, &key).unwrap();
     w.run(&["connect", "--", "true"]).fails_with("authentication failed");
+    // Failed attempts do not shut the host out: every connection comes from
+    // one address, and sshd's per-source penalties would refuse the next
+    // command (with the right key) for as long as they add up to.
+    for _ in 0..4 {
+        w.run(&["connect", "--", "true"]).fails_with("authentication failed");
+    }
     std::fs::rename(&aside, &key).unwrap();
+    assert_eq!(w.guest_once("echo back").ok().stdout, "back\n");
 
     // destroy refuses while a workspace of any repository holds what its
     // host repository lacks, wherever destroy runs; --force overrides.
