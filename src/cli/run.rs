@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 
 use super::Context;
 use crate::run::{Job, Output, Status};
-use crate::workspace::{HostRepo, Vm};
+use crate::workspace::{HostRepo, Vm, Workspace};
 use crate::{printable, printable_lines};
 
 /// Run a command in several branches' workspaces at once
@@ -98,9 +98,31 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let names: Vec<&str> = branches.iter().map(String::as_str).collect();
     let _locks = host.lock_branches(&names, &ctx.ui)?;
     let gateway_user = crate::vm::agent_user(backend.as_ref()).is_some();
+    // Workspaces already at the host's tip need no push: one round trip
+    // for all of them instead of a push each.
+    let mut known = Vec::new();
+    for branch in branches {
+        if let Some(tip) = host.branch_tip(branch)? {
+            known.push((Workspace::new(&host, branch), tip));
+        }
+    }
+    let wanted: Vec<(&Workspace, git2::Oid)> = known.iter().map(|(ws, tip)| (ws, *tip)).collect();
+    let current = if wanted.is_empty() { Vec::new() } else { vm.at_tips(&wanted).await? };
+    let mut up_to_date = std::collections::HashMap::new();
+    for ((ws, tip), current) in known.into_iter().zip(current) {
+        if current {
+            up_to_date.insert(ws.branch.clone(), (ws, tip));
+        }
+    }
     let mut jobs = Vec::new();
     for branch in branches {
-        let (ws, tip) = super::push::push_locked(ctx, &host, &vm, branch, args.objects.objects()).await?;
+        let (ws, tip) = match up_to_date.remove(branch.as_str()) {
+            Some(found) => {
+                ctx.ui.say(&format!("~/{} is up to date with {branch:?}.", found.0.dir));
+                found
+            }
+            None => super::push::push_locked(ctx, &host, &vm, branch, args.objects.objects()).await?,
+        };
         let env = if gateway_user { crate::gateway::workspace_env(&ws.dir) } else { Vec::new() };
         jobs.push(Job { branch: branch.clone(), dir: ws.dir, base: tip.to_string(), env });
     }

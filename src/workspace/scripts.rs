@@ -135,20 +135,44 @@ macro_rules! end_of_probe {
 }
 pub(super) const PROBE_BEFORE_FETCH: &str = concat!(probe!(), "\necho '", end_of_probe!(), "'");
 
-/// $1 workspace: delete it.
+/// `at_tip DIR BRANCH TIP`: whether the workspace's branch is at TIP. The
+/// shell reads the ref itself (no process to start) unless git packed it.
+macro_rules! at_tip {
+    () => {
+        r#"at_tip() {
+  { read -r ref < "$1/.git/refs/heads/$2"; } 2>/dev/null || ref=$(git -C "$1" rev-parse -q --verify "refs/heads/$2^{commit}" 2>/dev/null)
+  [ "$ref" = "$3" ]
+}"#
+    };
+}
+
 /// Shell text saying on stdout whether workspace $1's branch $2 is at $3
 /// (the host's tip: a push would change nothing), and only if it is, running
-/// the command in $4… in the shell's place. The ref is read by the shell
-/// itself (no process to start) unless git has packed it.
-pub(super) const IF_CURRENT: &str = r#"{ read -r ref < "$1/.git/refs/heads/$2"; } 2>/dev/null || ref=$(git -C "$1" rev-parse -q --verify "refs/heads/$2^{commit}" 2>/dev/null)
-[ "$ref" = "$3" ] || { echo stale; exit 0; }
+/// the command in $4… in the shell's place.
+pub(super) const IF_CURRENT: &str = concat!(
+    at_tip!(),
+    r#"
+at_tip "$1" "$2" "$3" || { echo stale; exit 0; }
 echo current
 shift 3
-exec "$@""#;
+exec "$@""#
+);
+
+/// For each workspace, branch and tip in $1…: a line `current` when the
+/// branch there is at that tip, `stale` when not (or no workspace).
+pub(super) const AT_TIPS: &str = concat!(
+    at_tip!(),
+    r#"
+while [ $# -ge 3 ]; do
+  if at_tip "$1" "$2" "$3"; then echo current; else echo stale; fi
+  shift 3
+done"#
+);
 
 /// The first line of [`IF_CURRENT`]'s answer when the command runs.
 pub(super) const CURRENT: &[u8] = b"current\n";
 
+/// $1 workspace: delete it.
 pub(super) const REMOVE: &str = r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
 
 /// Every workspace: path, branch, host repo and what [`PROBE`] says of it,
@@ -359,6 +383,23 @@ mod tests {
         assert!(!ws.join(".git/refs/heads/feature/x").exists());
         assert_eq!(run("feature/x", &tip), ("current\nit's $(me)\n".into(), true), "a packed ref");
         assert_eq!(run("feature/x", &zeros), ("stale\n".into(), false), "a packed ref, another tip");
+    }
+
+    /// The check before `run`, by sh with the host's git: one line per
+    /// workspace, `current` only where the branch is at the tip given.
+    #[test]
+    fn each_workspace_is_told_current_or_stale() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let tip_a = one_commit(&a, "x");
+        let tip_b = one_commit(&b, "y/z");
+        host_git(&b, &["pack-refs", "--all"]);
+        let zeros = "0".repeat(40);
+        let (a, b, none) = (a.to_str().unwrap(), b.to_str().unwrap(), tmp.path().join("none"));
+        let none = none.to_str().unwrap();
+        let args = [a, "x", &tip_a, b, "y/z", &tip_b, a, "x", &zeros, b, "x", &tip_b, none, "x", &tip_a];
+        let out = std::process::Command::new("sh").arg("-c").arg(shell::script(AT_TIPS, &args).unwrap()).output();
+        assert_eq!(String::from_utf8(out.unwrap().stdout).unwrap(), "current\ncurrent\nstale\nstale\nstale\n");
     }
 
     /// The probe a fetch runs first, by sh with the host's git, then what

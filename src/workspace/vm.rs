@@ -168,6 +168,23 @@ impl Vm {
         Ok(Some(crate::ssh::relay(read, write, stdin, stdout, stderr).await?))
     }
 
+    /// Which of the workspaces have their branch at the given tip (a push
+    /// would change nothing), in one round trip. The VM's word: a `true` only
+    /// saves a push the agent could undo anyway.
+    pub async fn at_tips(&self, wanted: &[(&Workspace, Oid)]) -> Result<Vec<bool>> {
+        let tips: Vec<String> = wanted.iter().map(|(_, t)| t.to_string()).collect();
+        let mut args = Vec::new();
+        for ((ws, _), t) in wanted.iter().zip(&tips) {
+            args.extend([ws.dir.as_str(), ws.branch.as_str(), t.as_str()]);
+        }
+        let out = self.script(AT_TIPS, &args, "checking the workspaces").await?;
+        let said: Vec<bool> = out.lines().map(|l| l == "current").collect();
+        if said.len() != wanted.len() {
+            bail!("unexpected answer from the VM while checking the workspaces");
+        }
+        Ok(said)
+    }
+
     /// What the VM says about the workspace, with its uncommitted changes
     /// counted.
     pub async fn probe(&self, ws: &Workspace) -> Result<Probe> {
