@@ -315,10 +315,12 @@ async fn provision_vm(
     // admin's home from before goes first.
     let agent = crate::provision::AGENT_USER;
     let before = crate::vm::agent_user(backend);
-    crate::provision::run(admin, &ctx.ui, &options).await?;
+    let provisioned = crate::provision::run(admin, &ctx.ui, &options).await;
     // sshd's new settings (AcceptEnv, the agent's groups) apply to
-    // connections made from now on.
+    // connections made from now on, also when provisioning stopped half-way
+    // (a group taken away stays on a connection made before).
     crate::ssh::mux::terminate_all(&backend.state_dir()).await;
+    provisioned?;
     if before.as_deref() != Some(agent) {
         unmount(backend, true)?;
     }

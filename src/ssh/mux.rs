@@ -67,7 +67,7 @@ pub fn control_path(endpoint: &Endpoint) -> Option<PathBuf> {
     (plain && path.as_os_str().len() <= MAX_CONTROL_PATH).then_some(path)
 }
 
-/// A master's socket, as [`control_path`] names it (not its lock or log, nor
+/// A master's socket, as [`control_path`] names it (not its lock, nor
 /// the temporary name OpenSSH binds first).
 fn is_control_name(name: &str) -> bool {
     let hash = name.rsplit('-').next().unwrap_or("");
@@ -100,13 +100,7 @@ pub async fn ensure(endpoint: &Endpoint, answer_within: Duration) -> Result<Path
     // One command starts the master; the others wait and use it. Two would
     // fight over the socket, and the loser would stay behind as a plain
     // background connection.
-    let lock_path = beside(&path, "lock");
-    let lock = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
-        file.lock()?;
-        Ok(file)
-    })
-    .await??;
+    let lock = lock(&path).await?;
     if alive(&path).await.is_ok() {
         return Ok(path);
     }
@@ -115,11 +109,36 @@ pub async fn ensure(endpoint: &Endpoint, answer_within: Duration) -> Result<Path
     started.map(|()| path)
 }
 
+/// The lock held while a master at `path` starts or is ended.
+async fn lock(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let lock_path = beside(path, "lock");
+    tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
+        if let Some(dir) = lock_path.parent() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&lock_path)?;
+        file.lock()?;
+        Ok(file)
+    })
+    .await?
+}
+
+/// Whether `path` is a socket nobody listens on (left by a master that
+/// died). A master that is merely slow to answer keeps its socket.
+fn is_dead_socket(path: &Path) -> bool {
+    matches!(std::os::unix::net::UnixStream::connect(path), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
 async fn start(endpoint: &Endpoint, path: &Path, answer_within: Duration) -> Result<()> {
-    // A socket nobody answers on is left from a master that died: OpenSSH
-    // would refuse to listen there and carry on unshared.
-    let _ = std::fs::remove_file(path);
-    let log = std::fs::File::create(beside(path, "log"))?;
+    // A socket left by a master that died: OpenSSH would refuse to listen
+    // there and carry on unshared. A live one that did not answer in time
+    // is left alone; this command connects on its own.
+    if is_dead_socket(path) {
+        let _ = std::fs::remove_file(path);
+    } else if path.exists() {
+        bail!("the shared SSH connection at {} does not answer", path.display());
+    }
     let mut cmd = std::process::Command::new("ssh");
     cmd.arg("-F").arg(&endpoint.config_file);
     cmd.args(["-N", "-o", "ControlMaster=yes", "-o", "ControlPersist=no"]);
@@ -130,9 +149,23 @@ async fn start(endpoint: &Endpoint, path: &Path, answer_within: Duration) -> Res
     cmd.args(["-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes"]);
     cmd.args(["-o", "PermitLocalCommand=no", "-o", "BatchMode=yes", "-o", "SendEnv=*"]);
     cmd.args(["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]);
+    // Only the endpoint's key files, as agent-vm's own connections: no
+    // agent's keys or defaults offered to the VM, so a key replaced on disk
+    // is not bypassed by another one that happens to be accepted. The VM
+    // does not rewrite known_hosts, and no debug log spells out the
+    // variables sent (API keys among them).
+    cmd.args(["-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "UpdateHostKeys=no"]);
+    cmd.args(["-o", "LogLevel=ERROR"]);
+    for file in &endpoint.identity_files {
+        cmd.arg("-i").arg(file);
+    }
     cmd.arg("-o").arg(format!("ConnectTimeout={}", answer_within.as_secs().max(1)));
     cmd.arg("-l").arg(&endpoint.user).arg(&endpoint.alias);
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
+    // What ssh says goes to a pipe read while this command lives, keeping
+    // only the last few lines: the VM can make the master print (banners,
+    // refused forwarding) without end, so no file collects it. Once this
+    // command exits the writes fail, and ssh ignores SIGPIPE.
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
     // A session of its own: the master outlives this command and its terminal.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
@@ -141,11 +174,11 @@ async fn start(endpoint: &Endpoint, path: &Path, answer_within: Duration) -> Res
         });
     }
     let mut child = cmd.spawn().context("cannot run ssh")?;
+    let said = Said::drain(child.stderr.take());
     let deadline = tokio::time::Instant::now() + super::CONNECT_TIMEOUT.max(answer_within);
     loop {
         if let Some(status) = child.try_wait()? {
-            let said = std::fs::read_to_string(beside(path, "log")).unwrap_or_default();
-            bail!("ssh exited ({status}): {}", crate::printable_lines(said.trim()));
+            bail!("ssh exited ({status}): {}", crate::printable_lines(said.text().trim()));
         }
         if alive(path).await.is_ok() {
             tracing::debug!(path = %path.display(), pid = child.id(), "shared SSH connection up");
@@ -160,6 +193,45 @@ async fn start(endpoint: &Endpoint, path: &Path, answer_within: Duration) -> Res
     }
 }
 
+/// The end of what a master printed, read from its stderr in a thread.
+struct Said {
+    kept: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Said {
+    const KEEP: usize = 4096;
+
+    fn drain(from: Option<std::process::ChildStderr>) -> Said {
+        use std::io::Read;
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reader = from.map(|mut from| {
+            let keep = kept.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = from.read(&mut buf) {
+                    let mut kept = keep.lock().unwrap();
+                    kept.extend_from_slice(&buf[..n]);
+                    let extra = kept.len().saturating_sub(Self::KEEP);
+                    kept.drain(..extra);
+                }
+            })
+        });
+        Said { kept, reader }
+    }
+
+    /// What it said, once ssh has exited (the pipe then ends).
+    fn text(&self) -> String {
+        for _ in 0..50 {
+            if self.reader.as_ref().is_none_or(|r| r.is_finished()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        String::from_utf8_lossy(&self.kept.lock().unwrap()).into_owned()
+    }
+}
+
 /// Ends every master under `dir` (after provisioning, whose sshd settings
 /// apply to connections made afterwards only; and before the VM stops).
 pub async fn terminate_all(dir: &Path) {
@@ -169,6 +241,9 @@ pub async fn terminate_all(dir: &Path) {
         .map(|e| e.path())
         .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(is_control_name));
     for path in sockets {
+        // Not while a command is starting this master: it would be left
+        // running with its socket gone.
+        let Ok(_lock) = lock(&path).await else { continue };
         match request(&path, MUX_C_TERMINATE).await {
             Ok(reply) if reply.kind == MUX_S_OK => {
                 tracing::debug!(path = %path.display(), "shared SSH connection ended")
@@ -176,7 +251,10 @@ pub async fn terminate_all(dir: &Path) {
             Ok(reply) => tracing::debug!(path = %path.display(), kind = reply.kind, "unexpected answer to terminate"),
             Err(e) => tracing::debug!(path = %path.display(), "no shared SSH connection to end: {e:#}"),
         }
-        let _ = std::fs::remove_file(&path);
+        // The master removes its socket as it exits; one that died left it.
+        if is_dead_socket(&path) {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 

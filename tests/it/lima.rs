@@ -13,6 +13,7 @@ fn session_variables_arrive_and_nothing_is_forwarded() {
     w.run(&["start"]).ok();
     session_variables_arrive_whoever_opened_the_ssh_master(&w);
     commands_share_one_connection_and_a_stalled_one_holds_up_no_other(&w);
+    what_the_vm_makes_ssh_print_is_kept_nowhere(&w);
     nothing_in_the_guest_is_forwarded_to_the_host(&w);
 }
 
@@ -50,6 +51,56 @@ fn commands_share_one_connection_and_a_stalled_one_holds_up_no_other(w: &World) 
     eprintln!("a command beside a stalled one took {:?}", started.elapsed());
     let _ = stalled.kill();
     let _ = stalled.wait();
+}
+
+/// The shared connection outlives its command, and the VM can make it print
+/// without end (a login banner, refused forwarding requests): none of it
+/// collects in a file on the host.
+fn what_the_vm_makes_ssh_print_is_kept_nowhere(w: &World) {
+    const BANNER: usize = 200 << 10;
+    w.admin_args(
+        r#"head -c "$1" /dev/zero | tr '\0' b | fold -w 100 | sudo tee /etc/issue.agent-vm-test >/dev/null &&
+echo 'Banner /etc/issue.agent-vm-test' | sudo tee /etc/ssh/sshd_config.d/zz-banner.conf >/dev/null && sudo systemctl reload ssh"#,
+        &[&BANNER.to_string()],
+    )
+    .ok();
+    // New masters, which log in under the banner.
+    let state = w.lima_home.join("_agent-vm").join(&w.instance);
+    let sockets = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&state)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                use std::os::unix::fs::FileTypeExt;
+                let ssh = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("ssh-"));
+                ssh && p.symlink_metadata().is_ok_and(|m| m.file_type().is_socket())
+            })
+            .collect()
+    };
+    assert!(!sockets().is_empty(), "no shared connection in {}", state.display());
+    for sock in sockets() {
+        std::process::Command::new("ssh")
+            .arg("-o")
+            .arg(format!("ControlPath={}", sock.display()))
+            .args(["-O", "exit", "x"])
+            .output()
+            .unwrap();
+    }
+    assert!(crate::common::eventually(10, || sockets().is_empty()), "the masters did not exit");
+    assert_eq!(w.run(&["connect", "--no-mount", "--", "echo", "in"]).ok().stdout, "in\n");
+    w.admin("sudo rm /etc/ssh/sshd_config.d/zz-banner.conf /etc/issue.agent-vm-test && sudo systemctl reload ssh").ok();
+    assert!(!sockets().is_empty(), "the command made no shared connection");
+    let mut biggest = (0, std::path::PathBuf::new());
+    for dir in [state.clone(), w.lima_home.join("_agent-vm")] {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            if e.file_type().is_ok_and(|t| t.is_file()) && len > biggest.0 {
+                biggest = (len, e.path());
+            }
+        }
+    }
+    assert!(biggest.0 < (BANNER / 4) as u64, "{} holds {} bytes", biggest.1.display(), biggest.0);
 }
 
 /// Guest sockets on every loopback and wildcard address, TCP and UDP: the

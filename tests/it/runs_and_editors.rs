@@ -57,14 +57,32 @@ fn run_in_parallel_and_stop_everything_on_interrupt(w: &World) {
     // has moved past is.
     let tree = git(&repo, &["rev-parse", "fail-b^{tree}"]);
     let parent = git(&repo, &["rev-parse", "fail-b"]);
-    let ahead = git(&repo, &["-c", "user.name=H", "-c", "user.email=h@h", "commit-tree", tree.trim(), "-p", parent.trim(), "-m", "host-ahead"]);
+    let ahead = git(
+        &repo,
+        &[
+            "-c",
+            "user.name=H",
+            "-c",
+            "user.email=h@h",
+            "commit-tree",
+            tree.trim(),
+            "-p",
+            parent.trim(),
+            "-m",
+            "host-ahead",
+        ],
+    );
     git(&repo, &["update-ref", "refs/heads/fail-b", ahead.trim()]);
     let commit = "echo z > z && git add z && git -c user.name=A -c user.email=a@vm commit -qm from-run && git log -1 --format=%s";
     let r = w.run_in(&repo, &["run", "--fetch", "x/y", "ok-a", "fail-b", "--", "bash", "-c", commit]);
     r.ok();
     assert!(r.stdout.contains("x/y    | from-run\n"), "{}", r.stdout);
     assert!(r.stdout.contains("ok-a   | from-run\n"), "{}", r.stdout);
-    assert!(r.stderr.contains(&format!("~/{} is up to date with \"ok-a\"", w.workspace_dir(&repo, "ok-a"))), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("~/{} is up to date with \"ok-a\"", w.workspace_dir(&repo, "ok-a"))),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("Pushed \"fail-b\""), "{}", r.stderr);
     assert_eq!(git(&repo, &["log", "-1", "--format=%s", "x/y"]).trim(), "from-run");
     assert_eq!(git(&repo, &["log", "-2", "--format=%s", "fail-b"]), "from-run\nhost-ahead\n");
