@@ -184,8 +184,20 @@ pub(super) const LIST: &str = concat!(
 }
 for d in workspace/*; do
   [ -d "$d/.git" ] || continue
-  b=$(git -C "$d" config agent-vm.branch) || continue
-  r=$(git -C "$d" config agent-vm.hostRepo || true)
+  c=$(git -C "$d" config --get-regexp '^agent-vm\.(branch|hostrepo)$') || continue
+  b= r= k=
+  while IFS= read -r l; do
+    case $l in
+      "agent-vm.branch "*) k=b b=${l#* } ;;
+      "agent-vm.hostrepo "*) k=r r=${l#* } ;;
+      # A value's next line (a path can hold a newline).
+      *) if [ "$k" = r ]; then r="$r
+$l"; fi ;;
+    esac
+  done <<EOF
+$c
+EOF
+  [ -n "$b" ] || continue
   printf '%s\0%s\0%s\0' "$d" "$b" "$r"
   probe "$d" "$b"
   printf '\0'
