@@ -744,7 +744,23 @@ async fn handshake(
             }
             Err(_) => return Err(timed_out()),
         };
+        let reset = matches!(&outcome, Err(russh::Error::IO(e)) if e.kind() == std::io::ErrorKind::ConnectionReset);
         match outcome {
+            // Lima's forwarder took the connection but sshd was not
+            // listening (reloading its settings, still starting): shortly.
+            Err(_) if reset && attempt < 8 => {
+                tracing::debug!(attempt, "the connection to the SSH server was reset; retrying");
+                let pause = tokio::time::Instant::now() + Duration::from_millis(250 * u64::from(attempt));
+                if pause >= quick {
+                    bail!(
+                        "the VM's SSH server at {}:{} kept resetting the connection (still starting?); \
+                         check `agent-vm status`",
+                        endpoint.host,
+                        endpoint.port
+                    );
+                }
+                tokio::time::sleep_until(pause).await;
+            }
             Err(russh::Error::IO(e)) => bail!(
                 "cannot reach the VM's SSH server at {}:{} ({e}): the VM is not running. Start it with `agent-vm start`",
                 endpoint.host,

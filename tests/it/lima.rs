@@ -88,6 +88,8 @@ echo 'Banner /etc/issue.agent-vm-test' | sudo tee /etc/ssh/sshd_config.d/zz-bann
             .unwrap();
     }
     assert!(crate::common::eventually(10, || sockets().is_empty()), "the masters did not exit");
+    // sshd takes its new settings in a moment of its own.
+    assert!(crate::common::eventually(30, || w.guest_once("true").code == Some(0)), "sshd did not come back");
     assert_eq!(w.run(&["connect", "--no-mount", "--", "echo", "in"]).ok().stdout, "in\n");
     w.admin("sudo rm /etc/ssh/sshd_config.d/zz-banner.conf /etc/issue.agent-vm-test && sudo systemctl reload ssh").ok();
     assert!(!sockets().is_empty(), "the command made no shared connection");
