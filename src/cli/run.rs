@@ -106,14 +106,12 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             known.push((Workspace::new(&host, branch), tip));
         }
     }
-    let wanted: Vec<(&Workspace, git2::Oid)> = known.iter().map(|(ws, tip)| (ws, *tip)).collect();
-    let current = if wanted.is_empty() { Vec::new() } else { vm.at_tips(&wanted).await? };
-    let mut up_to_date = std::collections::HashMap::new();
-    for ((ws, tip), current) in known.into_iter().zip(current) {
-        if current {
-            up_to_date.insert(ws.branch.clone(), (ws, tip));
-        }
-    }
+    let current = vm.at_tips(&known).await?;
+    let mut up_to_date: std::collections::HashMap<String, _> = known
+        .into_iter()
+        .zip(current)
+        .filter_map(|(found, current)| current.then(|| (found.0.branch.clone(), found)))
+        .collect();
     let mut jobs = Vec::new();
     for branch in branches {
         let (ws, tip) = match up_to_date.remove(branch.as_str()) {

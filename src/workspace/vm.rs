@@ -171,7 +171,10 @@ impl Vm {
     /// Which of the workspaces have their branch at the given tip (a push
     /// would change nothing), in one round trip. The VM's word: a `true` only
     /// saves a push the agent could undo anyway.
-    pub async fn at_tips(&self, wanted: &[(&Workspace, Oid)]) -> Result<Vec<bool>> {
+    pub async fn at_tips(&self, wanted: &[(Workspace, Oid)]) -> Result<Vec<bool>> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
         let tips: Vec<String> = wanted.iter().map(|(_, t)| t.to_string()).collect();
         let mut args = Vec::new();
         for ((ws, _), t) in wanted.iter().zip(&tips) {
