@@ -27,13 +27,13 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let vm = Vm::new(session)?;
     // Lock every branch that has a workspace (as run, push and fetch do),
     // then look again: what was listed before the locks may have changed.
-    let branches: Vec<String> = vm.list().await?.into_iter().map(|l| l.branch).collect();
+    let branches: Vec<String> = vm.list(true).await?.into_iter().map(|l| l.branch).collect();
     let valid: Vec<&str> =
         branches.iter().map(String::as_str).filter(|b| crate::workspace::validate_branch(b).is_ok()).collect();
     let _locks = host.lock_branches(&valid, &ctx.ui)?;
     let mut doomed = Vec::new();
     let mut refusals = Vec::new();
-    for listed in vm.list().await? {
+    for listed in vm.list(true).await? {
         if !valid.contains(&listed.branch.as_str()) {
             continue; // made after the locks were taken: not ours to delete now
         }

@@ -70,7 +70,7 @@ async fn losses(ctx: &Context) -> Result<Vec<String>> {
     let (_backend, session) = super::session(ctx, false).await?;
     let vm = crate::workspace::Vm::new(session)?;
     let mut out = Vec::new();
-    for listed in vm.list().await? {
+    for listed in vm.list(true).await? {
         let probe = crate::workspace::Probe::Present { tip: listed.tip, changes: listed.changes };
         let host = crate::workspace::HostRepo::open(std::path::Path::new(&listed.host_repo));
         let lost = super::clean::losses(host.as_ref().ok(), &listed.branch, &probe)?;

@@ -110,7 +110,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         let session = std::sync::Arc::new(session);
         let vm = Vm::from_session(session.clone())?;
         // Side by side on the one connection: one round trip, not two.
-        let (gcp, listed) = tokio::try_join!(crate::provision::gcp(&session), vm.list())?;
+        let (gcp, listed) = tokio::try_join!(crate::provision::gcp(&session), vm.list(false))?;
         credentials.gcp = Some(gcp);
         let host = HostRepo::discover().ok();
         for listed in listed {

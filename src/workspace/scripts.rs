@@ -105,7 +105,7 @@ macro_rules! probe {
     () => {
         r##"if [ ! -d "$1/.git" ]; then echo absent; else
 echo present
-s=$(git -C "$1" status --porcelain=v2 --branch 2>/dev/null) || s=
+s=$(git --no-optional-locks -C "$1" status --porcelain=v2 --branch 2>/dev/null) || s=
 n=0
 while IFS= read -r l; do
   case $l in "# "*) printf '%s\n' "$l" ;; ?*) n=$((n+1)) ;; esac
@@ -173,18 +173,59 @@ done"#
 pub(super) const CURRENT: &[u8] = b"current\n";
 
 /// $1 workspace: delete it.
-pub(super) const REMOVE: &str = r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ;; *) exit 2 ;; esac"#;
+pub(super) const REMOVE: &str = r#"case "$1" in workspace/?*) rm -rf -- "$1" "$1.agent-vm-new" ".agent-vm/status/${1#workspace/}" ;; *) exit 2 ;; esac"#;
 
-/// Every workspace: path, branch, host repo and what [`PROBE`] says of it,
-/// each field ending in NUL.
+/// Every workspace: a stamp, path, branch, host repo and what [`PROBE`]
+/// says of it, each field ending in NUL. Probing costs processes (git's
+/// config and status) per workspace, so each answer is kept in
+/// `.agent-vm/status/` and reused while nothing in that workspace (its
+/// `.git` included, objects aside) nor git's global config changed since
+/// the last listing: one `find` over every workspace says which did (ctime:
+/// a restored mtime still counts). The stamp is a second before find
+/// starts, so coarse file times never hide a change made as it ran. $1
+/// `fresh` probes every workspace (for a decision that must not rest on a
+/// kept answer). One listing at a time keeps answers (a lock naming its
+/// shell); any other only reads them.
 pub(super) const LIST: &str = concat!(
     "probe() {\n",
     probe!(),
     r#"
 }
+c=.agent-vm/status
+[ -d "$c" ] || mkdir -p -- "$c"
+nl='
+'
+keep=
+{ read -r holder < "$c/.lock"; } 2>/dev/null || holder=
+if [ -z "$holder" ] || ! kill -0 "$holder" 2>/dev/null; then
+  echo $$ > "$c/.lock" && { read -r holder < "$c/.lock"; } 2>/dev/null && [ "$holder" = $$ ] && keep=1
+fi
+if [ -n "$keep" ]; then trap ': > "$c/.lock"' EXIT; trap 'exit 1' HUP INT TERM PIPE; fi
+since=
+[ "$1" = fresh ] || { read -r since < "$c/.since"; } 2>/dev/null || since=
+: > "$c/.now"
+if [ -n "$since" ]; then
+  changed=$(find "$c/.now" workspace/* "$HOME/.gitconfig" "$HOME/.config/git" /etc/gitconfig \
+      \( -path "$c/.now" -printf 'now %C@\n' \) -o \( -path '*/.git/objects' -prune \) -o \
+      \( -newerct "@$since" -printf '%H\n' \) 2>/dev/null | uniq)
+  case "$nl$changed$nl" in
+    *"$nl$HOME/.gitconfig$nl"*|*"$nl$HOME/.config/git$nl"*|*"$nl/etc/gitconfig$nl"*) since= ;;
+  esac
+else
+  changed=$(find "$c/.now" -printf 'now %C@\n' 2>/dev/null)
+fi
+stamp=
+case $changed in "now "[0-9]*) stamp=${changed%%"$nl"*}; stamp=${stamp#now }; stamp=$((${stamp%.*} - 1)) ;; esac
+# No time from find (it failed): nothing kept is trusted, nothing is kept.
+[ -n "$stamp" ] || keep= since=
+set --
 for d in workspace/*; do
   [ -d "$d/.git" ] || continue
-  c=$(git -C "$d" config --get-regexp '^agent-vm\.(branch|hostrepo)$') || continue
+  f="$c/${d#workspace/}"
+  if [ -n "$since" ] && [ -s "$f" ]; then
+    case "$nl$changed$nl" in *"$nl$d$nl"*) ;; *) set -- "$@" "$f"; continue ;; esac
+  fi
+  g=$(git -C "$d" config --get-regexp '^agent-vm\.(branch|hostrepo)$') || continue
   b= r= k=
   while IFS= read -r l; do
     case $l in
@@ -195,13 +236,16 @@ for d in workspace/*; do
 $l"; fi ;;
     esac
   done <<EOF
-$c
+$g
 EOF
   [ -n "$b" ] || continue
-  printf '%s\0%s\0%s\0' "$d" "$b" "$r"
-  probe "$d" "$b"
-  printf '\0'
-done"#
+  p=$(probe "$d" "$b")
+  printf '%s\n\0%s\0%s\0%s\0%s\n\0' "$stamp" "$d" "$b" "$r" "$p"
+  # One write: a reader never sees half an answer.
+  if [ -n "$keep" ]; then printf '%s\n\0%s\0%s\0%s\0%s\n\0' "$stamp" "$d" "$b" "$r" "$p" > "$f"; fi
+done
+if [ -n "$keep" ]; then echo "$stamp" > "$c/.since"; fi
+[ $# -eq 0 ] || cat -- "$@""#
 );
 
 /// What the VM says about one workspace (untrusted).
@@ -214,16 +258,19 @@ pub enum Probe {
 /// Reads [`LIST`]'s answer (untrusted, for display).
 pub(super) fn parse_list(text: &str) -> Vec<Listed> {
     let fields: Vec<&str> = text.split_terminator('\0').collect();
-    fields
-        .chunks_exact(4)
+    let mut listed: Vec<Listed> = fields
+        .chunks_exact(5)
         .map(|f| {
-            let (tip, changes) = match parse_probe(f[3], f[1]) {
+            let (tip, changes) = match parse_probe(f[4], f[2]) {
                 Some(Probe::Present { tip, changes }) => (tip, changes),
                 _ => (None, 0),
             };
-            Listed { dir: f[0].to_owned(), branch: f[1].to_owned(), host_repo: f[2].to_owned(), tip, changes }
+            Listed { dir: f[1].to_owned(), branch: f[2].to_owned(), host_repo: f[3].to_owned(), tip, changes }
         })
-        .collect()
+        .collect();
+    // Probed ones come first, kept ones after: back in the order of names.
+    listed.sort_by(|a, b| a.dir.cmp(&b.dir));
+    listed
 }
 
 /// One workspace as listed by the VM (untrusted, for display).
@@ -458,25 +505,52 @@ mod tests {
         git("workspace/other", &["init", "-q"]);
         std::fs::write(home.path().join("workspace/r-b/f"), "2").unwrap();
         git("workspace/r-b", &["checkout", "-q", "-b", "elsewhere"]);
-        let out = std::process::Command::new("sh")
-            .current_dir(home.path())
-            .arg("-c")
-            .arg(shell::script(LIST, &[] as &[&str]).unwrap())
-            .output()
+        // A PATH without git: only answers kept from before can list anything.
+        let no_git = home.path().join("no-git");
+        std::fs::create_dir(&no_git).unwrap();
+        for tool in ["sh", "find", "uniq", "cat", "mkdir"] {
+            let path = String::from_utf8(
+                std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().stdout,
+            )
             .unwrap();
-        let listed = parse_list(&String::from_utf8(out.stdout).unwrap());
+            std::os::unix::fs::symlink(path.trim(), no_git.join(tool)).unwrap();
+        }
+        let list = |args: &[&str], path: Option<&Path>| {
+            let mut cmd = std::process::Command::new("sh");
+            cmd.current_dir(home.path()).env("HOME", home.path()).arg("-c").arg(shell::script(LIST, args).unwrap());
+            if let Some(p) = path {
+                cmd.env("PATH", p);
+            }
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            parse_list(&String::from_utf8(out.stdout).unwrap())
+                .iter()
+                .map(|l| (l.dir.clone(), l.branch.clone(), l.host_repo.clone(), l.tip, l.changes))
+                .collect::<Vec<_>>()
+        };
         let tip = |dir: &str| Some(Oid::from_str(&git(dir, &["rev-parse", "HEAD"])).unwrap());
-        let got: Vec<_> = listed
-            .iter()
-            .map(|l| (l.dir.as_str(), l.branch.as_str(), l.host_repo.as_str(), l.tip, l.changes))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                ("workspace/r-a", "a", "/h/r\nx", tip("workspace/r-a"), 0),
-                ("workspace/r-b", "f/b'$(x)", "/h/r\nx", tip("workspace/r-b"), 1),
-            ]
-        );
+        let row = |d: &str, b: &str, n| (d.to_owned(), b.to_owned(), "/h/r\nx".to_owned(), tip(d), n);
+        // Changes less than a second or two before a listing count as new.
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let first = list(&[], None);
+        assert_eq!(first, [row("workspace/r-a", "a", 0), row("workspace/r-b", "f/b'$(x)", 1)]);
+        // Nothing changed: the kept answers, no git needed.
+        assert_eq!(list(&[], Some(&no_git)), first);
+        // A change in one workspace is seen at once, the other stays kept.
+        std::fs::write(home.path().join("workspace/r-a/f"), "changed").unwrap();
+        assert_eq!(list(&[], Some(&no_git)), [row("workspace/r-b", "f/b'$(x)", 1)], "the changed one needs git");
+        assert_eq!(list(&[], None), [row("workspace/r-a", "a", 1), row("workspace/r-b", "f/b'$(x)", 1)]);
+        // So is a commit (only .git changes).
+        let kept_b = list(&[], Some(&no_git));
+        git("workspace/r-a", &["commit", "-qam", "two"]);
+        assert_eq!(list(&[], None), [row("workspace/r-a", "a", 0), row("workspace/r-b", "f/b'$(x)", 1)]);
+        assert!(kept_b.contains(&row("workspace/r-b", "f/b'$(x)", 1)), "{kept_b:?}");
+        // Fresh: every workspace probed, nothing kept is used.
+        assert_eq!(list(&["fresh"], Some(&no_git)), []);
+        // A stamp find cannot read: nothing kept is trusted.
+        assert!(!list(&[], Some(&no_git)).is_empty());
+        std::fs::write(home.path().join(".agent-vm/status/.since"), "garbage\n").unwrap();
+        assert_eq!(list(&[], Some(&no_git)), []);
     }
 
     /// The push's preparation and the cache check run by sh with the

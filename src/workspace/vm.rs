@@ -433,9 +433,12 @@ impl Vm {
         Ok(())
     }
 
-    /// Every workspace in the VM, as the VM describes it.
-    pub async fn list(&self) -> Result<Vec<Listed>> {
-        let out = self.session.exec(&shell::script(LIST, &[] as &[&str])?).await?.check("listing workspaces")?;
+    /// Every workspace in the VM, as the VM describes it: answers kept from
+    /// the last listing for workspaces where nothing changed since, unless
+    /// `fresh` (a decision rests on it, such as deleting).
+    pub async fn list(&self, fresh: bool) -> Result<Vec<Listed>> {
+        let args: &[&str] = if fresh { &["fresh"] } else { &[] };
+        let out = self.session.exec(&shell::script(LIST, args)?).await?.check("listing workspaces")?;
         Ok(parse_list(&String::from_utf8_lossy(&out.stdout)))
     }
 }

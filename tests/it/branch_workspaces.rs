@@ -276,6 +276,19 @@ fn clean_all_removes_this_repositorys_workspaces(w: &World, repo: &Path) {
     w.run_in(&other, &["push", "main"]).ok();
     let ws = w.workspace_dir(repo, "feature/x");
     w.agent_commit(&ws, "unfetched", "precious");
+    // The agent rewrites status's kept answer for the workspace: the host's
+    // tip, nothing uncommitted, never stale. status shows the lie (it is
+    // kept), clean-all must not believe it.
+    let host_tip = head_of(repo, "refs/heads/feature/x");
+    w.run_in(repo, &["status"]).ok();
+    w.guest_args(
+        r#"printf '1\n\0%s\0feature/x\0%s\0present\n# branch.oid %s\n# branch.head feature/x\n# changes 0\n\0' "$1" "$2" "$3" > ".agent-vm/status/${1#workspace/}" && echo 99999999999 > .agent-vm/status/.since"#,
+        &[&ws, &repo.display().to_string(), &host_tip],
+    )
+    .ok();
+    let status = w.run_in(repo, &["status", "--json"]).json();
+    let entry = status["workspaces"].as_array().unwrap().iter().find(|e| e["dir"] == ws.as_str()).unwrap();
+    assert_eq!(entry["tip"], host_tip.as_str(), "the kept answer is what status shows: {entry}");
     w.run_in(repo, &["clean-all", "--yes"]).fails_with("fetch first");
     w.guest_args("test -d \"$1\"", &[&ws]).ok();
     let r = w.run_in(repo, &["clean-all", "--yes", "--force"]);
