@@ -68,12 +68,16 @@ impl Args {
             "-q",
             "--quiet",
         ];
-        if let Some(o) =
-            branches.iter().skip(1).find(|b| OPTIONS.iter().any(|o| b == o || b.starts_with(&format!("{o}="))))
-        {
+        let option = |b: &String| OPTIONS.iter().any(|o| b == o || b.starts_with(&format!("{o}=")));
+        if let Some(o) = branches.iter().skip(1).find(|b| option(b)) {
             bail!(
                 "{o:?} after a branch: put options before the branches (`agent-vm run [OPTIONS] BRANCH... -- COMMAND`)"
             );
+        }
+        // The parser leaves `-j2` to the branches: a branch named so is far
+        // less likely than a job count.
+        if let Some(o) = branches.iter().find(|b| b.starts_with("-j") && b.len() > 2) {
+            bail!("{o:?} is not an option here: write `-j {}` (or `--jobs={0}`) before the branches", &o[2..]);
         }
         Ok((branches, command))
     }

@@ -199,6 +199,15 @@ fn invalid_branch_names_are_refused_before_anything_runs() {
     assert!(w.lima_list().is_empty());
 }
 
+/// An option where the branches are is refused, not made a branch.
+#[test]
+fn run_refuses_options_among_its_branches() {
+    let w = World::new("runopts");
+    w.run(&["run", "-j2", "a", "--", "true"]).fails_with("write `-j 2`");
+    w.run(&["run", "a", "--fetch", "--", "true"]).fails_with("after a branch");
+    assert!(w.lima_list().is_empty());
+}
+
 #[test]
 fn completions_and_man_pages_come_from_the_cli_definition() {
     for (shell, needle) in [("bash", "complete -F"), ("zsh", "#compdef agent-vm"), ("fish", "complete -c agent-vm")] {
