@@ -14,26 +14,53 @@ fn first_bad<S: AsRef<str>>(words: &[S]) -> &str {
     words.iter().map(|w| w.as_ref()).find(|w| w.contains('\0')).unwrap_or("")
 }
 
-/// A command line that runs `argv` in a login shell (so /etc/profile.d is
-/// read, as in an interactive session), in `cwd` when given (relative paths
-/// are relative to the remote home directory).
-pub fn login_command<S: AsRef<str>>(cwd: Option<&str>, argv: &[S]) -> Result<String> {
-    quote(&login_argv(cwd, &[], argv)?)
-}
+/// Read by agent-vm's sessions in place of a login shell's startup, where
+/// provisioning wrote it: the same files a login bash reads, without the
+/// processes Debian's /etc/profile starts (`id`, `run-parts`; tens of
+/// milliseconds each on a slow guest). It returns 1 when it does not apply
+/// (not bash, or /etc/profile changed since), and a real login shell runs.
+pub const LOGIN_PROFILE: &str = "/etc/agent-vm/login.sh";
 
-/// The words of [`login_command`], with `exports` (`NAME=value`) added to
-/// the command's environment once the login shell has read its profile.
-pub fn login_argv<S: AsRef<str>>(cwd: Option<&str>, exports: &[String], argv: &[S]) -> Result<Vec<String>> {
-    let mut inner = String::new();
+/// Shell text running `argv` in `cwd` when given (relative paths are
+/// relative to the remote home directory), with `exports` (`NAME=value`)
+/// added to its environment. Not itself a login session: give it to
+/// [`login_script`], or make `argv` a login shell.
+pub fn in_dir<S: AsRef<str>>(cwd: Option<&str>, exports: &[String], argv: &[S]) -> Result<String> {
+    let mut text = String::new();
     if let Some(dir) = cwd {
-        inner += &format!("cd {} && ", quote(&[dir])?);
+        text += &format!("cd {} && ", quote(&[dir])?);
     }
     // `export` is a builtin: no `env` process to start on a slow guest.
     if !exports.is_empty() {
-        inner += &format!("export {} && ", quote(exports)?);
+        text += &format!("export {} && ", quote(exports)?);
     }
-    inner += &format!("exec {}", quote(argv)?);
-    Ok(vec!["bash".into(), "--login".into(), "-c".into(), inner])
+    text += &format!("exec {}", quote(argv)?);
+    Ok(text)
+}
+
+/// A command line running `argv` as [`in_dir`] does, after what a login
+/// shell reads (so /etc/profile.d and ~/.profile apply, as in an
+/// interactive session, and the agents' tools are on PATH).
+pub fn login_command<S: AsRef<str>>(cwd: Option<&str>, exports: &[String], argv: &[S]) -> Result<String> {
+    login_script(&in_dir(cwd, exports, argv)?, &[] as &[&str])
+}
+
+/// A command line running a fixed `script` with `args` as $1…, after what a
+/// login shell reads. It is read by the remote account's own shell, which
+/// must be a POSIX one (the agent's is bash): one shell fewer to start.
+pub fn login_script<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String> {
+    login_script_after("", script, args)
+}
+
+/// [`login_script`], with `check` run first, before the profile, in the
+/// same shell and with the same $1… (it may `shift` them, or `exit`).
+pub fn login_script_after<S: AsRef<str>>(check: &str, script: &str, args: &[S]) -> Result<String> {
+    let profile = quote(&[LOGIN_PROFILE])?;
+    Ok(format!(
+        "set -- {}\n{check}\n[ -r {profile} ] && . {profile} || exec bash --login -c {} agent-vm \"$@\"\n{script}",
+        quote(args)?,
+        quote(&[script])?
+    ))
 }
 
 /// A command line that runs a fixed `script` with `args` as its positional
@@ -41,14 +68,6 @@ pub fn login_argv<S: AsRef<str>>(cwd: Option<&str>, exports: &[String], argv: &[
 /// anything and are never parsed as shell syntax.
 pub fn script<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String> {
     prefixed_script(&[], script, args)
-}
-
-/// [`script`], run by a login shell (so /etc/profile.d is read, as for
-/// [`login_command`]).
-pub fn login_script<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String> {
-    let mut words = vec!["bash", "--login", "-c", script, "agent-vm"];
-    words.extend(args.iter().map(|a| a.as_ref()));
-    quote(&words)
 }
 
 /// [`script`], run as root through `sudo -n` (the VM user has
@@ -80,6 +99,7 @@ fn prefixed_script<S: AsRef<str>>(prefix: &[&str], script: &str, args: &[S]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
     use std::process::Command;
 
     fn sh_words(line: &str) -> Vec<String> {
@@ -90,6 +110,10 @@ mod tests {
             .unwrap();
         assert!(out.status.success());
         String::from_utf8(out.stdout).unwrap().split_terminator('\0').map(str::to_owned).collect()
+    }
+
+    fn nul_split(out: &[u8]) -> Vec<String> {
+        String::from_utf8(out.to_vec()).unwrap().split_terminator('\0').map(str::to_owned).collect()
     }
 
     const HOSTILE: &[&str] = &[
@@ -128,9 +152,24 @@ mod tests {
     fn script_passes_arguments_verbatim() {
         let line = script("printf '%s\\0' \"$@\"", HOSTILE).unwrap();
         let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
-        let got: Vec<String> =
-            String::from_utf8(out.stdout).unwrap().split_terminator('\0').map(str::to_owned).collect();
-        assert_eq!(got, HOSTILE);
+        assert_eq!(nul_split(&out.stdout), HOSTILE);
+    }
+
+    /// Through the fallback (this host has no login profile of agent-vm's),
+    /// by sh and by bash (the agent's shell), after a check that shifts.
+    #[test]
+    fn login_script_passes_arguments_verbatim() {
+        assert!(!Path::new(LOGIN_PROFILE).exists());
+        for sh in ["sh", "bash"] {
+            let line = login_script("printf '%s\\0' \"$@\"", HOSTILE).unwrap();
+            let out = Command::new(sh).arg("-c").arg(&line).output().unwrap();
+            assert_eq!(nul_split(&out.stdout), HOSTILE, "{sh}");
+            let line = login_script_after("printf 'check:%s\\0' \"$1\"; shift", "printf '%s\\0' \"$@\"", HOSTILE);
+            let out = Command::new(sh).arg("-c").arg(line.unwrap()).output().unwrap();
+            let want: Vec<String> =
+                std::iter::once("check:plain").chain(HOSTILE[1..].iter().copied()).map(str::to_owned).collect();
+            assert_eq!(nul_split(&out.stdout), want, "{sh}");
+        }
     }
 
     #[test]
@@ -138,7 +177,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let weird = dir.path().join("a dir; $(x)");
         std::fs::create_dir(&weird).unwrap();
-        let line = login_command(Some(weird.to_str().unwrap()), &["pwd"]).unwrap();
+        let line = login_command(Some(weird.to_str().unwrap()), &[], &["pwd"]).unwrap();
         let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end(), weird.to_str().unwrap());
     }
@@ -146,7 +185,7 @@ mod tests {
     #[test]
     fn exported_values_arrive_verbatim() {
         let exports: Vec<String> = HOSTILE.iter().enumerate().map(|(i, v)| format!("V{i}={v}")).collect();
-        let line = quote(&login_argv(None, &exports, &["env", "-0"]).unwrap()).unwrap();
+        let line = login_command(None, &exports, &["env", "-0"]).unwrap();
         let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
         let env = String::from_utf8(out.stdout).unwrap();
         for (i, v) in HOSTILE.iter().enumerate() {

@@ -87,15 +87,18 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             Err(e) => ctx.ui.say(&format!("warning: no workspace mount: {e:#}")),
         }
     }
-    let shell = ["bash".to_owned(), "--login".to_owned()];
-    let argv = if args.command.is_empty() { &shell[..] } else { &args.command[..] };
     // Sessions in a workspace name it to the gateway, for its log.
     let exports = match ws {
         Some(ws) if crate::vm::agent_user(backend.as_ref()).is_some() => crate::gateway::workspace_env(&ws.dir),
         _ => Vec::new(),
     };
     let cwd = ws.map(|w| w.dir.as_str());
-    let words = shell::login_argv(cwd, &exports, argv)?;
+    // A shell is itself a login shell; a command gets what one reads.
+    let command = shell::in_dir(cwd, &exports, &args.command)?;
+    let line = match args.command.is_empty() {
+        true => shell::in_dir(cwd, &exports, &["bash", "--login"])?,
+        false => shell::login_script(&command, &[] as &[&str])?,
+    };
     // API keys and the like from envvars.txt travel in the SSH session's
     // environment, never on a command line.
     let env = crate::provision::session_env(&ctx.instance)?;
@@ -105,19 +108,19 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         let vm = crate::workspace::Vm::from_session(session.clone())?;
         // A command in a workspace the push would not change, the usual
         // case: checked and run in one round trip.
-        if !args.command.is_empty() && !interactive {
-            if let Some(tip) = host.branch_tip(&ws.branch)? {
-                let up_to_date = || ctx.ui.say(&format!("~/{} is up to date with {:?}.", ws.dir, ws.branch));
-                let (mut out, mut err) = (tokio::io::stdout(), tokio::io::stderr());
-                let ran = vm.exec_if_current(ws, tip, &words, &env, up_to_date, tokio::io::stdin(), &mut out, &mut err);
-                if let Some(status) = ran.await? {
-                    return Ok(exit_code(status));
-                }
+        if !args.command.is_empty()
+            && !interactive
+            && let Some(tip) = host.branch_tip(&ws.branch)?
+        {
+            let up_to_date = || ctx.ui.say(&format!("~/{} is up to date with {:?}.", ws.dir, ws.branch));
+            let (mut out, mut err) = (tokio::io::stdout(), tokio::io::stderr());
+            let ran = vm.exec_if_current(ws, tip, &command, &env, up_to_date, tokio::io::stdin(), &mut out, &mut err);
+            if let Some(status) = ran.await? {
+                return Ok(exit_code(status));
             }
         }
         super::push::push_branch(ctx, host, &vm, &ws.branch, args.objects.objects()).await?;
     }
-    let line = shell::quote(&words)?;
     let endpoint = session.endpoint().clone();
     if args.command.is_empty() || interactive {
         // A terminal session: OpenSSH handles the tty, window size and

@@ -147,15 +147,14 @@ macro_rules! at_tip {
 }
 
 /// Shell text saying on stdout whether workspace $1's branch $2 is at $3
-/// (the host's tip: a push would change nothing), and only if it is, running
-/// the command in $4… in the shell's place.
+/// (the host's tip: a push would change nothing), and going on (to the
+/// command that follows it) only if it is.
 pub(super) const IF_CURRENT: &str = concat!(
     at_tip!(),
     r#"
 at_tip "$1" "$2" "$3" || { echo stale; exit 0; }
 echo current
-shift 3
-exec "$@""#
+shift 3"#
 );
 
 /// For each workspace, branch and tip in $1…: a line `current` when the
@@ -415,7 +414,8 @@ mod tests {
         assert_eq!(parse_probe("maybe\n", "b"), None);
     }
 
-    /// The check before a command in a workspace, by sh with the host's git:
+    /// The check before a command in a workspace, by sh with the host's git
+    /// (and a real login shell, the host having no login profile of ours):
     /// the command runs only when the branch is at the host's tip, however
     /// git stores the ref.
     #[test]
@@ -425,11 +425,10 @@ mod tests {
         let marker = tmp.path().join("ran");
         let run = |branch: &str, tip: &str| {
             let _ = std::fs::remove_file(&marker);
-            let args = [ws.to_str().unwrap(), branch, tip, "sh", "-c", "touch \"$1\"; echo \"$2\"", "sh"];
-            let mut args = args.to_vec();
-            args.extend([marker.to_str().unwrap(), "it's $(me)"]);
-            let out =
-                std::process::Command::new("sh").arg("-c").arg(shell::script(IF_CURRENT, &args).unwrap()).output();
+            let argv = ["sh", "-c", "touch \"$1\"; echo \"$2\"", "sh", marker.to_str().unwrap(), "it's $(me)"];
+            let command = shell::in_dir(None, &[], &argv).unwrap();
+            let line = shell::login_script_after(IF_CURRENT, &command, &[ws.to_str().unwrap(), branch, tip]).unwrap();
+            let out = std::process::Command::new("sh").arg("-c").arg(line).output();
             (String::from_utf8(out.unwrap().stdout).unwrap(), marker.exists())
         };
         let zeros = "0".repeat(40);

@@ -120,16 +120,18 @@ impl Vm {
         Ok(out.stdout_str())
     }
 
-    /// Runs `argv` (a command line's words) in the VM if `ws`'s branch there
+    /// Runs `command` (shell text from [`shell::in_dir`]) in a login
+    /// session in the VM if `ws`'s branch there
     /// is at `tip`, as a push of the host's branch would leave it, streaming
     /// its input and output: one round trip where a push and then the command
     /// would take two. `None`: the workspace is elsewhere or missing, and
     /// nothing ran (its input untouched).
+    #[allow(clippy::too_many_arguments)] // the command's three streams
     pub async fn exec_if_current<R, W, E>(
         &self,
         ws: &Workspace,
         tip: Oid,
-        argv: &[String],
+        command: &str,
         env: &[(String, String)],
         on_current: impl FnOnce(),
         stdin: R,
@@ -144,9 +146,9 @@ impl Vm {
         use crate::ssh::Event;
         use tokio::io::AsyncWriteExt;
         let t = tip.to_string();
-        let mut args = vec![ws.dir.as_str(), ws.branch.as_str(), t.as_str()];
-        args.extend(argv.iter().map(String::as_str));
-        let (mut read, write) = self.session.open_exec_env(&shell::script(IF_CURRENT, &args)?, env).await?;
+        let args = [ws.dir.as_str(), ws.branch.as_str(), t.as_str()];
+        let line = shell::login_script_after(IF_CURRENT, command, &args)?;
+        let (mut read, write) = self.session.open_exec_env(&line, env).await?;
         // The answer's first line, before any of the command's output.
         let mut head = Vec::new();
         while head.len() < CURRENT.len() {

@@ -53,13 +53,37 @@ fn lifecycle_against_a_real_guest() {
     w.run(&["connect", "--", "sh", "-c", "printf %s \"$1\" > marker", "sh", tricky]).ok();
     assert_eq!(w.guest("cat marker").ok().stdout, tricky);
     assert_eq!(w.guest("ls /tmp/pwned 2>/dev/null; echo done").stdout, "done\n");
-    // … in a login shell, as the user: /etc/profile.d applies.
     // Lima's guest user is the host user, with a home of its own.
     // Agent sessions run as the agent user, not as Lima's (the host user's
     // name and uid, with sudo).
     let who = w.run(&["connect", "--", "sh", "-c", "echo $(id -un) $HOME; sudo -n true 2>&1 || echo no sudo"]);
     assert_eq!(who.ok().stdout.lines().next(), Some("agent /home/agent"), "{}", who.stdout);
     assert!(who.stdout.contains("no sudo"), "{}", who.stdout);
+    // What a login shell reads, read by agent-vm's login profile instead
+    // (no `bash --login` to start): the same environment, until /etc/profile
+    // changes, and then a real login shell.
+    w.admin(
+        "echo 'shopt -q login_shell && by=bash || by=agent-vm; export LOGIN_BY=$by' | sudo tee /etc/profile.d/zz-by.sh",
+    )
+    .ok();
+    let env = |argv: &[&str]| {
+        let mut words = vec!["connect", "--"];
+        words.extend(argv);
+        let out = w.run(&words).ok().stdout.clone();
+        let mut vars: Vec<String> =
+            out.lines().filter(|l| !l.starts_with("_=") && !l.starts_with("SHLVL=")).map(str::to_owned).collect();
+        vars.sort();
+        vars
+    };
+    let ours = env(&["env"]);
+    assert!(ours.iter().any(|v| v == "LOGIN_BY=agent-vm"), "{ours:#?}");
+    assert!(ours.iter().any(|v| v.starts_with("PATH=/home/agent/.local/bin:")), "~/.profile applies: {ours:#?}");
+    let login = env(&["bash", "--login", "-c", "env"]);
+    let by = |v: &String| !v.starts_with("LOGIN_BY=");
+    assert_eq!(ours.iter().filter(|v| by(v)).collect::<Vec<_>>(), login.iter().filter(|v| by(v)).collect::<Vec<_>>());
+    w.admin("sudo touch /etc/profile").ok();
+    assert!(env(&["env"]).iter().any(|v| v == "LOGIN_BY=bash"), "a changed /etc/profile is read by bash");
+    w.admin("sudo touch /etc/agent-vm/login.sh && sudo rm /etc/profile.d/zz-by.sh").ok();
     let user = crate::common::host_user();
     let admin = w.admin("echo $(id -un) $(id -u) $HOME").ok().stdout.clone();
     assert_eq!(admin, format!("{user} {} /home/{user}.guest\n", crate::common::host_uid()));
