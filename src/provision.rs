@@ -433,16 +433,24 @@ async fn connect_after_reload(endpoint: &crate::ssh::Endpoint) -> Result<Session
     }
 }
 
-/// Where the VM's GCP access comes from, as provisioned.
-pub async fn gcp(session: &Session) -> Result<Gcp> {
-    let script =
-        r#"if [ -f "$1" ]; then echo copied; elif grep -qs '^export GCE_METADATA_HOST=' "$2"; then echo brokered; fi"#;
-    let out = session.exec(&shell::script(script, &[ADC_PATH, PROFILE_PATH])?).await?;
-    Ok(match out.stdout_str().trim() {
+/// Shell text printing one line that says where the VM's GCP access comes
+/// from ([`parse_gcp`] reads it), with its arguments ([`GCP_ARGS`]).
+/// Builtins only: it runs before the workspace listing, in its shell.
+pub const GCP_CHECK: &str = r#"a=none
+if [ -f "$1" ]; then a=copied
+elif [ -r "$2" ]; then
+  while IFS= read -r l; do case $l in "export GCE_METADATA_HOST="*) a=brokered ;; esac; done < "$2"
+fi
+echo "$a""#;
+pub const GCP_ARGS: [&str; 2] = [ADC_PATH, PROFILE_PATH];
+
+/// [`GCP_CHECK`]'s answer (the VM's word, for display).
+pub fn parse_gcp(line: &str) -> Gcp {
+    match line.trim() {
         "copied" => Gcp::Copied,
         "brokered" => Gcp::Brokered,
         _ => Gcp::None,
-    })
+    }
 }
 
 async fn run_script<S: AsRef<str>>(
@@ -620,6 +628,28 @@ async fn relay_lines(from: impl tokio::io::AsyncRead + Unpin, mut to: impl tokio
 
 #[cfg(test)]
 mod tests {
+    /// By sh, with stand-ins for the credentials file and the profile.
+    #[test]
+    fn gcp_check_says_where_access_comes_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let (adc, profile) = (dir.path().join("adc.json"), dir.path().join("profile's.sh"));
+        let check = || {
+            let args = [adc.to_str().unwrap(), profile.to_str().unwrap()];
+            let line = crate::shell::script(super::GCP_CHECK, &args).unwrap();
+            let out = std::process::Command::new("sh").arg("-c").arg(line).output().unwrap();
+            let line = String::from_utf8(out.stdout).unwrap();
+            assert_eq!(line.lines().count(), 1, "{line:?}");
+            super::parse_gcp(&line)
+        };
+        assert_eq!(check(), super::Gcp::None, "neither file");
+        std::fs::write(&profile, "export A=1\n# export GCE_METADATA_HOST=x\n").unwrap();
+        assert_eq!(check(), super::Gcp::None, "a comment is not a setting");
+        std::fs::write(&profile, "export A=1\nexport GCE_METADATA_HOST=127.0.0.1:3129\n").unwrap();
+        assert_eq!(check(), super::Gcp::Brokered);
+        std::fs::write(&adc, "{}").unwrap();
+        assert_eq!(check(), super::Gcp::Copied, "a credentials file in the VM counts first");
+    }
+
     #[tokio::test]
     async fn provisioning_output_is_relayed_as_text() {
         let from: &[u8] = b"==> step\n\x1b]52;c;cHduZWQ=\x07copied\r\n\x1b[2Jcleared\npartial";

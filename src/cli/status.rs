@@ -109,9 +109,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         super::after_connect(ctx, backend.as_ref(), &ep);
         let session = std::sync::Arc::new(session);
         let vm = Vm::from_session(session.clone())?;
-        // Side by side on the one connection: one round trip, not two.
-        let (gcp, listed) = tokio::try_join!(crate::provision::gcp(&session), vm.list(false))?;
-        credentials.gcp = Some(gcp);
+        // One round trip and one shell for both questions.
+        let (gcp, listed) = vm.list_after(crate::provision::GCP_CHECK, &crate::provision::GCP_ARGS, false).await?;
+        credentials.gcp = Some(crate::provision::parse_gcp(&gcp));
         let host = HostRepo::discover().ok();
         for listed in listed {
             let this_repo = host.as_ref().is_some_and(|h| Workspace::new(h, &listed.branch).dir == listed.dir);

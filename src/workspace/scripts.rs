@@ -247,6 +247,26 @@ if [ -n "$keep" ]; then echo "$stamp" > "$c/.since"; fi
 [ $# -eq 0 ] || cat -- "$@""#
 );
 
+/// The command line of [`LIST`] (`fresh` or not), after `first`, a script
+/// with `args` printing one line, in the same shell.
+pub(super) fn list_script(first: &str, args: &[&str], fresh: bool) -> anyhow::Result<String> {
+    let script = match first {
+        "" => LIST.to_owned(),
+        _ => format!("first() {{\n{first}\n}}\nfirst {}\n{LIST}", crate::shell::quote(args)?),
+    };
+    let list_args: &[&str] = if fresh { &["fresh"] } else { &[] };
+    crate::shell::script(&script, list_args)
+}
+
+/// [`list_script`]'s answer: `first`'s line, and the workspaces.
+pub(super) fn parse_list_after(first: &str, text: &str) -> (String, Vec<Listed>) {
+    let (head, rest) = match first {
+        "" => ("", text),
+        _ => text.split_once('\n').unwrap_or((text, "")),
+    };
+    (head.to_owned(), parse_list(rest))
+}
+
 /// What the VM says about one workspace (untrusted).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Probe {
@@ -514,19 +534,23 @@ mod tests {
             .unwrap();
             std::os::unix::fs::symlink(path.trim(), no_git.join(tool)).unwrap();
         }
-        let list = |args: &[&str], path: Option<&Path>| {
+        let list_after = |first: &str, args: &[&str], path: Option<&Path>| {
             let mut cmd = std::process::Command::new("sh");
-            cmd.current_dir(home.path()).env("HOME", home.path()).arg("-c").arg(shell::script(LIST, args).unwrap());
+            let line = list_script(first, &["a b", "it's"], args == ["fresh"]).unwrap();
+            cmd.current_dir(home.path()).env("HOME", home.path()).arg("-c").arg(line);
             if let Some(p) = path {
                 cmd.env("PATH", p);
             }
             let out = cmd.output().unwrap();
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            parse_list(&String::from_utf8(out.stdout).unwrap())
+            let (head, listed) = parse_list_after(first, &String::from_utf8(out.stdout).unwrap());
+            let rows = listed
                 .iter()
                 .map(|l| (l.dir.clone(), l.branch.clone(), l.host_repo.clone(), l.tip, l.changes))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (head, rows)
         };
+        let list = |args: &[&str], path: Option<&Path>| list_after("", args, path).1;
         let tip = |dir: &str| Some(Oid::from_str(&git(dir, &["rev-parse", "HEAD"])).unwrap());
         let row = |d: &str, b: &str, n| (d.to_owned(), b.to_owned(), "/h/r\nx".to_owned(), tip(d), n);
         // Changes less than a second or two before a listing count as new.
@@ -550,6 +574,10 @@ mod tests {
         assert!(!list(&[], Some(&no_git)).is_empty());
         std::fs::write(home.path().join(".agent-vm/status/.since"), "garbage\n").unwrap();
         assert_eq!(list(&[], Some(&no_git)), []);
+        // Another question first, in the same shell: its line, then the list.
+        let plain = list(&[], None);
+        let first = r#"printf '%s|%s\n' "$1" "$2""#;
+        assert_eq!(list_after(first, &[], None), ("a b|it's".to_owned(), plain));
     }
 
     /// The push's preparation and the cache check run by sh with the

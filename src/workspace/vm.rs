@@ -439,9 +439,15 @@ impl Vm {
     /// the last listing for workspaces where nothing changed since, unless
     /// `fresh` (a decision rests on it, such as deleting).
     pub async fn list(&self, fresh: bool) -> Result<Vec<Listed>> {
-        let args: &[&str] = if fresh { &["fresh"] } else { &[] };
-        let out = self.session.exec(&shell::script(LIST, args)?).await?.check("listing workspaces")?;
-        Ok(parse_list(&String::from_utf8_lossy(&out.stdout)))
+        Ok(self.list_after("", &[], fresh).await?.1)
+    }
+
+    /// [`Vm::list`], after `first`, a script with `args` that prints one
+    /// line, in the same shell (a process costs on a slow guest): that line,
+    /// and the workspaces.
+    pub async fn list_after(&self, first: &str, args: &[&str], fresh: bool) -> Result<(String, Vec<Listed>)> {
+        let out = self.session.exec(&list_script(first, args, fresh)?).await?.check("listing workspaces")?;
+        Ok(parse_list_after(first, &String::from_utf8_lossy(&out.stdout)))
     }
 }
 
