@@ -276,7 +276,7 @@ fn emit(stderr: bool, prefix: &str, line: &[u8]) {
     if stderr {
         eprintln!("{prefix}{text}");
     } else {
-        println!("{prefix}{text}");
+        crate::outln!("{prefix}{text}");
     }
 }
 

@@ -51,7 +51,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         if !matches!(mount.state()?, crate::mount::State::Mounted) {
             ctx.ui.say(&format!("note: {} is not mounted now; `agent-vm mount` mounts it", mount.point.display()));
         }
-        println!("{}", host_path(&mount.point, &crate::workspace::Workspace::new(&host, branch)).display());
+        crate::outln!("{}", host_path(&mount.point, &crate::workspace::Workspace::new(&host, branch)).display());
         return Ok(ExitCode::SUCCESS);
     }
     let branch_ws = match &args.branch {

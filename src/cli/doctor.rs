@@ -50,7 +50,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     checks.extend(gateway(ctx));
     let failed = checks.iter().any(|c| c.required && !c.ok);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&checks)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&checks)?);
     } else {
         for c in &checks {
             let mark = match (c.ok, c.required) {
@@ -58,13 +58,13 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 (false, true) => "MISSING",
                 (false, false) => "missing",
             };
-            println!("{mark}  {:<8} {}", c.name, c.detail);
+            crate::outln!("{mark}  {:<8} {}", c.name, c.detail);
             if let Some(fix) = &c.fix {
-                println!("         {:<8} fix: {fix}", "");
+                crate::outln!("         {:<8} fix: {fix}", "");
             }
         }
         if failed {
-            println!("\nSomething agent-vm needs is missing: see the fixes above.");
+            crate::outln!("\nSomething agent-vm needs is missing: see the fixes above.");
         }
     }
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })

@@ -42,9 +42,9 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         Sub::Log { follow, json } => {
             let print = |r: &log::Record| {
                 if json {
-                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                    crate::outln!("{}", serde_json::to_string(r).unwrap_or_default());
                 } else {
-                    println!("{}", log::human(r));
+                    crate::outln!("{}", log::human(r));
                 }
             };
             let mut seen = log::read(&paths.log());

@@ -215,6 +215,6 @@ fn print_table(outcomes: &[crate::run::Outcome]) {
         (0..4).map(|i| rows.iter().chain([&header]).map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     for row in [&header].into_iter().chain(rows.iter()) {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", cells.join("  ").trim_end());
+        crate::outln!("{}", cells.join("  ").trim_end());
     }
 }

@@ -45,7 +45,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         Op::List => {
             vm::existing(backend.as_ref())?;
             for tag in snapshots.list()? {
-                println!("{tag}");
+                crate::outln!("{tag}");
             }
             return Ok(ExitCode::SUCCESS);
         }

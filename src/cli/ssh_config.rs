@@ -27,7 +27,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     crate::vm::existing(backend.as_ref())?;
     let endpoint = backend.ssh_endpoint()?;
     if !args.install {
-        print!("{}", entry(backend.instance(), &endpoint)?);
+        crate::out!("{}", entry(backend.instance(), &endpoint)?);
         return Ok(ExitCode::SUCCESS);
     }
     let file = write_entry(backend.instance(), &endpoint)?;

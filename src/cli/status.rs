@@ -168,41 +168,43 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         network,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("VM:        {} ({})", status.instance, status.state);
+    crate::outln!("VM:        {} ({})", status.instance, status.state);
     if let Some(problem) = &status.problem {
-        println!("Problem:   {problem}");
+        crate::outln!("Problem:   {problem}");
     }
     let gib = |b: Option<u64>| b.map_or("?".to_owned(), |b| format!("{} GiB", b >> 30));
-    println!(
+    crate::outln!(
         "Resources: {} vCPU, {} memory, {} disk",
         status.cpus.map_or("?".to_owned(), |c| c.to_string()),
         gib(status.memory_bytes),
         gib(status.disk_bytes)
     );
     match &status.ssh {
-        Some(s) => println!("SSH:       {}@{}:{} (ssh -F {} {})", s.user, s.host, s.port, s.config_file, s.host_alias),
-        None => println!("SSH:       - (start the VM with `agent-vm start`)"),
+        Some(s) => {
+            crate::outln!("SSH:       {}@{}:{} (ssh -F {} {})", s.user, s.host, s.port, s.config_file, s.host_alias)
+        }
+        None => crate::outln!("SSH:       - (start the VM with `agent-vm start`)"),
     }
-    println!("Mount:     {} ({})", status.mount.path, status.mount.state);
+    crate::outln!("Mount:     {} ({})", status.mount.path, status.mount.state);
     let n = &status.network;
     let who = match (&n.agent_user, n.contained) {
         (Some(u), true) => format!("contained: agent runs as {u}, no sudo, network only through the gateway"),
         (Some(u), false) => format!("NOT CONTAINED: agent runs as {u} with sudo (config.yaml agent: {{sudo: true}})"),
         (None, _) => "NOT CONTAINED: this VM predates the agent user; run `agent-vm provision`".to_owned(),
     };
-    println!("Agent:     {who}");
-    println!("Network:   {} mode; gateway {}", n.mode, crate::printable(&n.gateway));
+    crate::outln!("Agent:     {who}");
+    crate::outln!("Network:   {} mode; gateway {}", n.mode, crate::printable(&n.gateway));
     let c = &status.credentials;
     let keys: Vec<String> = c.api_keys.iter().map(|(p, how)| format!("{p} {how}")).collect();
-    println!(
+    crate::outln!(
         "Keys:      {}",
         if keys.is_empty() { "no provider keys on this machine".to_owned() } else { keys.join(", ") }
     );
     if let Some(gcp) = c.gcp {
-        println!(
+        crate::outln!(
             "GCP:       {}",
             match gcp {
                 crate::provision::Gcp::Brokered =>
@@ -213,10 +215,10 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         );
     }
     if c.mode == crate::config::CredentialMode::Copy || c.gcp == Some(crate::provision::Gcp::Copied) {
-        println!("warning:   {}", crate::provision::COPY_WARNING);
+        crate::outln!("warning:   {}", crate::provision::COPY_WARNING);
     }
     if running {
-        println!("Workspaces:{}", if status.workspaces.is_empty() { " none" } else { "" });
+        crate::outln!("Workspaces:{}", if status.workspaces.is_empty() { " none" } else { "" });
     }
     for w in &status.workspaces {
         let sync = match (w.ahead, w.behind) {
@@ -226,7 +228,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             _ => format!("repo {}", printable(&w.listed.host_repo)),
         };
         let dirty = if w.listed.changes > 0 { format!(", {} uncommitted", w.listed.changes) } else { String::new() };
-        println!(
+        crate::outln!(
             "  ~/{}  {}  {}  {sync}{dirty}",
             printable(&w.listed.dir),
             printable(&w.listed.branch),

@@ -199,6 +199,18 @@ fn invalid_branch_names_are_refused_before_anything_runs() {
     assert!(w.lima_list().is_empty());
 }
 
+/// Output into a pipe nobody reads (`agent-vm doctor | head -0`) ends the
+/// command as SIGPIPE ends a shell tool: quietly, no panic.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN).args(["doctor", "--json"]).stdin(Stdio::null()).stdout(writer).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 /// An option where the branches are is refused, not made a branch.
 #[test]
 fn run_refuses_options_among_its_branches() {
