@@ -36,7 +36,7 @@ pub struct Args {
     objects: super::push::ObjectsArg,
     /// Branches (their names on the host), then `--` and the command to
     /// run in each workspace. Options go before the first branch, so a
-    /// branch may start with `-`.
+    /// branch may start with `-` (but not with `-j`, `-v` or `-q`).
     #[arg(required = true, value_name = "BRANCH... -- COMMAND", trailing_var_arg = true, allow_hyphen_values = true)]
     words: Vec<String>,
 }
@@ -74,10 +74,11 @@ impl Args {
                 "{o:?} after a branch: put options before the branches (`agent-vm run [OPTIONS] BRANCH... -- COMMAND`)"
             );
         }
-        // The parser leaves `-j2` to the branches: a branch named so is far
-        // less likely than a job count.
-        if let Some(o) = branches.iter().find(|b| b.starts_with("-j") && b.len() > 2) {
-            bail!("{o:?} is not an option here: write `-j {}` (or `--jobs={0}`) before the branches", &o[2..]);
+        // The parser leaves what it cannot read as options (`-j2`, `-vj2`)
+        // to the branches: short options run together are far likelier
+        // there than a branch named so.
+        if let Some(o) = branches.iter().find(|b| b.len() > 2 && ["-j", "-v", "-q"].iter().any(|s| b.starts_with(s))) {
+            bail!("{o:?} is not an option here: give each option on its own, a count after a space (`-v -j 2`)");
         }
         Ok((branches, command))
     }

@@ -215,7 +215,9 @@ fn a_closed_stdout_ends_the_command_quietly() {
 #[test]
 fn run_refuses_options_among_its_branches() {
     let w = World::new("runopts");
-    w.run(&["run", "-j2", "a", "--", "true"]).fails_with("write `-j 2`");
+    for run_together in ["-j2", "-vj2", "-qj2", "-v2"] {
+        w.run(&["run", run_together, "a", "--", "true"]).fails_with("give each option on its own");
+    }
     w.run(&["run", "a", "--fetch", "--", "true"]).fails_with("after a branch");
     assert!(w.lima_list().is_empty());
 }
