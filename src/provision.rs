@@ -439,7 +439,7 @@ async fn connect_after_reload(endpoint: &crate::ssh::Endpoint) -> Result<Session
 pub const GCP_CHECK: &str = r#"a=none
 if [ -f "$1" ]; then a=copied
 elif [ -r "$2" ]; then
-  while IFS= read -r l; do case $l in "export GCE_METADATA_HOST="*) a=brokered ;; esac; done < "$2"
+  while IFS= read -r l || [ -n "$l" ]; do case $l in "export GCE_METADATA_HOST="*) a=brokered ;; esac; done < "$2"
 fi
 echo "$a""#;
 pub const GCP_ARGS: [&str; 2] = [ADC_PATH, PROFILE_PATH];
@@ -644,7 +644,7 @@ mod tests {
         assert_eq!(check(), super::Gcp::None, "neither file");
         std::fs::write(&profile, "export A=1\n# export GCE_METADATA_HOST=x\n").unwrap();
         assert_eq!(check(), super::Gcp::None, "a comment is not a setting");
-        std::fs::write(&profile, "export A=1\nexport GCE_METADATA_HOST=127.0.0.1:3129\n").unwrap();
+        std::fs::write(&profile, "export A=1\nexport GCE_METADATA_HOST=127.0.0.1:3129").unwrap();
         assert_eq!(check(), super::Gcp::Brokered);
         std::fs::write(&adc, "{}").unwrap();
         assert_eq!(check(), super::Gcp::Copied, "a credentials file in the VM counts first");

@@ -18,36 +18,45 @@ fn first_bad<S: AsRef<str>>(words: &[S]) -> &str {
 /// provisioning wrote it: the same files a login bash reads, without the
 /// processes Debian's /etc/profile starts (`id`, `run-parts`; tens of
 /// milliseconds each on a slow guest). It returns 1 when it does not apply
-/// (not bash, or /etc/profile changed since), and a real login shell runs.
+/// (not bash, or /etc/profile is not the one it stands for), and a real
+/// login shell runs.
 pub const LOGIN_PROFILE: &str = "/etc/agent-vm/login.sh";
 
-/// Shell text running `argv` in `cwd` when given (relative paths are
-/// relative to the remote home directory), with `exports` (`NAME=value`)
-/// added to its environment. Not itself a login session: give it to
-/// [`login_script`], or make `argv` a login shell.
-pub fn in_dir<S: AsRef<str>>(cwd: Option<&str>, exports: &[String], argv: &[S]) -> Result<String> {
-    let mut text = String::new();
-    if let Some(dir) = cwd {
-        text += &format!("cd {} && ", quote(&[dir])?);
-    }
-    // `export` is a builtin: no `env` process to start on a slow guest.
-    if !exports.is_empty() {
-        text += &format!("export {} && ", quote(exports)?);
-    }
-    text += &format!("exec {}", quote(argv)?);
-    Ok(text)
+/// Shell text running $3… in directory $1 (relative to the remote home;
+/// the home itself when empty), with the $2 `NAME=value` words after $2
+/// exported first (`export` is a builtin: no `env` process to start on a
+/// slow guest). Its arguments come from [`in_dir`].
+pub const IN_DIR: &str = r#"[ -z "$1" ] || cd -- "$1" || exit
+n=$2
+shift 2
+while [ "$n" -gt 0 ]; do export "$1"; shift; n=$((n - 1)); done
+exec "$@""#;
+
+/// [`IN_DIR`]'s arguments: `argv` in `cwd` when given, with `exports`.
+pub fn in_dir<S: AsRef<str>>(cwd: Option<&str>, exports: &[String], argv: &[S]) -> Vec<String> {
+    let mut words = vec![cwd.unwrap_or("").to_owned(), exports.len().to_string()];
+    words.extend(exports.iter().cloned());
+    words.extend(argv.iter().map(|a| a.as_ref().to_owned()));
+    words
 }
 
-/// A command line running `argv` as [`in_dir`] does, after what a login
+/// A command line running `argv` as [`IN_DIR`] does, after what a login
 /// shell reads (so /etc/profile.d and ~/.profile apply, as in an
 /// interactive session, and the agents' tools are on PATH).
 pub fn login_command<S: AsRef<str>>(cwd: Option<&str>, exports: &[String], argv: &[S]) -> Result<String> {
-    login_script(&in_dir(cwd, exports, argv)?, &[] as &[&str])
+    login_script(IN_DIR, &in_dir(cwd, exports, argv))
+}
+
+/// [`login_command`] without the profile, for an `argv` that is itself a
+/// login shell.
+pub fn in_dir_command<S: AsRef<str>>(cwd: Option<&str>, exports: &[String], argv: &[S]) -> Result<String> {
+    Ok(format!("set -- {}\n{IN_DIR}", quote(&in_dir(cwd, exports, argv))?))
 }
 
 /// A command line running a fixed `script` with `args` as $1…, after what a
 /// login shell reads. It is read by the remote account's own shell, which
-/// must be a POSIX one (the agent's is bash): one shell fewer to start.
+/// must be a POSIX one (the agent's is bash): one shell fewer to start. The
+/// arguments appear once in it, the script twice (for the fallback).
 pub fn login_script<S: AsRef<str>>(script: &str, args: &[S]) -> Result<String> {
     login_script_after("", script, args)
 }
@@ -99,7 +108,6 @@ fn prefixed_script<S: AsRef<str>>(prefix: &[&str], script: &str, args: &[S]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
     use std::process::Command;
 
     fn sh_words(line: &str) -> Vec<String> {
@@ -155,39 +163,64 @@ mod tests {
         assert_eq!(nul_split(&out.stdout), HOSTILE);
     }
 
-    /// Through the fallback (this host has no login profile of agent-vm's),
-    /// by sh and by bash (the agent's shell), after a check that shifts.
+    /// `line` run by `sh` (dash or bash) with a home of its own, so no
+    /// profile of the developer's changes what it prints.
+    fn run_line(sh: &str, line: &str) -> std::process::Output {
+        let home = tempfile::tempdir().unwrap();
+        Command::new(sh).arg("-c").arg(line).env("HOME", home.path()).current_dir(home.path()).output().unwrap()
+    }
+
+    /// By sh and by bash (the agent's shell), after a check that shifts;
+    /// through the fallback, a real login shell, on a host without
+    /// agent-vm's login profile.
     #[test]
     fn login_script_passes_arguments_verbatim() {
-        assert!(!Path::new(LOGIN_PROFILE).exists());
         for sh in ["sh", "bash"] {
             let line = login_script("printf '%s\\0' \"$@\"", HOSTILE).unwrap();
-            let out = Command::new(sh).arg("-c").arg(&line).output().unwrap();
-            assert_eq!(nul_split(&out.stdout), HOSTILE, "{sh}");
+            assert_eq!(nul_split(&run_line(sh, &line).stdout), HOSTILE, "{sh}");
             let line = login_script_after("printf 'check:%s\\0' \"$1\"; shift", "printf '%s\\0' \"$@\"", HOSTILE);
-            let out = Command::new(sh).arg("-c").arg(line.unwrap()).output().unwrap();
             let want: Vec<String> =
                 std::iter::once("check:plain").chain(HOSTILE[1..].iter().copied()).map(str::to_owned).collect();
-            assert_eq!(nul_split(&out.stdout), want, "{sh}");
+            assert_eq!(nul_split(&run_line(sh, &line.unwrap()).stdout), want, "{sh}");
         }
     }
 
     #[test]
-    fn login_command_runs_in_dir() {
+    fn login_command_runs_in_dir_with_its_words_intact() {
         let dir = tempfile::tempdir().unwrap();
         let weird = dir.path().join("a dir; $(x)");
         std::fs::create_dir(&weird).unwrap();
-        let line = login_command(Some(weird.to_str().unwrap()), &[], &["pwd"]).unwrap();
-        let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
-        assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end(), weird.to_str().unwrap());
+        let argv = ["sh", "-c", "pwd; printf '%s\\0' \"$@\"", "sh"];
+        let argv: Vec<&str> = argv.into_iter().chain(HOSTILE.iter().copied()).collect();
+        for line in [
+            login_command(Some(weird.to_str().unwrap()), &[], &argv).unwrap(),
+            in_dir_command(Some(weird.to_str().unwrap()), &[], &argv).unwrap(),
+        ] {
+            let out = String::from_utf8(run_line("sh", &line).stdout).unwrap();
+            let (pwd, words) = out.split_once('\n').unwrap();
+            assert_eq!(pwd, weird.to_str().unwrap());
+            assert_eq!(nul_split(words.as_bytes()), HOSTILE);
+        }
+        // No directory: the home. A directory that is not there: nothing runs.
+        let out =
+            run_line("sh", &login_command(None, &[], &["sh", "-c", "[ \"$PWD\" = \"$HOME\" ] && echo home"]).unwrap());
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), "home\n");
+        let out = run_line("sh", &login_command(Some("/nonexistent"), &[], &["echo", "ran"]).unwrap());
+        assert!(out.stdout.is_empty() && !out.status.success());
+    }
+
+    /// A command's words appear once in its line (the line has a size limit).
+    #[test]
+    fn a_long_command_is_not_repeated() {
+        let long = "x".repeat(100_000);
+        assert!(login_command(Some("dir"), &[], &["echo", &long]).unwrap().len() < long.len() + 4096);
     }
 
     #[test]
     fn exported_values_arrive_verbatim() {
         let exports: Vec<String> = HOSTILE.iter().enumerate().map(|(i, v)| format!("V{i}={v}")).collect();
         let line = login_command(None, &exports, &["env", "-0"]).unwrap();
-        let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
-        let env = String::from_utf8(out.stdout).unwrap();
+        let env = String::from_utf8(run_line("sh", &line).stdout).unwrap();
         for (i, v) in HOSTILE.iter().enumerate() {
             assert!(env.split('\0').any(|e| e == format!("V{i}={v}")), "V{i} did not arrive as {v:?}");
         }

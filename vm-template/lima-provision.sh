@@ -214,27 +214,31 @@ step "sessions: a login profile without its processes"
 # agent-vm's sessions read this in place of a login shell's startup: the same
 # files a login bash reads, without the two processes Debian's /etc/profile
 # starts (`id`, `run-parts`: 160 ms of a 380 ms `connect -- true` on the
-# test guest).
-# Only while /etc/profile is the one it stands for (Debian 13's); once that
-# changes, sessions start a real login shell until the next provision.
+# test guest). Only while /etc/profile is the one it stands for (Debian 13's,
+# kept beside it to compare: a package upgrade keeps the new file's old
+# time, so times cannot tell); otherwise sessions start a real login shell.
 login_profile=/etc/agent-vm/login.sh
 if [ "$(sha256sum < /etc/profile)" = "8fec28102e0c371e6f2ecb949b95c1ba802260766b18c2445882b082418428b9  -" ]; then
+    install_if_changed /etc/agent-vm/profile.debian 0644 < /etc/profile || true
     install_if_changed "$login_profile" 0644 <<'EOF' && echo "updated" || true
 # Written by `agent-vm provision`: what a login bash reads, for agent-vm's
 # sessions. Returns 1 where it does not apply (the session then starts a
 # real login shell).
-[ /etc/profile -nt /etc/agent-vm/login.sh ] && return 1
 [ -n "${BASH_VERSION-}" ] || return 1
+IFS= read -r -d '' _p < /etc/profile
+IFS= read -r -d '' _d < /etc/agent-vm/profile.debian
+[ "${_p-}" = "${_d-}" ] || { unset _p _d; return 1; }
+unset _p _d
 if [ "${EUID:-0}" -eq 0 ]; then
   PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 else
   PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games
 fi
 export PATH
-# The names run-parts would list.
+# What run-parts would list: regular files, names of its pattern.
 for i in /etc/profile.d/*.sh; do
   case ${i##*/} in [!a-zA-Z0-9_]*|*[!a-zA-Z0-9._-]*) continue ;; esac
-  [ -r "$i" ] && . "$i"
+  [ -f "$i" ] && [ -r "$i" ] && . "$i"
 done
 unset i
 if [ -f ~/.bash_profile ]; then . ~/.bash_profile
@@ -244,7 +248,7 @@ fi
 return 0
 EOF
 else
-    rm -f "$login_profile"
+    rm -f "$login_profile" /etc/agent-vm/profile.debian
     echo "/etc/profile is not Debian 13's: sessions start a login shell"
 fi
 

@@ -94,10 +94,10 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     };
     let cwd = ws.map(|w| w.dir.as_str());
     // A shell is itself a login shell; a command gets what one reads.
-    let command = shell::in_dir(cwd, &exports, &args.command)?;
+    let command = shell::in_dir(cwd, &exports, &args.command);
     let line = match args.command.is_empty() {
-        true => shell::in_dir(cwd, &exports, &["bash", "--login"])?,
-        false => shell::login_script(&command, &[] as &[&str])?,
+        true => shell::in_dir_command(cwd, &exports, &["bash", "--login"])?,
+        false => shell::login_script(shell::IN_DIR, &command)?,
     };
     // API keys and the like from envvars.txt travel in the SSH session's
     // environment, never on a command line.

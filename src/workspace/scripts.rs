@@ -148,7 +148,7 @@ macro_rules! at_tip {
 
 /// Shell text saying on stdout whether workspace $1's branch $2 is at $3
 /// (the host's tip: a push would change nothing), and going on (to the
-/// command that follows it) only if it is.
+/// command that follows it, with $4…) only if it is.
 pub(super) const IF_CURRENT: &str = concat!(
     at_tip!(),
     r#"
@@ -446,9 +446,10 @@ mod tests {
         let run = |branch: &str, tip: &str| {
             let _ = std::fs::remove_file(&marker);
             let argv = ["sh", "-c", "touch \"$1\"; echo \"$2\"", "sh", marker.to_str().unwrap(), "it's $(me)"];
-            let command = shell::in_dir(None, &[], &argv).unwrap();
-            let line = shell::login_script_after(IF_CURRENT, &command, &[ws.to_str().unwrap(), branch, tip]).unwrap();
-            let out = std::process::Command::new("sh").arg("-c").arg(line).output();
+            let mut args = vec![ws.to_str().unwrap().to_owned(), branch.to_owned(), tip.to_owned()];
+            args.extend(shell::in_dir(None, &[], &argv));
+            let line = shell::login_script_after(IF_CURRENT, shell::IN_DIR, &args).unwrap();
+            let out = std::process::Command::new("sh").arg("-c").arg(line).env("HOME", tmp.path()).output();
             (String::from_utf8(out.unwrap().stdout).unwrap(), marker.exists())
         };
         let zeros = "0".repeat(40);

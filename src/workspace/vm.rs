@@ -120,8 +120,8 @@ impl Vm {
         Ok(out.stdout_str())
     }
 
-    /// Runs `command` (shell text from [`shell::in_dir`]) in a login
-    /// session in the VM if `ws`'s branch there
+    /// Runs `command` (the words of [`shell::in_dir`]) in a login session
+    /// in the VM if `ws`'s branch there
     /// is at `tip`, as a push of the host's branch would leave it, streaming
     /// its input and output: one round trip where a push and then the command
     /// would take two. `None`: the workspace is elsewhere or missing, and
@@ -131,7 +131,7 @@ impl Vm {
         &self,
         ws: &Workspace,
         tip: Oid,
-        command: &str,
+        command: &[String],
         env: &[(String, String)],
         on_current: impl FnOnce(),
         stdin: R,
@@ -146,8 +146,9 @@ impl Vm {
         use crate::ssh::Event;
         use tokio::io::AsyncWriteExt;
         let t = tip.to_string();
-        let args = [ws.dir.as_str(), ws.branch.as_str(), t.as_str()];
-        let line = shell::login_script_after(IF_CURRENT, command, &args)?;
+        let mut args = vec![ws.dir.as_str(), ws.branch.as_str(), t.as_str()];
+        args.extend(command.iter().map(String::as_str));
+        let line = shell::login_script_after(IF_CURRENT, shell::IN_DIR, &args)?;
         let (mut read, write) = self.session.open_exec_env(&line, env).await?;
         // The answer's first line, before any of the command's output.
         let mut head = Vec::new();

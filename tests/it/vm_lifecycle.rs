@@ -60,8 +60,8 @@ fn lifecycle_against_a_real_guest() {
     assert_eq!(who.ok().stdout.lines().next(), Some("agent /home/agent"), "{}", who.stdout);
     assert!(who.stdout.contains("no sudo"), "{}", who.stdout);
     // What a login shell reads, read by agent-vm's login profile instead
-    // (no `bash --login` to start): the same environment, until /etc/profile
-    // changes, and then a real login shell.
+    // (no `bash --login` to start): the same environment, while /etc/profile
+    // is the one it stands for, whatever its file times say.
     w.admin(
         "echo 'shopt -q login_shell && by=bash || by=agent-vm; export LOGIN_BY=$by' | sudo tee /etc/profile.d/zz-by.sh",
     )
@@ -82,8 +82,11 @@ fn lifecycle_against_a_real_guest() {
     let by = |v: &String| !v.starts_with("LOGIN_BY=");
     assert_eq!(ours.iter().filter(|v| by(v)).collect::<Vec<_>>(), login.iter().filter(|v| by(v)).collect::<Vec<_>>());
     w.admin("sudo touch /etc/profile").ok();
-    assert!(env(&["env"]).iter().any(|v| v == "LOGIN_BY=bash"), "a changed /etc/profile is read by bash");
-    w.admin("sudo touch /etc/agent-vm/login.sh && sudo rm /etc/profile.d/zz-by.sh").ok();
+    assert!(env(&["env"]).iter().any(|v| v == "LOGIN_BY=agent-vm"), "only a time changed");
+    w.admin("sudo cp -p /etc/profile /etc/profile.orig && echo 'export CHANGED=1' | sudo tee -a /etc/profile && sudo touch -r /etc/profile.orig /etc/profile").ok();
+    let changed = env(&["env"]);
+    assert!(changed.iter().any(|v| v == "LOGIN_BY=bash") && changed.iter().any(|v| v == "CHANGED=1"), "{changed:#?}");
+    w.admin("sudo mv /etc/profile.orig /etc/profile && sudo rm /etc/profile.d/zz-by.sh").ok();
     let user = crate::common::host_user();
     let admin = w.admin("echo $(id -un) $(id -u) $HOME").ok().stdout.clone();
     assert_eq!(admin, format!("{user} {} /home/{user}.guest\n", crate::common::host_uid()));
