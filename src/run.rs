@@ -14,15 +14,21 @@ use crate::printable;
 use crate::shell;
 use crate::ssh::{CONNECT_TIMEOUT, Endpoint, Event, Session};
 
-/// $1 directory, $2… the command. Runs the command in a session (process
-/// group) of its own, stdin from /dev/null; a watchdog reads our stdin and,
+/// Arguments as for [`shell::IN_DIR`] ($1 directory, $2 how many
+/// `NAME=value` words follow to export, then the command). Runs the command
+/// in a process group of its own (job control, `set -m`: no `setsid`
+/// process to start), stdin from /dev/null; a watchdog reads our stdin and,
 /// when it closes (we asked to stop, were killed, or the connection
 /// dropped), kills the whole group: nothing is left running in the VM.
 const WRAPPER: &str = r#"cd -- "$1" || exit 125
-shift
+n=$2
+shift 2
+while [ "$n" -gt 0 ]; do export "$1"; shift; n=$((n - 1)); done
 exec 3<&0
-setsid "$@" </dev/null 3<&- &
+set -m
+"$@" </dev/null 3<&- &
 pid=$!
+set +m
 { while read -r _; do :; done
   kill -TERM -- "-$pid" 2>/dev/null; sleep 5; kill -KILL -- "-$pid" 2>/dev/null; } <&3 >/dev/null 2>&1 &
 watch=$!
@@ -32,8 +38,18 @@ status=$?
 kill "$watch" 2>/dev/null
 exit "$status""#;
 
-/// $1 workspace, $2 commit: how many commits HEAD has that $2 lacks.
-const COUNT_COMMITS: &str = r#"git -C "$1" rev-list --count "$2..HEAD""#;
+/// Pairs of workspace and commit: for each, a line with how many commits
+/// HEAD has that the commit lacks, or `-` when git cannot tell. A HEAD
+/// still at the commit (the usual case) is read without starting git.
+const COUNT_COMMITS: &str = r#"while [ $# -ge 2 ]; do
+  head=
+  { read -r head < "$1/.git/HEAD"; } 2>/dev/null
+  case $head in "ref: refs/heads/"?*) { read -r head < "$1/.git/${head#ref: }"; } 2>/dev/null ;; esac
+  if [ "$head" = "$2" ]; then echo 0
+  else git -C "$1" rev-list --count "$2..HEAD" 2>/dev/null || echo -
+  fi
+  shift 2
+done"#;
 
 /// One command to run in one workspace.
 #[derive(Debug, Clone)]
@@ -131,7 +147,7 @@ pub async fn run_all(
                     done.push((
                         index,
                         match result {
-                            Ok((status, commits)) => Outcome { job, status, duration, commits },
+                            Ok(status) => Outcome { job, status, duration, commits: None },
                             Err(e) => {
                                 // Start afresh on the next job: the connection may be what failed.
                                 session = None;
@@ -152,7 +168,44 @@ pub async fn run_all(
         outcomes.extend(w.await.expect("run worker panicked"));
     }
     outcomes.sort_by_key(|(i, _)| *i);
-    outcomes.into_iter().map(|(_, o)| o).collect()
+    let mut outcomes: Vec<Outcome> = outcomes.into_iter().map(|(_, o)| o).collect();
+    count_commits(endpoint, &mut outcomes).await;
+    outcomes
+}
+
+/// Fills in the commits each finished command made, in one round trip for
+/// all (a session each costs more than the counting on a slow guest). Left
+/// unknown when the VM cannot be asked or answers out of shape.
+async fn count_commits(endpoint: &Endpoint, outcomes: &mut [Outcome]) {
+    let finished: Vec<usize> =
+        (0..outcomes.len()).filter(|&i| matches!(outcomes[i].status, Status::Exited(_))).collect();
+    if finished.is_empty() {
+        return;
+    }
+    let args: Vec<&str> =
+        finished.iter().flat_map(|&i| [outcomes[i].job.dir.as_str(), outcomes[i].job.base.as_str()]).collect();
+    let Ok(command) = shell::script(COUNT_COMMITS, &args) else { return };
+    let answer = async {
+        let session = Session::connect(endpoint, CONNECT_TIMEOUT).await?;
+        let out = session.exec(&command).await;
+        session.close().await;
+        anyhow::Ok(out?)
+    };
+    let out = match answer.await {
+        Ok(out) if out.status == 0 => out.stdout_str(),
+        Ok(_) => return,
+        Err(e) => {
+            tracing::debug!("counting the commits made: {e:#}");
+            return;
+        }
+    };
+    let lines: Vec<&str> = out.lines().collect();
+    if lines.len() != finished.len() {
+        return;
+    }
+    for (&i, line) in finished.iter().zip(lines) {
+        outcomes[i].commits = line.parse().ok();
+    }
 }
 
 /// Resolves once a stop is asked for (never, if nobody can ask any more).
@@ -170,14 +223,9 @@ async fn run_one(
     output: &Output,
     width: usize,
     mut stop: watch::Receiver<bool>,
-) -> Result<(Status, Option<u64>)> {
+) -> Result<Status> {
     let mut sink = Sink::new(output, &job.branch, width)?;
-    let mut args: Vec<&str> = vec![&job.dir];
-    if !job.env.is_empty() {
-        args.push("env");
-        args.extend(job.env.iter().map(String::as_str));
-    }
-    args.extend(argv.iter().map(String::as_str));
+    let args = shell::in_dir(Some(&job.dir), &job.env, argv);
     let (mut read, write) = session.open_exec_env(&shell::login_script(WRAPPER, &args)?, env).await?;
     let mut status = None;
     let mut interrupted = false;
@@ -198,13 +246,9 @@ async fn run_one(
     }
     sink.finish()?;
     if interrupted {
-        return Ok((Status::Interrupted, None));
+        return Ok(Status::Interrupted);
     }
-    let commits = match session.exec(&shell::script(COUNT_COMMITS, &[&job.dir, &job.base])?).await {
-        Ok(out) if out.status == 0 => out.stdout_str().trim().parse().ok(),
-        _ => None,
-    };
-    Ok((Status::Exited(status.unwrap_or(255)), commits))
+    Ok(Status::Exited(status.unwrap_or(255)))
 }
 
 /// Where one job's bytes go: whole lines with a prefix on our terminal
@@ -302,6 +346,110 @@ pub fn log_path(dir: &std::path::Path, branch: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The count script run by sh with the host's git: a line per pair, in
+    /// order, `-` where a workspace cannot answer.
+    #[test]
+    fn commits_are_counted_for_every_workspace_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let git = |dir: &std::path::Path, args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir)
+                .args(["-c", "user.name=T", "-c", "user.email=t@e"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}");
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        };
+        let dirs = ["a", "b", "c"].map(|d| tmp.path().join(d));
+        let mut bases = Vec::new();
+        for (dir, made) in dirs.iter().zip([2, 0, 1]) {
+            std::fs::create_dir(dir).unwrap();
+            git(dir, &["init", "-q"]);
+            git(dir, &["commit", "-q", "--allow-empty", "-m", "base"]);
+            bases.push(git(dir, &["rev-parse", "HEAD"]));
+            for i in 0..made {
+                git(dir, &["commit", "-q", "--allow-empty", "-m", &format!("c{i}")]);
+            }
+        }
+        // Where the branch's file is gone (packed), git is asked.
+        git(&dirs[2], &["pack-refs", "--all"]);
+        let [a, b, c] = dirs.each_ref().map(|d| d.to_str().unwrap());
+        let args = [a, &bases[0], "/nonexistent", &bases[0], b, &bases[1], a, "not-a-commit", c, &bases[2]];
+        let out = std::process::Command::new("sh").arg("-c").arg(shell::script(COUNT_COMMITS, &args).unwrap()).output();
+        assert_eq!(String::from_utf8(out.unwrap().stdout).unwrap(), "2\n-\n0\n-\n1\n");
+    }
+
+    /// The wrapper run by bash as the VM's account shell runs it: in the
+    /// directory, with the exports, the command's status; and once its
+    /// stdin closes, every process of the command's group is gone, a
+    /// grandchild too.
+    #[test]
+    fn the_wrapper_runs_the_command_and_its_stdin_closing_ends_the_group() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let exports = vec!["AVM_A=one two".to_owned(), "AVM_B=$(x)".to_owned()];
+        let argv = ["sh", "-c", "pwd; printf '%s|%s\\n' \"$AVM_A\" \"$AVM_B\"; exit 7"];
+        let line = shell::login_script(WRAPPER, &shell::in_dir(Some(dir.path().to_str().unwrap()), &exports, &argv));
+        // Our end of stdin stays open while it runs, as over SSH.
+        let mut child = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(line.unwrap())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = String::new();
+        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(7));
+        assert_eq!(out, format!("{}\none two|$(x)\n", dir.path().canonicalize().unwrap().display()));
+
+        // A command that leaves a grandchild behind and waits: closing our
+        // end of its stdin must end both.
+        let pids = dir.path().join("pids");
+        let script = format!("sleep 300 & echo $! > {0}; echo $$ >> {0}; wait", pids.display());
+        let argv = ["sh", "-c", script.as_str()];
+        let line = shell::login_script(WRAPPER, &shell::in_dir(Some("/"), &[], &argv)).unwrap();
+        let mut child = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(line)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while std::fs::read_to_string(&pids).map_or(true, |p| p.lines().count() < 2) {
+            assert!(started.elapsed() < Duration::from_secs(10), "the command never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let listed = std::fs::read_to_string(&pids).unwrap();
+        let running =
+            |pid: &&str| std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        assert_eq!(listed.lines().filter(running).count(), 2);
+        drop(child.stdin.take());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                for pid in listed.lines() {
+                    let _ = std::process::Command::new("kill").args(["-KILL", pid]).status();
+                }
+                let _ = child.kill();
+                panic!("still running 5 s after its stdin closed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(143), "ended by TERM");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while listed.lines().any(|p| running(&p)) {
+            assert!(std::time::Instant::now() < deadline, "left running: {listed}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 
     #[test]
     fn log_paths_stay_inside_the_directory() {

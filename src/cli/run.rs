@@ -42,12 +42,28 @@ pub struct Args {
 }
 
 impl Args {
-    /// The branches and the command, split at the first `--`.
-    fn split(&self) -> Result<(&[String], &[String])> {
+    /// The commands to run at once (when given), the branches and the
+    /// command, split at the first `--`.
+    fn split(&self) -> Result<(Option<u32>, &[String], &[String])> {
         let Some(at) = self.words.iter().position(|w| w == "--") else {
             bail!("missing `-- COMMAND`: write `agent-vm run BRANCH... -- COMMAND [ARGS]`");
         };
-        let (branches, command) = (&self.words[..at], &self.words[at + 1..]);
+        let (mut branches, command) = (&self.words[..at], &self.words[at + 1..]);
+        // The parser leaves `-j2` (a count run into its option, as cargo
+        // and make take it) to the branches.
+        let mut jobs = self.jobs;
+        if let Some(n) = branches.first().and_then(|b| b.strip_prefix("-j")).filter(|n| !n.is_empty())
+            && n.bytes().all(|b| b.is_ascii_digit())
+        {
+            if jobs.is_some() {
+                bail!("--jobs is given twice");
+            }
+            match n.parse::<u32>() {
+                Ok(n @ 1..=256) => jobs = Some(n),
+                _ => bail!("-j{n}: the number of commands at once is 1 to 256"),
+            }
+            branches = &branches[1..];
+        }
         if branches.is_empty() {
             bail!("no BRANCH given: write `agent-vm run BRANCH... -- COMMAND [ARGS]`");
         }
@@ -78,14 +94,14 @@ impl Args {
         // to the branches: short options run together are far likelier
         // there than a branch named so.
         if let Some(o) = branches.iter().find(|b| b.len() > 2 && ["-j", "-v", "-q"].iter().any(|s| b.starts_with(s))) {
-            bail!("{o:?} is not an option here: give each option on its own, a count after a space (`-v -j 2`)");
+            bail!("{o:?} is not an option here: give each option on its own (`-v -j 2`)");
         }
-        Ok((branches, command))
+        Ok((jobs, branches, command))
     }
 }
 
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let (branches, command) = args.split()?;
+    let (at_once, branches, command) = args.split()?;
     let mut seen = std::collections::HashSet::new();
     for b in branches {
         crate::workspace::validate_branch(b)?;
@@ -129,7 +145,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         let env = if gateway_user { crate::gateway::workspace_env(&ws.dir) } else { Vec::new() };
         jobs.push(Job { branch: branch.clone(), dir: ws.dir, base: tip.to_string(), env });
     }
-    let parallel = match args.jobs {
+    let parallel = match at_once {
         Some(n) => n as usize,
         None => match crate::vm::existing(backend.as_ref())?.cpus {
             Some(n) => n as usize,
@@ -217,5 +233,45 @@ fn print_table(outcomes: &[crate::run::Outcome]) {
     for row in [&header].into_iter().chain(rows.iter()) {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         crate::outln!("{}", cells.join("  ").trim_end());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    /// `agent-vm ARGS` parsed as the binary parses it, down to the split.
+    fn split(args: &[&str]) -> anyhow::Result<(Option<u32>, Vec<String>, Vec<String>)> {
+        let cli = super::super::Cli::try_parse_from(["agent-vm"].iter().chain(args)).map_err(anyhow::Error::from)?;
+        let super::super::Command::Run(run) = cli.command else { panic!("not run") };
+        let (jobs, branches, command) = run.split()?;
+        Ok((jobs, branches.to_vec(), command.to_vec()))
+    }
+
+    #[test]
+    fn a_count_run_into_j_is_the_jobs_option_not_a_branch() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for args in [
+            &["run", "-j2", "a", "b", "--", "true"][..],
+            &["run", "-j", "2", "a", "b", "--", "true"],
+            &["-v", "run", "-j2", "a", "b", "--", "true"],
+        ] {
+            let (jobs, branches, command) = split(args).unwrap();
+            assert_eq!((jobs, branches, command), (Some(2), words(&["a", "b"]), words(&["true"])), "{args:?}");
+        }
+        // A branch may still start with `-` (but not `-j`, `-v`, `-q`).
+        assert_eq!(split(&["run", "-x", "--", "true"]).unwrap(), (None, words(&["-x"]), words(&["true"])));
+        for (args, error) in [
+            (&["run", "-j", "3", "-j2", "a", "--", "true"][..], "given twice"),
+            (&["run", "-j0", "a", "--", "true"], "1 to 256"),
+            (&["run", "-j99999999999", "a", "--", "true"], "1 to 256"),
+            (&["run", "-j2", "--", "true"], "no BRANCH"),
+            (&["run", "-vj2", "a", "--", "true"], "give each option on its own"),
+            (&["run", "-j2x", "a", "--", "true"], "give each option on its own"),
+            (&["run", "-x", "-j2", "--", "true"], "give each option on its own"),
+        ] {
+            let e = format!("{:#}", split(args).unwrap_err());
+            assert!(e.contains(error), "{args:?}: {e}");
+        }
     }
 }

@@ -215,7 +215,7 @@ fn a_closed_stdout_ends_the_command_quietly() {
 #[test]
 fn run_refuses_options_among_its_branches() {
     let w = World::new("runopts");
-    for run_together in ["-j2", "-vj2", "-qj2", "-v2"] {
+    for run_together in ["-vj2", "-qj2", "-v2", "-j2x"] {
         w.run(&["run", run_together, "a", "--", "true"]).fails_with("give each option on its own");
     }
     w.run(&["run", "a", "--fetch", "--", "true"]).fails_with("after a branch");
