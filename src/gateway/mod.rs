@@ -14,6 +14,7 @@ pub mod broker;
 pub mod log;
 pub mod policy;
 pub mod proxy;
+pub mod relay;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -143,10 +143,9 @@ where
     if started.is_ok() && !rest.is_empty() && upstream.write_all(&rest).await.is_ok() {
         record.up += rest.len() as u64;
     }
-    if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        record.up += up;
-        record.down += down;
-    }
+    let relayed = super::relay::relay(&mut client, &mut upstream, super::relay::IDLE).await;
+    record.up += relayed.up;
+    record.down += relayed.down;
     log(&ctx, &record);
 }
 

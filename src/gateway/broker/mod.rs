@@ -179,9 +179,10 @@ where
         sent = tls.write_all(rest).await.is_ok();
     }
     outcome.up = (head.len() + rest.len()) as u64;
-    if sent && let Ok((up, down)) = tokio::io::copy_bidirectional(client, &mut tls).await {
-        outcome.up += up;
-        outcome.down += down;
+    if sent {
+        let relayed = crate::gateway::relay::relay(client, &mut tls, crate::gateway::relay::IDLE).await;
+        outcome.up += relayed.up;
+        outcome.down += relayed.down;
     }
     outcome
 }
