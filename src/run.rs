@@ -20,6 +20,8 @@ use crate::ssh::{CONNECT_TIMEOUT, Endpoint, Event, Session};
 /// process to start), stdin from /dev/null; a watchdog reads our stdin and,
 /// when it closes (we asked to stop, were killed, or the connection
 /// dropped), kills the whole group: nothing is left running in the VM.
+/// Read by bash ([`shell::login_script`] makes sure): dash turns job
+/// control off without a terminal.
 const WRAPPER: &str = r#"cd -- "$1" || exit 125
 n=$2
 shift 2
@@ -352,17 +354,7 @@ mod tests {
     #[test]
     fn commits_are_counted_for_every_workspace_at_once() {
         let tmp = tempfile::tempdir().unwrap();
-        let git = |dir: &std::path::Path, args: &[&str]| {
-            let out = std::process::Command::new("git")
-                .arg("-C")
-                .arg(dir)
-                .args(["-c", "user.name=T", "-c", "user.email=t@e"])
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{args:?}");
-            String::from_utf8(out.stdout).unwrap().trim().to_owned()
-        };
+        let git = |dir: &std::path::Path, args: &[&str]| crate::test_git::git(dir, args).trim().to_owned();
         let dirs = ["a", "b", "c"].map(|d| tmp.path().join(d));
         let mut bases = Vec::new();
         for (dir, made) in dirs.iter().zip([2, 0, 1]) {

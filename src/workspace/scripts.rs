@@ -374,15 +374,7 @@ mod tests {
 
     /// Runs the host's git in `dir`; its trimmed stdout.
     fn host_git(dir: &Path, args: &[&str]) -> String {
-        let out = std::process::Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(["-c", "user.name=T", "-c", "user.email=t@e"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{args:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        crate::test_git::git(dir, args).trim().to_owned()
     }
 
     /// A VM script run by sh with the host's git in `home` (laid out like
