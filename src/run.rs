@@ -22,12 +22,13 @@ use crate::ssh::{CONNECT_TIMEOUT, Endpoint, Event, Session};
 /// dropped), kills the whole group: nothing is left running in the VM.
 /// Read by bash ([`shell::login_script`] makes sure): dash turns job
 /// control off without a terminal.
-const WRAPPER: &str = r#"cd -- "$1" || exit 125
-n=$2
-shift 2
-while [ "$n" -gt 0 ]; do export "$1"; shift; n=$((n - 1)); done
-exec 3<&0
+const WRAPPER: &str = concat!(
+    r#"cd -- "$1" || exit 125
+"#,
+    shell::exports!(),
+    r#"exec 3<&0
 set -m
+case $- in *m*) ;; *) echo "agent-vm: no job control in this shell" >&2; exit 125 ;; esac
 "$@" </dev/null 3<&- &
 pid=$!
 set +m
@@ -38,11 +39,13 @@ exec 3<&-
 wait "$pid"
 status=$?
 kill "$watch" 2>/dev/null
-exit "$status""#;
+exit "$status""#
+);
 
 /// Pairs of workspace and commit: for each, a line with how many commits
 /// HEAD has that the commit lacks, or `-` when git cannot tell. A HEAD
 /// still at the commit (the usual case) is read without starting git.
+/// The agent can make it hang (a FIFO for HEAD): the host bounds it.
 const COUNT_COMMITS: &str = r#"while [ $# -ge 2 ]; do
   head=
   { read -r head < "$1/.git/HEAD"; } 2>/dev/null
@@ -171,9 +174,24 @@ pub async fn run_all(
     }
     outcomes.sort_by_key(|(i, _)| *i);
     let mut outcomes: Vec<Outcome> = outcomes.into_iter().map(|(_, o)| o).collect();
-    count_commits(endpoint, &mut outcomes).await;
+    if !*stop.borrow() {
+        // The VM can make the counting take forever: bounded, and ended by
+        // a stop like the commands (the table still comes).
+        let mut stop = stop.clone();
+        tokio::select! {
+            counted = tokio::time::timeout(COUNT_TIMEOUT, count_commits(endpoint, &mut outcomes)) => {
+                if counted.is_err() {
+                    tracing::debug!("counting the commits made took too long");
+                }
+            }
+            _ = stopped(&mut stop) => {}
+        }
+    }
     outcomes
 }
+
+/// How long the VM may take to count the commits made in every workspace.
+const COUNT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Fills in the commits each finished command made, in one round trip for
 /// all (a session each costs more than the counting on a slow guest). Left

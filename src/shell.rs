@@ -22,15 +22,28 @@ fn first_bad<S: AsRef<str>>(words: &[S]) -> &str {
 /// login shell runs.
 pub const LOGIN_PROFILE: &str = "/etc/agent-vm/login.sh";
 
+/// Shell text exporting the $2 `NAME=value` words after $2 and leaving
+/// what follows them as $1…: [`in_dir`]'s words, its directory taken.
+macro_rules! exports {
+    () => {
+        r#"n=$2
+shift 2
+while [ "$n" -gt 0 ]; do export "$1"; shift; n=$((n - 1)); done
+"#
+    };
+}
+pub(crate) use exports;
+
 /// Shell text running $3… in directory $1 (relative to the remote home;
 /// the home itself when empty), with the $2 `NAME=value` words after $2
 /// exported first (`export` is a builtin: no `env` process to start on a
 /// slow guest). Its arguments come from [`in_dir`].
-pub const IN_DIR: &str = r#"[ -z "$1" ] || cd -- "$1" || exit
-n=$2
-shift 2
-while [ "$n" -gt 0 ]; do export "$1"; shift; n=$((n - 1)); done
-exec "$@""#;
+pub const IN_DIR: &str = concat!(
+    r#"[ -z "$1" ] || cd -- "$1" || exit
+"#,
+    exports!(),
+    r#"exec "$@""#
+);
 
 /// [`IN_DIR`]'s arguments: `argv` in `cwd` when given, with `exports`.
 pub fn in_dir<S: AsRef<str>>(cwd: Option<&str>, exports: &[String], argv: &[S]) -> Vec<String> {

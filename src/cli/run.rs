@@ -8,6 +8,9 @@ use crate::run::{Job, Output, Status};
 use crate::workspace::{HostRepo, Vm, Workspace};
 use crate::{printable, printable_lines};
 
+/// The most commands `run` runs at once.
+const MAX_JOBS: u32 = 256;
+
 /// Run a command in several branches' workspaces at once
 ///
 /// Pushes each branch first (as `agent-vm push` does, creating missing
@@ -24,7 +27,7 @@ agent-vm run --logs --fetch a b -- make test     # logs in outputs/<YYYYMMDD-HHM
 agent-vm run -j 2 a b c d -- bash -c 'make && make check'")]
 pub struct Args {
     /// Commands running at once (default: the VM's vCPUs)
-    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_JOBS as i64))]
     jobs: Option<u32>,
     /// Write each branch's output to DIR/<YYYYMMDD-HHMMSS>/<branch>.log instead of the terminal
     #[arg(long, value_name = "DIR", num_args = 0..=1, require_equals = true, default_missing_value = "outputs")]
@@ -52,6 +55,9 @@ impl Args {
         // The parser leaves `-j2` (a count run into its option, as cargo
         // and make take it) to the branches.
         let mut jobs = self.jobs;
+        // Once the parser has left a word to the branches, it has left all
+        // that follow: no first word is then known to be a branch.
+        let mut joined = None;
         if let Some(n) = branches.first().and_then(|b| b.strip_prefix("-j")).filter(|n| !n.is_empty())
             && n.bytes().all(|b| b.is_ascii_digit())
         {
@@ -59,9 +65,10 @@ impl Args {
                 bail!("--jobs is given twice");
             }
             match n.parse::<u32>() {
-                Ok(n @ 1..=256) => jobs = Some(n),
-                _ => bail!("-j{n}: the number of commands at once is 1 to 256"),
+                Ok(n @ 1..=MAX_JOBS) => jobs = Some(n),
+                _ => bail!("-j{n}: the number of commands at once is 1 to {MAX_JOBS}"),
             }
+            joined = Some(&branches[0]);
             branches = &branches[1..];
         }
         if branches.is_empty() {
@@ -85,6 +92,13 @@ impl Args {
             "--quiet",
         ];
         let option = |b: &String| OPTIONS.iter().any(|o| b == o || b.starts_with(&format!("{o}=")));
+        if let Some(j) = joined
+            && let Some(o) = branches.iter().find(|b| option(b))
+        {
+            bail!(
+                "{o:?} after {j:?} is not read as an option: write the count after a space (`-j 2`) when options follow"
+            );
+        }
         if let Some(o) = branches.iter().skip(1).find(|b| option(b)) {
             bail!(
                 "{o:?} after a branch: put options before the branches (`agent-vm run [OPTIONS] BRANCH... -- COMMAND`)"
@@ -163,16 +177,17 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     ctx.ui.say(&format!("Running in {} workspace(s), {parallel} at a time…", jobs.len()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ui = ctx.ui;
-    let stopper = tokio::spawn(async move {
+    let _stopper = tokio::spawn(async move {
         interrupted().await;
         ui.say("Interrupted: stopping every command in the VM…");
         let _ = stop_tx.send(true);
         // Stay alive so receivers keep waiting for the stop they saw.
         std::future::pending::<()>().await;
     });
+    let mut stop = stop_rx.clone();
     let outcomes = crate::run::run_all(&endpoint, jobs, command, &env, parallel, &output, stop_rx).await;
-    stopper.abort();
-    let interrupted = outcomes.iter().any(|o| matches!(o.status, Status::Interrupted | Status::NotRun));
+    let interrupted =
+        *stop.borrow() || outcomes.iter().any(|o| matches!(o.status, Status::Interrupted | Status::NotRun));
     print_table(&outcomes);
     let mut code = if interrupted {
         ExitCode::from(130)
@@ -183,7 +198,16 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     };
     if args.fetch && !interrupted {
         for o in &outcomes {
-            match super::fetch::fetch_locked(ctx, &host, &vm, &o.job.branch).await {
+            // Our handler keeps Ctrl-C from ending the process: it ends the
+            // fetches here (a fetch is safe to cut short, as when killed).
+            let fetched = tokio::select! {
+                fetched = super::fetch::fetch_locked(ctx, &host, &vm, &o.job.branch) => fetched,
+                _ = stop.wait_for(|s| *s) => {
+                    eprintln!("Interrupted: the remaining branches were not fetched.");
+                    return Ok(ExitCode::from(130));
+                }
+            };
+            match fetched {
                 Ok(c) if c == ExitCode::SUCCESS => {}
                 Ok(c) => code = c,
                 Err(e) => {
@@ -269,6 +293,10 @@ mod tests {
             (&["run", "-vj2", "a", "--", "true"], "give each option on its own"),
             (&["run", "-j2x", "a", "--", "true"], "give each option on its own"),
             (&["run", "-x", "-j2", "--", "true"], "give each option on its own"),
+            // After `-j2` the parser reads nothing: options there are caught.
+            (&["run", "-j2", "--fetch", "a", "--", "true"], "count after a space"),
+            (&["run", "-j2", "-v", "a", "--", "true"], "count after a space"),
+            (&["run", "-j2", "-j", "3", "a", "--", "true"], "count after a space"),
         ] {
             let e = format!("{:#}", split(args).unwrap_err());
             assert!(e.contains(error), "{args:?}: {e}");

@@ -88,31 +88,36 @@ struct Ssh {
     host_alias: String,
 }
 
-/// The VM's answers for status: where GCP access comes from, and the
-/// workspaces.
-async fn ask_vm(ep: crate::ssh::Endpoint) -> Result<(String, Vec<Listed>)> {
-    let session = Session::connect(&ep, crate::ssh::CONNECT_TIMEOUT).await?;
+/// The VM's answers for status, on `session`: where GCP access comes
+/// from, and the workspaces.
+async fn ask_vm(session: Session) -> Result<(String, Vec<Listed>)> {
     let vm = Vm::new(session)?;
     // One round trip and one shell for both questions.
     vm.list_after(crate::provision::GCP_CHECK, &crate::provision::GCP_ARGS, false).await
 }
 
+/// A spawned task, aborted when dropped (on every way out of status).
+struct Asked(tokio::task::JoinHandle<Result<(String, Vec<Listed>)>>);
+
+impl Drop for Asked {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let backend = ctx.backend()?;
-    // The VM is asked while limactl (a process of its own) says whether it
-    // runs: one wait instead of two. A VM that turns out not to run has its
-    // question dropped.
-    let early = crate::vm::agent_endpoint(backend.as_ref()).ok().map(|ep| (ep.clone(), tokio::spawn(ask_vm(ep))));
-    let instance = vm::existing(backend.as_ref());
-    let instance = match instance {
-        Ok(i) => i,
-        Err(e) => {
-            if let Some((_, task)) = early {
-                task.abort();
-            }
-            return Err(e);
-        }
-    };
+    // A VM in use (its shared SSH connection answers) is asked while
+    // limactl, a process of its own, says whether it runs: one wait instead
+    // of two. Nothing is dialled for this: a VM that turns out not to run
+    // has its question dropped.
+    let mut early = None;
+    if let Ok(ep) = crate::vm::agent_endpoint(backend.as_ref())
+        && let Some(session) = Session::attach(&ep).await
+    {
+        early = Some((ep, Asked(tokio::spawn(ask_vm(session)))));
+    }
+    let instance = vm::existing(backend.as_ref())?;
     let running = instance.state == State::Running;
     let mut workspaces = Vec::new();
     let mode = crate::config::Config::load()?.entry(backend.instance()).credential_mode();
@@ -127,27 +132,12 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     };
     let ssh = if running {
         let ep = crate::vm::agent_endpoint(backend.as_ref())?;
-        let answer = match early {
+        let (gcp, listed) = match early {
             // Asked where the VM answers now (a restart moves its port).
-            Some((asked, task)) if asked == ep => match task.await {
-                Ok(Ok(answer)) => Ok(answer),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(anyhow::anyhow!("asking the VM: {e}")),
-            },
-            Some((_, task)) => {
-                task.abort();
-                Err(anyhow::anyhow!("the VM's SSH endpoint changed"))
+            Some((asked, mut task)) if asked == ep => {
+                (&mut task.0).await.map_err(|e| anyhow::anyhow!("asking the VM: {e}"))??
             }
-            None => Err(anyhow::anyhow!("no SSH endpoint before limactl answered")),
-        };
-        // Once more after a failed early question: the VM may have been
-        // starting when it was asked.
-        let (gcp, listed) = match answer {
-            Ok(answer) => answer,
-            Err(e) => {
-                tracing::debug!("asking the VM again: {e:#}");
-                ask_vm(ep.clone()).await?
-            }
+            _ => ask_vm(Session::connect(&ep, crate::ssh::CONNECT_TIMEOUT).await?).await?,
         };
         super::after_connect(ctx, backend.as_ref(), &ep);
         credentials.gcp = Some(crate::provision::parse_gcp(&gcp));
@@ -168,9 +158,6 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             host_alias: ep.alias,
         })
     } else {
-        if let Some((_, task)) = early {
-            task.abort();
-        }
         None
     };
     let mount = super::mount_of(backend.as_ref())?;

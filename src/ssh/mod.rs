@@ -380,6 +380,17 @@ impl Session {
         Ok(Session { link: Link::Direct(handshake(endpoint, answer_within, None).await?), endpoint: endpoint.clone() })
     }
 
+    /// A session on the endpoint's shared connection if its master answers
+    /// now; nothing is started or dialled otherwise (for a question worth
+    /// asking only of a VM already in use).
+    pub async fn attach(endpoint: &Endpoint) -> Option<Session> {
+        if !sharing_wanted() {
+            return None;
+        }
+        let path = mux::live(endpoint).await?;
+        Some(Session { link: Link::Shared { path, own: tokio::sync::OnceCell::new() }, endpoint: endpoint.clone() })
+    }
+
     /// A session on a connection of its own that forwards VM ports to this
     /// side ([`Session::forward_from_vm`]): their connections arrive on the
     /// returned receiver.

@@ -89,6 +89,12 @@ pub fn is_refused(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.to_string().contains("refused by peer"))
 }
 
+/// The master for `endpoint` if one answers now; none is started.
+pub async fn live(endpoint: &Endpoint) -> Option<PathBuf> {
+    let path = control_path(endpoint)?;
+    alive(&path).await.ok().map(|_| path)
+}
+
 /// The master for `endpoint`, started if none answers. Fails when OpenSSH
 /// cannot connect within `answer_within` (the caller then connects itself,
 /// with its own error messages).

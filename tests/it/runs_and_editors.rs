@@ -93,7 +93,34 @@ fn run_in_parallel_and_stop_everything_on_interrupt(w: &World) {
     // connection.
     interrupt_leaves_nothing_running(w, &repo, "KILL", None);
 
+    count_the_vm_stalls_is_interrupted(w, &repo);
     clean_all_waits_for_a_running_run(w, &repo);
+}
+
+/// The commits made are counted after the commands, from files the agent
+/// controls: a HEAD made a FIFO stalls the count in the VM, and Ctrl-C
+/// still ends the run, its table shown (before, it waited for ever with
+/// Ctrl-C taken by run's own handler).
+fn count_the_vm_stalls_is_interrupted(w: &World, repo: &Path) {
+    let mut child = w
+        .agent_vm(&["run", "fifo-h", "--", "sh", "-c", "rm .git/HEAD && mkfifo .git/HEAD"])
+        .current_dir(repo)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ws = w.workspace_dir(repo, "fifo-h");
+    let stalled = || w.guest_args(r#"pgrep -f -- "[r]ev-list --count" | wc -l"#, &[]).stdout.trim() != "0";
+    assert!(eventually(120, stalled), "the count never started in the VM");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(child.try_wait().unwrap().is_none(), "run ended while the VM held its count");
+    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    assert!(status.unwrap().success());
+    let out = Run::from(wait_with_timeout(&mut child, 20), &["run"]);
+    assert_eq!(out.code, Some(130), "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.lines().any(|l| l.starts_with("fifo-h ") && l.ends_with(" -")), "{}", out.stdout);
+    // The workspace is whole again for what follows.
+    w.guest_args(r#"cd "$1" && rm .git/HEAD && echo "ref: refs/heads/fifo-h" > .git/HEAD"#, &[&ws]).ok();
 }
 
 /// clean-all takes the branch locks run holds: it waits instead of
