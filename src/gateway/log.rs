@@ -30,7 +30,8 @@ pub struct Record {
     pub workspace: Option<String>,
     /// `CONNECT`, or the HTTP method of a plain request.
     pub method: String,
-    /// Why a connection that was allowed did not go through.
+    /// Why a connection that was allowed did not go through, or why the
+    /// gateway ended it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

@@ -146,6 +146,9 @@ where
     let relayed = super::relay::relay(&mut client, &mut upstream, super::relay::IDLE).await;
     record.up += relayed.up;
     record.down += relayed.down;
+    if relayed.idle {
+        record.error = Some(super::relay::idle_note());
+    }
     log(&ctx, &record);
 }
 

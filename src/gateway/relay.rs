@@ -17,6 +17,11 @@ use tokio::time::Instant;
 /// registries use, so only connections nobody uses end.
 pub const IDLE: Duration = Duration::from_secs(10 * 60);
 
+/// What the log says of a connection ended for its silence.
+pub fn idle_note() -> String {
+    format!("closed: nothing sent either way for {} minutes", IDLE.as_secs() / 60)
+}
+
 /// What passed, and why the relay ended.
 #[derive(Debug, Default, PartialEq)]
 pub struct Relayed {

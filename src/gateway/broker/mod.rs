@@ -183,6 +183,9 @@ where
         let relayed = crate::gateway::relay::relay(client, &mut tls, crate::gateway::relay::IDLE).await;
         outcome.up += relayed.up;
         outcome.down += relayed.down;
+        if relayed.idle {
+            outcome.error = Some(crate::gateway::relay::idle_note());
+        }
     }
     outcome
 }
