@@ -5,7 +5,6 @@
 //! must not hold them all open doing nothing.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -41,10 +40,9 @@ where
 {
     let start = Instant::now();
     // Milliseconds since `start` of the last byte read on either side.
-    let last = Arc::new(AtomicU64::new(0));
-    let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut a = Counted { inner: agent, count: up.clone(), last: last.clone(), start };
-    let mut b = Counted { inner: far, count: down.clone(), last: last.clone(), start };
+    let (last, up, down) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let mut a = Counted { inner: agent, count: &up, last: &last, start };
+    let mut b = Counted { inner: far, count: &down, last: &last, start };
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
     tokio::pin!(copy);
     let mut timed_out = false;
@@ -66,8 +64,8 @@ where
 /// A stream whose reads are counted and time-stamped.
 struct Counted<'a, S: ?Sized> {
     inner: &'a mut S,
-    count: Arc<AtomicU64>,
-    last: Arc<AtomicU64>,
+    count: &'a AtomicU64,
+    last: &'a AtomicU64,
     start: Instant,
 }
 
