@@ -229,7 +229,7 @@ async fn count_commits(endpoint: &Endpoint, outcomes: &mut [Outcome]) {
 }
 
 /// Resolves once a stop is asked for (never, if nobody can ask any more).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     if stop.wait_for(|s| *s).await.is_err() {
         std::future::pending::<()>().await;
     }

@@ -202,7 +202,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             // fetches here (a fetch is safe to cut short, as when killed).
             let fetched = tokio::select! {
                 fetched = super::fetch::fetch_locked(ctx, &host, &vm, &o.job.branch) => fetched,
-                _ = stop.wait_for(|s| *s) => {
+                _ = crate::run::stopped(&mut stop) => {
                     eprintln!("Interrupted: the remaining branches were not fetched.");
                     return Ok(ExitCode::from(130));
                 }
