@@ -208,6 +208,13 @@ echo "deb [trusted=yes] file:$repo ./" | sudo tee /etc/apt/sources.list.d/agent-
     // One package apt cannot find: the failure names it.
     let r = provision("avm-test-three\navm-test-missing\n");
     r.fails_with("apt: installing avm-test-missing failed");
+    // It is among the last lines of the VM's errors, each shown on a line of its own.
+    let shown: Vec<&str> = r.stderr.lines().skip_while(|l| !l.ends_with("the end of its errors:")).skip(1).collect();
+    assert!(
+        shown.iter().any(|l| l.starts_with("    ") && l.contains("apt: installing avm-test-missing failed")),
+        "{}",
+        r.stderr
+    );
 }
 
 /// A service bound to the host's loopback is out of the guest's reach
