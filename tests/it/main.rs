@@ -13,6 +13,7 @@ mod cli;
 mod contained;
 mod lima;
 mod mount;
+mod packages;
 mod provision;
 mod runs_and_editors;
 mod tls;
