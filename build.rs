@@ -1,4 +1,4 @@
-//! Embeds common/ and vm-template/lima-provision.sh in the binary, with each
+//! Embeds common/ and vm-template's provisioning script and workspace watcher in the binary, with each
 //! file's mode, so an installed agent-vm provisions without a checkout.
 
 use std::fmt::Write as _;
@@ -24,8 +24,10 @@ fn main() {
     let root = Path::new(&root);
     let mut files = Vec::new();
     walk(root, Path::new("common"), &mut files);
-    let script = "vm-template/lima-provision.sh";
-    files.push((script.to_owned(), std::fs::metadata(root.join(script)).unwrap().permissions().mode() & 0o777));
+    let scripts = ["vm-template/lima-provision.sh", "vm-template/workspace-watch.py"];
+    for script in scripts {
+        files.push((script.to_owned(), std::fs::metadata(root.join(script)).unwrap().permissions().mode() & 0o777));
+    }
     let mut code = String::from("pub static FILES: &[(&str, u32, &[u8])] = &[\n");
     for (rel, mode) in &files {
         // Modes are normalised to what git can record: executable or not.
@@ -35,5 +37,7 @@ fn main() {
     code.push_str("];\n");
     std::fs::write(Path::new(&std::env::var("OUT_DIR").unwrap()).join("embedded.rs"), code).unwrap();
     println!("cargo:rerun-if-changed=common");
-    println!("cargo:rerun-if-changed={script}");
+    for script in scripts {
+        println!("cargo:rerun-if-changed={script}");
+    }
 }

@@ -313,6 +313,12 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
             sources.join(", ")
         ));
     }
+    // The watcher's probe is the listing's own (one copy of the shell text).
+    staged.push(File {
+        path: "watch/probe.sh".into(),
+        mode: 0o644,
+        data: crate::workspace::WATCH_PROBE.as_bytes().to_vec(),
+    });
     for (i, pem) in certs.into_iter().enumerate() {
         staged.push(File { path: format!("ca/host-{i:03}.crt"), mode: 0o644, data: pem.into_bytes() });
     }
@@ -681,7 +687,10 @@ impl tokio::io::AsyncWrite for Tail {
         std::task::Poll::Ready(Ok(buf.len()))
     }
 
-    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -704,9 +713,11 @@ mod tests {
         for i in 0..10_000 {
             tail.write_all(format!("npm ERR! noise {i}\n").as_bytes()).await.unwrap();
         }
-        tail.write_all(b"install-tools: npm: installing x@1 failed\r\n\n\x1b]52;c;Zm9v\x07lima-provision: failed at line 160\n")
-            .await
-            .unwrap();
+        tail.write_all(
+            b"install-tools: npm: installing x@1 failed\r\n\n\x1b]52;c;Zm9v\x07lima-provision: failed at line 160\n",
+        )
+        .await
+        .unwrap();
         assert!(tail.data.len() <= 2048, "kept {} bytes", tail.data.len());
         assert_eq!(
             tail.last_lines(3),

@@ -252,6 +252,44 @@ else
     echo "/etc/profile is not Debian 13's: sessions start a login shell"
 fi
 
+step "status: the workspace watcher"
+# Keeps each workspace's answer for `agent-vm status` and probes again only
+# where something changed (inotify), so a listing starts no process in the
+# VM. It runs as the agent: its answers are the agent's own data, for
+# display. Without python3, status lists by itself.
+if [ -x /usr/bin/python3 ] && [ -f "$stage/watch/probe.sh" ]; then
+    # Room for it and for the agent's own file watchers (Debian's default
+    # is 1% of the memory's worth); memory is used only by watches made.
+    if printf 'fs.inotify.max_user_watches = 1048576\n' | install_if_changed /etc/sysctl.d/60-agent-vm-inotify.conf 0644; then
+        sysctl -q -p /etc/sysctl.d/60-agent-vm-inotify.conf
+    fi
+    watch_changed=
+    install_if_changed /usr/local/lib/agent-vm/workspace-watch.py 0644 < "$stage/vm-template/workspace-watch.py" && watch_changed=1
+    install_if_changed /usr/local/lib/agent-vm/workspace-probe.sh 0644 < "$stage/watch/probe.sh" && watch_changed=1
+    install_if_changed /etc/systemd/system/agent-vm-watch.service 0644 <<EOF && watch_changed=1
+[Unit]
+Description=agent-vm: workspace watcher for status
+After=local-fs.target
+StartLimitIntervalSec=0
+
+[Service]
+User=$agent
+WorkingDirectory=~
+ExecStart=/usr/bin/python3 /usr/local/lib/agent-vm/workspace-watch.py /usr/local/lib/agent-vm/workspace-probe.sh
+Restart=always
+RestartSec=2
+Nice=5
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    systemctl daemon-reload
+    systemctl enable --quiet agent-vm-watch.service
+    if [ -n "$watch_changed" ]; then systemctl restart agent-vm-watch.service; echo "updated"; else systemctl start agent-vm-watch.service; fi
+else
+    echo "no python3: status lists the workspaces by itself"
+fi
+
 # In Lima's user-mode network the host's loopback is reachable from the guest
 # as 192.168.5.2 (host.lima.internal), and with other network modes the host
 # answers on the guest's default gateway. Refuse new connections from the

@@ -27,7 +27,7 @@ pub use host::HostRepo;
 pub use integrate::{Integrated, ahead_behind, contains, integrate, unfetched};
 pub use names::{Workspace, host_path, validate_branch};
 pub use progress::Progress;
-pub use scripts::{Listed, Probe};
+pub use scripts::{Listed, Probe, WATCH_PROBE};
 pub use vm::{Objects, Pushed, Vm};
 
 /// Where the workspaces live in the VM, relative to the user's home.

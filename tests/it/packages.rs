@@ -84,7 +84,9 @@ fn check_packages_wants_each_cpus_native_binary() {
     let missing: Vec<&str> = out.lines().filter(|l| l.starts_with("MISSING:")).collect();
     assert_eq!(missing.len(), 1, "{out}");
     assert!(
-        missing[0].contains("agent@2.0") && missing[0].contains("linux-arm64") && missing[0].contains("agent-linux-arm64@2.0 not published"),
+        missing[0].contains("agent@2.0")
+            && missing[0].contains("linux-arm64")
+            && missing[0].contains("agent-linux-arm64@2.0 not published"),
         "{out}"
     );
     assert!(!missing[0].contains("x64"), "x64 is there: {out}");
