@@ -154,7 +154,8 @@ fi
 ca_env=""
 if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
     ca_env="NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt"
-    export NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+    # Provisioning's own downloads (npm, pipx's pip) trust what the system does.
+    export NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 fi
 
 bash "$common/scripts/install-tools.sh" "$common" "$agent" "$agent_mode"
@@ -316,6 +317,9 @@ table inet agent_vm_guard {
         ct state established,related accept
         ip daddr { $addrs } udp dport 53 accept
         ip daddr { $addrs } tcp dport 53 accept
+        # Lima's resolver (192.168.5.3:53), which Lima's own NAT rule sends
+        # to the host agent on a port of its own: filtered after the NAT.
+        ct status dnat ct original proto-dst 53 meta l4proto { tcp, udp } accept
         ip daddr { $addrs } counter reject
         ip6 daddr fec0::2 counter reject
     }

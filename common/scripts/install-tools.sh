@@ -1,7 +1,7 @@
 #!/bin/bash
 # Installs the VM's tools from the lists in COMMON/packages. Run as root:
 #   install-tools.sh COMMON_DIR USER [contained|sudo]
-# USER is the agent's user: per-user tools (pipx) go to its home. A contained
+# USER is the agent's user. A contained
 # agent joins no container group (docker's is root-equivalent).
 # Idempotent: what is already installed at the pinned version is left alone,
 # so a second run changes nothing. A failure names the step and the package.
@@ -87,13 +87,22 @@ if [ -n "$py_list" ]; then
     command -v pipx >/dev/null || fail "pipx: not installed (add pipx to apt-packages.txt)"
     i=0
     n_total=$(wc -l <<< "$py_list")
+    # For every user (/opt/pipx, commands in /usr/local/bin), installed by
+    # root: a contained agent has no egress but the gateway's, and cannot
+    # change the tools. An older provisioning installed them in the agent's
+    # home, whose copies would come first on its PATH: they go.
+    have=$(pipx list --global --short 2>/dev/null || true)
+    user_have=$(as_user pipx list --short 2>/dev/null || true)
     while read -r pkg; do
         i=$((i + 1))
         v=$(version "$pkg")
         [ -n "$v" ] || fail "pipx: $pkg has no version in versions.txt"
-        if ! as_user pipx list --short 2>/dev/null | grep -qx "$pkg $v"; then
+        if ! grep -qx "$pkg $v" <<< "$have"; then
             echo "  [$i/$n_total, $((SECONDS - t0))s] installing $pkg==$v"
-            as_user pipx install --force "$pkg==$v" >/dev/null || fail "pipx: installing $pkg==$v failed"
+            pipx install --global --force "$pkg==$v" >/dev/null || fail "pipx: installing $pkg==$v failed"
+        fi
+        if grep -q "^$pkg " <<< "$user_have"; then
+            as_user pipx uninstall "$pkg" >/dev/null && echo "  removed $user's own copy of $pkg"
         fi
     done <<< "$py_list"
 fi

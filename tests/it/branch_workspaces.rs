@@ -265,10 +265,53 @@ fn status_lists_workspaces(w: &World, repo: &Path) {
     assert_eq!((entry["ahead"].as_u64(), entry["behind"].as_u64()), (Some(1), Some(0)), "{entry}");
     let text = w.run_in(repo, &["status"]);
     assert!(text.ok().stdout.contains("1 ahead, 0 behind host"), "{}", text.stdout);
+    status_comes_from_the_watcher(w, &ws);
     // Another repository's view: not this repo's workspace.
     let other = w.repo("other");
     let status = w.run_in(&other, &["status", "--json"]).json();
     assert!(status["workspaces"].as_array().unwrap().iter().all(|e| e["this_repo"] == false));
+}
+
+/// The workspace watcher answers status in the guest (the shell listing,
+/// which would stamp `.since` anew, does not run), and an edit made just
+/// before shows; with the watcher killed, status still lists, by itself.
+fn status_comes_from_the_watcher(w: &World, ws: &str) {
+    wait_in_guest(w, "systemctl is-active -q agent-vm-watch && test -s .agent-vm/watch.port", 120, "the watcher");
+    let changes = |w: &World| {
+        let status = w.run(&["status", "--json"]).json();
+        let entry = status["workspaces"].as_array().unwrap().iter().find(|e| e["dir"] == ws).unwrap().clone();
+        entry["changes"].as_u64().unwrap()
+    };
+    let since = || w.guest("cat .agent-vm/status/.since 2>/dev/null || echo none").stdout.clone();
+    let before = since();
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    for (i, text) in ["edited", "1"].iter().enumerate() {
+        w.guest_args("printf %s \"$2\" > \"$1/ahead\"", &[ws, text]).ok();
+        assert_eq!(changes(w), [1, 0][i], "edit {i}");
+    }
+    assert_eq!(since(), before, "the shell listing ran");
+    // Another version's watcher (its token differs): the shell lists.
+    let port_file = w.guest("cat .agent-vm/watch.port").ok().stdout.clone();
+    w.guest(r#"read -r p t < .agent-vm/watch.port && echo "$p 0000000000000000" > .agent-vm/watch.port"#).ok();
+    w.guest_args("printf x > \"$1/ahead\"", &[ws]).ok();
+    assert_eq!(changes(w), 1, "listed by the shell");
+    assert_ne!(since(), before, "the shell listing did not run");
+    w.guest_args("printf 1 > \"$1/ahead\"", &[ws]).ok();
+    w.guest_args("printf %s \"$1\" > .agent-vm/watch.port", &[&port_file]).ok();
+    // Killed, systemd starts it again, and it answers.
+    let pid = || w.guest("pgrep -u agent -f '[w]orkspace-watch.py' || true").stdout.trim().to_owned();
+    let old = pid();
+    assert!(!old.is_empty());
+    w.guest_args("kill -9 \"$1\"", &[&old]).ok();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while pid().is_empty() || pid() == old || w.guest("cat .agent-vm/watch.port").stdout == port_file {
+        assert!(std::time::Instant::now() < deadline, "no new watcher");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let before = since();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(changes(w), 0);
+    assert_eq!(since(), before, "the new watcher did not answer");
 }
 
 fn clean_all_removes_this_repositorys_workspaces(w: &World, repo: &Path) {
@@ -277,12 +320,13 @@ fn clean_all_removes_this_repositorys_workspaces(w: &World, repo: &Path) {
     let ws = w.workspace_dir(repo, "feature/x");
     w.agent_commit(&ws, "unfetched", "precious");
     // The agent rewrites status's kept answer for the workspace: the host's
-    // tip, nothing uncommitted, never stale. status shows the lie (it is
-    // kept), clean-all must not believe it.
+    // tip, nothing uncommitted, never stale, and hides the workspace
+    // watcher (whose answers it could forge as well). status shows the lie
+    // (it is kept), clean-all must not believe it.
     let host_tip = head_of(repo, "refs/heads/feature/x");
     w.run_in(repo, &["status"]).ok();
     w.guest_args(
-        r#"printf '1\n\0%s\0feature/x\0%s\0present\n# branch.oid %s\n# branch.head feature/x\n# changes 0\n\0' "$1" "$2" "$3" > ".agent-vm/status/${1#workspace/}" && echo 99999999999 > .agent-vm/status/.since"#,
+        r#"mkdir -p .agent-vm/status && printf '1\n\0%s\0feature/x\0%s\0present\n# branch.oid %s\n# branch.head feature/x\n# changes 0\n\0' "$1" "$2" "$3" > ".agent-vm/status/${1#workspace/}" && echo 99999999999 > .agent-vm/status/.since && rm -f .agent-vm/watch.port"#,
         &[&ws, &repo.display().to_string(), &host_tip],
     )
     .ok();

@@ -242,6 +242,10 @@ fn guest_cannot_reach_host_services(w: &World, adc: &std::path::Path) {
     let r = w.admin(&probe);
     assert!(!r.stdout.contains("host-secret-service"), "the guest reached a host loopback service");
     assert_ne!(r.code, Some(0));
+    // DNS still works for the VM's own users: a query to the resolver in
+    // resolv.conf (Lima's, which it forwards to its host agent's port) for
+    // a name Lima answers itself, past /etc/hosts.
+    assert_eq!(w.admin(DNS_QUERY).ok().stdout, "answers 1 192.168.5.2\n", "no DNS behind the guard");
     assert_eq!(w.guest("systemctl is-enabled agent-vm-guard.service").ok().stdout, "enabled\n");
     // The control: with the opt-out the same probe gets through (so the
     // check above can fail), and provisioning again restores the guard.
@@ -250,6 +254,19 @@ fn guest_cannot_reach_host_services(w: &World, adc: &std::path::Path) {
     provision(&[]).ok();
     assert!(!w.admin(&probe).stdout.contains("host-secret-service"), "the guard did not come back");
 }
+
+/// Asks the resolver in /etc/resolv.conf for host.lima.internal's address.
+const DNS_QUERY: &str = r#"python3 - <<'EOF'
+import socket, struct
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p for p in b"host.lima.internal".split(b".")) + b"\0" + struct.pack(">HH", 1, 1)
+ns = [l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver")][0]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.sendto(q, (ns, 53))
+r = s.recv(512)
+print("answers", struct.unpack(">H", r[6:8])[0], socket.inet_ntoa(r[-4:]))
+EOF"#;
 
 /// Copies a tree, following symlinks (the fixture links to common/).
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
