@@ -26,6 +26,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 IN_MODIFY, IN_ATTRIB = 0x2, 0x4
 IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
@@ -222,7 +223,15 @@ def main():
         token = hashlib.sha1(f.read()).hexdigest()[:16]
     home = os.fsencode(os.path.expanduser("~"))
     os.chdir(home)
-    w = Watcher(home, probe)
+    try:
+        w = Watcher(home, probe)
+    except OSError as e:
+        # ~/workspace is not a directory it can watch (the agent made it
+        # something else): status lists by itself; try again later, not in
+        # a tight loop of restarts.
+        print(f"workspace-watch: {e}", file=sys.stderr)
+        time.sleep(60)
+        sys.exit(1)
     w.listing()  # the first answers, before anyone asks
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
