@@ -328,7 +328,7 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
     let to: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
         if ui.quiet { Box::new(tokio::io::sink()) } else { Box::new(tokio::io::stderr()) };
     let relay = tokio::spawn(relay_lines(lines, to));
-    let mut err = Tail::new(ERR_KEPT);
+    let mut err = crate::ssh::Tail::new(ERR_KEPT);
     let status = session
         .exec_io(
             &shell::script(
@@ -350,7 +350,7 @@ pub async fn run(session: &Session, ui: &crate::Ui, options: &Options) -> Result
     if status != 0 {
         // The failing step speaks last (the install scripts end with what
         // failed); what came first is warnings of steps that went through.
-        bail!("provisioning failed in the VM (exit status {status}){}", err.last_lines(ERR_LINES));
+        bail!("provisioning failed in the VM (exit status {status}){}", end_of_errors(&err, ERR_LINES));
     }
 
     // The agent's own files go to its home, over a session of its own.
@@ -636,70 +636,19 @@ async fn relay_lines(from: impl tokio::io::AsyncRead + Unpin, mut to: impl tokio
 const ERR_KEPT: usize = 16 << 10;
 const ERR_LINES: usize = 15;
 
-/// The last `cap` bytes written to it (at most twice that held): a VM that
-/// writes errors without end costs no more memory than that.
-struct Tail {
-    data: Vec<u8>,
-    cap: usize,
-    cut: bool,
-}
-
-impl Tail {
-    fn new(cap: usize) -> Tail {
-        Tail { data: Vec::new(), cap, cut: false }
+/// The last `n` lines of the VM's errors, each on a line of its own after
+/// "; the end of its errors:"; empty when it wrote none.
+fn end_of_errors(err: &crate::ssh::Tail, n: usize) -> String {
+    let lines = err.last_lines(n);
+    if lines.is_empty() {
+        return String::new();
     }
-
-    /// The last `n` non-blank lines, neutralised, each on a line of its own
-    /// after ": the end of its errors:"; empty when nothing was written.
-    fn last_lines(&self, n: usize) -> String {
-        let text = String::from_utf8_lossy(&self.data);
-        let mut lines: Vec<&str> = text.split('\n').collect();
-        if self.cut {
-            lines.remove(0); // the kept bytes start mid-line
-        }
-        let lines: Vec<&str> = lines.into_iter().map(str::trim_end).filter(|l| !l.trim().is_empty()).collect();
-        if lines.is_empty() {
-            return String::new();
-        }
-        let shown = &lines[lines.len().saturating_sub(n)..];
-        let mut out = String::from("; the end of its errors:");
-        for line in shown {
-            out.push_str("\n    ");
-            out.push_str(&crate::printable(line));
-        }
-        out
+    let mut out = String::from("; the end of its errors:");
+    for line in lines {
+        out.push_str("\n    ");
+        out.push_str(&crate::printable(&line));
     }
-}
-
-impl tokio::io::AsyncWrite for Tail {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        this.data.extend_from_slice(buf);
-        if this.data.len() > 2 * this.cap {
-            let drop = this.data.len() - this.cap;
-            this.data.drain(..drop);
-            this.cut = true;
-        }
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
+    out
 }
 
 #[cfg(test)]
@@ -707,8 +656,8 @@ mod tests {
     #[tokio::test]
     async fn a_failure_shows_the_end_of_the_errors_bounded() {
         use tokio::io::AsyncWriteExt;
-        let mut tail = super::Tail::new(1024);
-        assert_eq!(tail.last_lines(3), "", "nothing written, nothing said");
+        let mut tail = crate::ssh::Tail::new(1024);
+        assert_eq!(super::end_of_errors(&tail, 3), "", "nothing written, nothing said");
         tail.write_all(b"rehash: warning: skipping ca-certificates.crt\nnpm WARN EBADENGINE\n").await.unwrap();
         for i in 0..10_000 {
             tail.write_all(format!("npm ERR! noise {i}\n").as_bytes()).await.unwrap();
@@ -718,13 +667,13 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(tail.data.len() <= 2048, "kept {} bytes", tail.data.len());
+        assert!(tail.held() <= 2048, "kept {} bytes", tail.held());
         assert_eq!(
-            tail.last_lines(3),
+            super::end_of_errors(&tail, 3),
             "; the end of its errors:\n    npm ERR! noise 9999\n    install-tools: npm: installing x@1 failed\n    \
              ?]52;c;Zm9v?lima-provision: failed at line 160"
         );
-        let all = tail.last_lines(1000);
+        let all = super::end_of_errors(&tail, 1000);
         assert!(!all.contains("EBADENGINE"), "the first lines are gone");
         let noise: Vec<&str> = all.lines().skip(1).filter(|l| l.contains("noise")).collect();
         assert!(noise.len() > 10, "{all}");

@@ -68,36 +68,83 @@ impl Capped {
     }
 }
 
-impl tokio::io::AsyncWrite for Capped {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        if self.0.len() + buf.len() > self.1 {
-            let cap = self.1;
-            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
-                "the VM sent more than {cap} bytes of output for one command"
-            ))));
+/// An in-memory sink for what the VM sends: `write` takes each buffer.
+macro_rules! memory_sink {
+    ($t:ty, $write:expr) => {
+        impl tokio::io::AsyncWrite for $t {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::task::Poll::Ready($write(self.get_mut(), buf))
+            }
+
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
         }
-        self.0.extend_from_slice(buf);
-        std::task::Poll::Ready(Ok(buf.len()))
+    };
+}
+
+memory_sink!(Capped, |this: &mut Capped, buf: &[u8]| {
+    if this.0.len() + buf.len() > this.1 {
+        let cap = this.1;
+        return Err(std::io::Error::other(format!("the VM sent more than {cap} bytes of output for one command")));
+    }
+    this.0.extend_from_slice(buf);
+    Ok(buf.len())
+});
+
+/// The last `cap` bytes written to it (at most twice that held): a VM that
+/// writes without end costs no more memory than that.
+pub struct Tail {
+    data: Vec<u8>,
+    cap: usize,
+    cut: bool,
+}
+
+impl Tail {
+    pub fn new(cap: usize) -> Tail {
+        Tail { data: Vec::new(), cap, cut: false }
     }
 
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
+    /// How many bytes it holds.
+    pub fn held(&self) -> usize {
+        self.data.len()
     }
 
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
+    /// The last `n` non-blank lines (untrusted text: neutralise to show).
+    pub fn last_lines(&self, n: usize) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.data);
+        let mut lines: Vec<&str> = text.split('\n').collect();
+        if self.cut {
+            lines.remove(0); // the kept bytes start mid-line
+        }
+        let lines: Vec<&str> = lines.into_iter().map(str::trim_end).filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(n)..].iter().map(|l| l.to_string()).collect()
     }
 }
+
+memory_sink!(Tail, |this: &mut Tail, buf: &[u8]| {
+    this.data.extend_from_slice(buf);
+    if this.data.len() > 2 * this.cap {
+        let drop = this.data.len() - this.cap;
+        this.data.drain(..drop);
+        this.cut = true;
+    }
+    Ok::<usize, std::io::Error>(buf.len())
+});
 
 /// Whether and against what the server's host key is checked, following the
 /// config's `StrictHostKeyChecking` and `UserKnownHostsFile`.
