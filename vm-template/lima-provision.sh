@@ -261,7 +261,7 @@ step "status: the workspace watcher"
 if [ -x /usr/bin/python3 ] && [ -f "$stage/watch/probe.sh" ]; then
     # Room for it and for the agent's own file watchers (Debian's default
     # is 1% of the memory's worth); memory is used only by watches made.
-    if printf 'fs.inotify.max_user_watches = 1048576\n' | install_if_changed /etc/sysctl.d/60-agent-vm-inotify.conf 0644; then
+    if printf 'fs.inotify.max_user_watches = 524288\n' | install_if_changed /etc/sysctl.d/60-agent-vm-inotify.conf 0644; then
         sysctl -q -p /etc/sysctl.d/60-agent-vm-inotify.conf
     fi
     watch_changed=
@@ -319,7 +319,7 @@ table inet agent_vm_guard {
         ip daddr { $addrs } tcp dport 53 accept
         # Lima's resolver (192.168.5.3:53), which Lima's own NAT rule sends
         # to the host agent on a port of its own: filtered after the NAT.
-        ct status dnat ct original proto-dst 53 meta l4proto { tcp, udp } accept
+        ct status dnat ct original ip daddr 192.168.5.3 ct original proto-dst 53 meta l4proto { tcp, udp } accept
         ip daddr { $addrs } counter reject
         ip6 daddr fec0::2 counter reject
     }

@@ -134,6 +134,9 @@ class Watcher:
             if not rel:
                 sys.exit("~/workspace went away")  # systemd starts a new watcher
             return
+        if not rel and mask & (IN_MOVE_SELF | IN_DELETE_SELF):
+            # The watch would follow it elsewhere, the new ~/workspace unwatched.
+            sys.exit("~/workspace was moved or removed")  # systemd starts a new watcher
         if not rel:
             ws, path = name, name  # an entry of ~/workspace: a workspace
         else:
@@ -254,10 +257,14 @@ def main():
 
 
 def serve(conn, w, token):
-    conn.settimeout(5)
+    deadline = time.monotonic() + 5  # for the whole question: one client holds no one up
     try:
         line = b""
         while not line.endswith(b"\n") and len(line) < 256:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            conn.settimeout(left)
             chunk = conn.recv(256)
             if not chunk:
                 return

@@ -193,7 +193,7 @@ $l"; fi ;;
 $g
 EOF
   [ -n "$b" ] || return 1
-  p=$(probe "$1" "$b")
+  p=$(probe "$1" "$b") || :
 }"#
     };
 }
@@ -226,7 +226,7 @@ pub(super) fn watch_token() -> String {
 /// `printf %b` (bash's `read` keeps no NUL).
 const WATCHED: &str = r#"export LC_ALL=C
 w= end='agent-vm-watch: end'
-if { read -r port token < .agent-vm/watch.port; } 2>/dev/null && [ "$token" = "$1" ] &&
+if [ -n "${BASH_VERSION-}" ] && { read -r port token < .agent-vm/watch.port; } 2>/dev/null && [ "$token" = "$1" ] &&
    { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
   # A time limit for the first byte only: with one, bash reads a byte a
   # time (40 ms for 17 KB on the test guest against 3).
@@ -768,8 +768,18 @@ mod tests {
         assert_eq!(check("few watches")[1].4, 2, "f and x/y/g");
         std::fs::write(h.join("workspace/r-b/x/y/g"), "1").unwrap();
         assert_eq!(check("a change where no watch is")[1].4, 1);
-        w.kill().unwrap();
+        // ~/workspace moved away (its watch would follow it): the watcher
+        // ends, for systemd to start one watching the new one.
+        std::fs::rename(h.join("workspace"), h.join("moved")).unwrap();
+        let ended = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            w.try_wait().unwrap().is_some()
+        });
+        if !ended {
+            w.kill().unwrap();
+        }
         w.wait().unwrap();
+        assert!(ended, "the watcher outlived its ~/workspace");
     }
 
     /// The push's preparation and the cache check run by sh with the
