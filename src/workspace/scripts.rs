@@ -198,14 +198,19 @@ EOF
     };
 }
 
+/// The shell functions `probe` ([`PROBE`]) and `record`, for the listing
+/// and the watcher's probe alike.
+macro_rules! probe_functions {
+    () => {
+        concat!("probe() {\n", probe!(), "\n}\n", record!())
+    };
+}
+
 /// $1 workspace: its record as [`LIST`] prints it (stamp 0), or nothing
 /// when it is not one. The workspace watcher in the VM
 /// (vm-template/workspace-watch.py) runs it for each workspace that changed.
 pub const WATCH_PROBE: &str = concat!(
-    "probe() {\n",
-    probe!(),
-    "\n}\n",
-    record!(),
+    probe_functions!(),
     r#"
 record "$1" || exit 0
 printf '%s\n\0%s\0%s\0%s\0%s\n\0' 0 "$1" "$b" "$r" "$p""#
@@ -252,10 +257,7 @@ esac"#;
 /// kept answer). One listing at a time keeps answers (a lock naming its
 /// shell); any other only reads them.
 pub(super) const LIST: &str = concat!(
-    "probe() {\n",
-    probe!(),
-    "\n}\n",
-    record!(),
+    probe_functions!(),
     r#"
 c=.agent-vm/status
 [ -d "$c" ] || mkdir -p -- "$c"
