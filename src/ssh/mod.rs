@@ -124,6 +124,20 @@ impl Tail {
         self.data.len()
     }
 
+    pub fn push(&mut self, buf: &[u8]) {
+        self.data.extend_from_slice(buf);
+        if self.data.len() > 2 * self.cap {
+            let drop = self.data.len() - self.cap;
+            self.data.drain(..drop);
+            self.cut = true;
+        }
+    }
+
+    /// The last `cap` bytes written, as text (untrusted: neutralise to show).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data[self.data.len().saturating_sub(self.cap)..]).into_owned()
+    }
+
     /// The last `n` non-blank lines (untrusted text: neutralise to show).
     pub fn last_lines(&self, n: usize) -> Vec<String> {
         let text = String::from_utf8_lossy(&self.data);
@@ -137,12 +151,7 @@ impl Tail {
 }
 
 memory_sink!(Tail, |this: &mut Tail, buf: &[u8]| {
-    this.data.extend_from_slice(buf);
-    if this.data.len() > 2 * this.cap {
-        let drop = this.data.len() - this.cap;
-        this.data.drain(..drop);
-        this.cut = true;
-    }
+    this.push(buf);
     Ok::<usize, std::io::Error>(buf.len())
 });
 

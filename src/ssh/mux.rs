@@ -201,7 +201,7 @@ async fn start(endpoint: &Endpoint, path: &Path, answer_within: Duration) -> Res
 
 /// The end of what a master printed, read from its stderr in a thread.
 struct Said {
-    kept: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    kept: std::sync::Arc<std::sync::Mutex<super::Tail>>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -210,16 +210,13 @@ impl Said {
 
     fn drain(from: Option<std::process::ChildStderr>) -> Said {
         use std::io::Read;
-        let kept = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(super::Tail::new(Self::KEEP)));
         let reader = from.map(|mut from| {
             let keep = kept.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while let Ok(n @ 1..) = from.read(&mut buf) {
-                    let mut kept = keep.lock().unwrap();
-                    kept.extend_from_slice(&buf[..n]);
-                    let extra = kept.len().saturating_sub(Self::KEEP);
-                    kept.drain(..extra);
+                    keep.lock().unwrap().push(&buf[..n]);
                 }
             })
         });
@@ -234,7 +231,7 @@ impl Said {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        String::from_utf8_lossy(&self.kept.lock().unwrap()).into_owned()
+        self.kept.lock().unwrap().text()
     }
 }
 
